@@ -1,0 +1,19 @@
+# The two quick-start commands: `make bench` (the main job) and `make test`.
+# Both set up .venv on first use, so they work on a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: bench test
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.step_time $(ARGS)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -q tests $(ARGS)
+
+$(VENV)/.installed: setup.py requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements-dev.txt
+	$(BIN)/pip install -q -e .
+	touch $@

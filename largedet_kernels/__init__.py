@@ -1,0 +1,7 @@
+"""largedet-kernels: fused PMD-LAMB and LAMB optimizers for large-batch training."""
+
+from .dispatch import BackendUnavailableError
+from .optimizer import LAMB, PMDLAMB
+
+__all__ = ["PMDLAMB", "LAMB", "BackendUnavailableError"]
+__version__ = "0.1.0"

@@ -1,0 +1,42 @@
+"""The contract between the optimizer and its backends.
+
+The optimizer sorts the parameters that have gradients into buckets, one per
+(device, parameter dtype, gradient dtype), across all param groups (detectron2
+builds one group per parameter, so grouping by param group would mean one launch
+per tensor). A backend module provides:
+
+``grad_sumsq(grads) -> Tensor``
+    Σ g² over the bucket's gradients as a 0-d float tensor on their device
+    (float64 for float64 gradients, else float32), for global-norm clipping.
+
+``step(bucket, grad_factor, found_inf) -> None``
+    One step for every tensor of the bucket: advance each ``steps`` entry by 1,
+    update ``exp_avgs``/``exp_avg_sqs``/``params`` in place, never write ``grads``.
+    ``grad_factor`` (0-d tensor or None) multiplies every gradient first (it holds
+    the GradScaler's 1/scale and the clipping factor). When ``found_inf`` (0-d
+    tensor or None) is non-zero, nothing changes: not params, moments nor steps.
+    Neither call may synchronise with the host.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List
+
+import torch
+
+
+@dataclass
+class Bucket:
+    """Tensors of one (device, param dtype, grad dtype) with their param groups."""
+
+    device: torch.device
+    params: List[torch.Tensor] = field(default_factory=list)
+    grads: List[torch.Tensor] = field(default_factory=list)
+    exp_avgs: List[torch.Tensor] = field(default_factory=list)
+    exp_avg_sqs: List[torch.Tensor] = field(default_factory=list)
+    steps: List[torch.Tensor] = field(default_factory=list)
+    # groups[i] is the param group of params[i]: per-tensor hyper-parameters.
+    groups: List[Dict[str, Any]] = field(default_factory=list)
+
+    def hyper(self, name: str) -> List[Any]:
+        """One hyper-parameter for every tensor of the bucket, in order."""
+        return [g[name] for g in self.groups]

@@ -1,0 +1,166 @@
+"""The ``torch`` backend: PMD-LAMB with multi-tensor ``torch._foreach_*`` ops.
+
+Runs on any device PyTorch runs on. Hyper-parameters are host floats of the
+param groups and enter foreach ops as scalar lists; what depends on the step
+count (ξ, bias corrections), the trust ratio and GradScaler's ``found_inf``
+stays on the device as per-tensor 0-d tensors, so nothing here waits on the
+host. Math is done in float32, or float64 for float64 parameters.
+
+On CUDA one foreach call covers the whole bucket (few launches). On CPU foreach
+ops are loops over tensors anyway, so the bucket is walked in cache-sized
+slices instead: every op of a slice runs while its tensors are still in cache,
+and temporaries stay small enough for the allocator to reuse.
+"""
+
+import math
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from . import Bucket
+
+# Elements per slice on CPU: x, g, m, v and two temporaries of 4 B stay within ~6 MiB.
+_CPU_SLICE_NUMEL = 1 << 18
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the math and of the moments: float64 stays, others go to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def grad_sumsq(grads: List[torch.Tensor]) -> torch.Tensor:
+    norms = torch._foreach_norm(grads, 2, dtype=compute_dtype(grads[0].dtype))
+    return torch.stack(norms).square().sum()
+
+
+def _device_table(rows: List[List[float]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host floats as one device tensor, copied without blocking the host."""
+    host = torch.tensor(rows, dtype=dtype)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tensor]) -> Dict[str, list]:
+    """Per-tensor coefficients of the update, each a list over the bucket's tensors."""
+    hyper = bucket.hyper
+    beta1, beta2 = [b[0] for b in hyper("betas")], [b[1] for b in hyper("betas")]
+    lam, adam_w, eps, eps_inside = hyper("weight_decay"), hyper("adam_w_mode"), hyper("eps"), hyper("eps_inside_sqrt")
+    table = _device_table(
+        [
+            beta1,
+            beta2,
+            [T or 0 for T in hyper("cycle_length")],
+            [float(bc) for bc in hyper("bias_correction")],
+            [float(nv or wd != 0) for nv, wd in zip(hyper("use_nvlamb"), lam)],
+            [lr * a for lr, a in zip(hyper("lr"), hyper("alpha"))],
+        ],
+        dtype,
+        bucket.device,
+    )
+    beta1_d, beta2_d, cycle, bias_correction, use_trust, lr_alpha = table
+    t = torch.stack(bucket.steps).to(dtype)
+    xi = torch.where(cycle > 0, torch.cos(math.pi / 2 * torch.fmod(t, cycle) / cycle), 1.0)
+    decay_m, decay_v = xi * beta1_d, xi * beta2_d
+    if keep is not None:  # a skipped step leaves m and v exactly as they are
+        decay_m, decay_v = torch.where(keep, decay_m, 1.0), torch.where(keep, decay_v, 1.0)
+    return {
+        # device, one 0-d tensor per tensor
+        "decay_m": decay_m.unbind(),
+        "decay_v": decay_v.unbind(),
+        "correction_m": torch.where(bias_correction > 0, 1 - beta1_d**t, 1.0).unbind(),
+        "correction_v": torch.where(bias_correction > 0, 1 - beta2_d**t, 1.0).unbind(),
+        # device vectors
+        "use_trust": use_trust > 0,
+        "lr_alpha": lr_alpha,
+        # host floats
+        "weight_g": [(1 - b1) if avg else 1.0 for b1, avg in zip(beta1, hyper("grad_averaging"))],
+        "weight_g2": [1 - b2 for b2 in beta2],
+        "eps_in": [e if inside else 0.0 for e, inside in zip(eps, eps_inside)],
+        "eps_out": [0.0 if inside else e for e, inside in zip(eps, eps_inside)],
+        "decay_in_grad": [0.0 if w else wd for w, wd in zip(adam_w, lam)],
+        "decay_in_update": [wd if w else 0.0 for w, wd in zip(adam_w, lam)],
+        "bias_correction": [bool(bc) for bc in hyper("bias_correction")],
+    }
+
+
+def _slices(bucket: Bucket) -> Iterator[Tuple[int, int]]:
+    """[lo, hi) ranges of the bucket's tensors stepped together."""
+    n = len(bucket.params)
+    if bucket.device.type != "cpu":
+        yield 0, n
+        return
+    lo, numel = 0, 0
+    for i, p in enumerate(bucket.params):
+        numel += p.numel()
+        if numel >= _CPU_SLICE_NUMEL or i == n - 1:
+            yield lo, i + 1
+            lo, numel = i + 1, 0
+
+
+def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    dtype = compute_dtype(bucket.params[0].dtype)
+    keep = None if found_inf is None else found_inf == 0
+    torch._foreach_add_(bucket.steps, 1.0 if keep is None else keep.float())
+    coeff = _coefficients(bucket, dtype, keep)
+    if keep is not None:
+        grad_factor = torch.where(keep, 1.0 if grad_factor is None else grad_factor, 0.0)
+    if grad_factor is not None:
+        grad_factor = grad_factor.to(dtype)
+    for lo, hi in _slices(bucket):
+        _update(
+            bucket.params[lo:hi], bucket.grads[lo:hi], bucket.exp_avgs[lo:hi], bucket.exp_avg_sqs[lo:hi],
+            {k: v[lo:hi] for k, v in coeff.items()}, dtype, grad_factor, keep,
+        )  # fmt: skip
+
+
+def _update(xs, grads, m, v, c, dtype, grad_factor, keep) -> None:
+    """The update of Algorithm 1 on lists of tensors (see reference.pmd_lamb_step)."""
+    # Working copies in the compute dtype: grads are never written.
+    x = xs if xs[0].dtype == dtype else [p.to(dtype) for p in xs]
+    g = [gi.to(dtype) for gi in grads] if grads[0].dtype != dtype else list(grads)
+    if keep is not None:  # with found_inf set the factor is 0: make 0·g exactly 0
+        g = [torch.nan_to_num(gi, nan=0.0, posinf=0.0, neginf=0.0) for gi in g]
+    if grad_factor is not None:
+        g = torch._foreach_mul(g, grad_factor)
+    if any(c["decay_in_grad"]):  # L2 mode: g ← g + λx
+        g = torch._foreach_add(g, torch._foreach_mul(x, c["decay_in_grad"]))
+
+    # m = ξβ1·m + (1−β1)·g ;  v = ξβ2·v + (1−β2)·g²
+    torch._foreach_mul_(m, c["decay_m"])
+    if len(set(c["weight_g"])) == 1:
+        torch._foreach_add_(m, g, alpha=c["weight_g"][0])
+    else:
+        torch._foreach_add_(m, torch._foreach_mul(g, c["weight_g"]))
+    torch._foreach_mul_(v, c["decay_v"])
+    torch._foreach_addcmul_(v, g, g, c["weight_g2"])
+
+    # r = m̂ / √(v̂ + ε)  or  m̂ / (√v̂ + ε), as m / (denominator · (1−β1^t))
+    bias_correction = any(c["bias_correction"])
+    if bias_correction:
+        denom = torch._foreach_div(v, c["correction_v"])
+        torch._foreach_add_(denom, c["eps_in"])
+    else:
+        denom = torch._foreach_add(v, c["eps_in"])
+    torch._foreach_sqrt_(denom)
+    if any(c["eps_out"]):
+        torch._foreach_add_(denom, c["eps_out"])
+    if bias_correction:
+        torch._foreach_mul_(denom, c["correction_m"])
+
+    # u = r + λx
+    if any(c["decay_in_update"]):
+        u = torch._foreach_mul(x, c["decay_in_update"])
+        torch._foreach_addcdiv_(u, m, denom)
+    else:
+        u = torch._foreach_div(m, denom)
+
+    # x ← x − η·α·(‖x‖/‖u‖)·u, the ratio taken as 1 when a norm is 0
+    x_norm, u_norm = torch.stack(torch._foreach_norm(x)), torch.stack(torch._foreach_norm(u))
+    trusted = c["use_trust"] & (x_norm > 0) & (u_norm > 0)
+    ratio = c["lr_alpha"] * torch.where(trusted, x_norm / u_norm, 1.0)
+    if keep is not None:
+        ratio = torch.where(keep, ratio, 0.0)
+    torch._foreach_addcmul_(x, u, ratio.unbind(), value=-1)
+    if x is not xs:
+        torch._foreach_copy_(xs, x)

@@ -1,0 +1,69 @@
+"""The dispatcher: which backend steps the tensors of a given device.
+
+``backend="auto"`` takes the first available of ``AUTO_ORDER`` for the device
+(fastest first); an explicit backend that cannot run on the device raises
+:class:`BackendUnavailableError` saying why and how to get it, never a silent
+fallback.
+"""
+
+import importlib
+from types import ModuleType
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+AUTO_ORDER = ("cuda", "triton", "torch")
+
+_HOW_TO_GET = {
+    "cuda": (
+        "build the CUDA extension: LARGEDET_CUDA_BUILD=1 pip install --no-build-isolation -e . "
+        "on a machine with nvcc and a CUDA build of torch"
+    ),
+    "triton": "install Triton (pip install triton) with a CUDA build of torch",
+}
+_MODULES = {
+    "cuda": "largedet_kernels.backends.cuda",
+    "triton": "largedet_kernels.backends.triton",
+    "torch": "largedet_kernels.backends.torch_foreach",
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here."""
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(_MODULES[name])
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why backend ``name`` cannot step tensors on ``device``; None when it can."""
+    if name == "torch":
+        return None
+    if device.type != "cuda":
+        return f"the {name} backend runs on CUDA devices, and these parameters are on {device}"
+    try:
+        module = _load(name)
+    except ImportError as err:
+        return f"the {name} backend cannot be imported ({err}); {_HOW_TO_GET[name]}"
+    return module.unavailable_reason(device)
+
+
+def check_backend_name(name: str) -> None:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def resolve(requested: str, device: torch.device) -> str:
+    """The backend that steps tensors of ``device``, or an error for an explicit one."""
+    if requested != "auto":
+        reason = unavailable_reason(requested, device)
+        if reason is not None:
+            raise BackendUnavailableError(f"backend={requested!r} is unavailable: {reason}")
+        return requested
+    return next(name for name in AUTO_ORDER if unavailable_reason(name, device) is None)
+
+
+def backend_module(name: str) -> ModuleType:
+    return _load(name)

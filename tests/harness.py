@@ -1,0 +1,143 @@
+"""Steps an optimizer and the float64 reference side by side and compares them.
+
+The reference sees float64 copies of everything and its own step counter, so it
+shares nothing with the code under test but the inputs.
+"""
+
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from largedet_kernels import reference
+
+# Shapes that cross nothing in particular and everything at once: one element,
+# odd sizes, a 4-D conv weight, an empty tensor.
+SHAPES = [(1,), (7,), (3, 5), (64, 3, 3, 3), (257,), (0,), (2, 1, 1, 1), (1000,)]
+
+
+def make_params(
+    shapes: Sequence[Sequence[int]], dtype: torch.dtype, zero: Sequence[int] = (), seed: int = 0, device: str = "cpu"
+) -> List[torch.nn.Parameter]:
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for i, shape in enumerate(shapes):
+        x = torch.zeros(shape) if i in zero else torch.randn(shape, generator=gen)
+        params.append(torch.nn.Parameter(x.to(device=device, dtype=dtype)))
+    return params
+
+
+def random_grads(params: Sequence[torch.Tensor], gen: torch.Generator, scale: float = 1.0) -> List[torch.Tensor]:
+    return [(scale * torch.randn(p.shape, generator=gen)).to(device=p.device, dtype=p.dtype) for p in params]
+
+
+def reference_kwargs(group: Dict) -> Dict:
+    keys = ("lr", "eps", "weight_decay", "alpha", "cycle_length", "bias_correction",
+            "eps_inside_sqrt", "grad_averaging", "adam_w_mode", "use_nvlamb")  # fmt: skip
+    kwargs = {k: group[k] for k in keys}
+    kwargs["beta1"], kwargs["beta2"] = group["betas"]
+    return kwargs
+
+
+class ReferenceRun:
+    """The reference's own copy of params, moments and step counts, in float64."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.opt = optimizer
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.x = [p.detach().double().clone() for p in self.params]
+        self.m = [torch.zeros_like(x) for x in self.x]
+        self.v = [torch.zeros_like(x) for x in self.x]
+        self.t = [0] * len(self.params)
+
+    def resync(self) -> None:
+        """Start the next reference step from the optimizer's current values."""
+        for i, p in enumerate(self.params):
+            state = self.opt.state[p]
+            self.x[i] = p.detach().double().clone()
+            if state:
+                self.m[i] = state["exp_avg"].double().clone()
+                self.v[i] = state["exp_avg_sq"].double().clone()
+
+    def step(self, grads: Sequence[Optional[torch.Tensor]]) -> None:
+        g64 = [None if g is None else g.double() for g in grads]
+        factor = reference.clip_factor([g for g in g64 if g is not None], self.opt.defaults["max_grad_norm"])
+        i = 0
+        for group in self.opt.param_groups:
+            kwargs = reference_kwargs(group)
+            for _ in group["params"]:
+                if g64[i] is not None:
+                    self.t[i] += 1
+                    reference.pmd_lamb_step(self.x[i], g64[i] * factor, self.m[i], self.v[i], self.t[i], **kwargs)
+                i += 1
+
+
+_MANTISSA_BITS = {torch.float64: 52, torch.float32: 23, torch.float16: 10, torch.bfloat16: 7}
+
+
+def ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers around |x| (float64 result)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(dtype).tiny)))
+    return torch.exp2(exponent - _MANTISSA_BITS[dtype])
+
+
+def assert_close_to_reference(
+    opt: torch.optim.Optimizer, ref: ReferenceRun, x_before: List[torch.Tensor], rtol: float, ulps: float
+) -> None:
+    """x within ``rtol`` of the reference update plus ``ulps`` of rounding; m, v within rtol."""
+    for i, p in enumerate(ref.params):
+        got, want = p.detach().double(), ref.x[i]
+        update = (want - x_before[i]).abs().max() if want.numel() else torch.tensor(0.0)
+        bound = rtol * update + ulps * ulp(want, p.dtype)
+        err = (got - want).abs()
+        assert bool((err <= bound).all()), (
+            f"param {i} {tuple(p.shape)} {p.dtype}: max error {err.max().item():.3e}, "
+            f"update size {update.item():.3e}"
+        )
+        state = opt.state[p]
+        if not state:
+            continue
+        for name, want_s in (("exp_avg", ref.m[i]), ("exp_avg_sq", ref.v[i])):
+            got_s = state[name].double()
+            scale = want_s.abs().max() if want_s.numel() else torch.tensor(0.0)
+            assert bool(((got_s - want_s).abs() <= rtol * scale + 1e-300).all()), f"{name} of param {i}"
+        assert state["step"].item() == ref.t[i], f"step of param {i}"
+
+
+def run_against_reference(
+    opt: torch.optim.Optimizer,
+    steps: int,
+    *,
+    rtol: float,
+    ulps: float = 0.0,
+    resync: bool = False,
+    seed: int = 1,
+    grad_scale: float = 1.0,
+    skip_grad: Callable[[int, int], bool] = lambda step, i: False,
+) -> ReferenceRun:
+    """Step ``opt`` and the reference ``steps`` times on fresh random gradients.
+
+    With ``resync`` every reference step starts from the optimizer's values, so
+    each comparison measures one step's error (the way to judge low precision).
+    """
+    ref = ReferenceRun(opt)
+    gen = torch.Generator().manual_seed(seed)
+    for s in range(steps):
+        if resync:
+            ref.resync()
+        grads = random_grads(ref.params, gen, grad_scale)
+        grads = [None if skip_grad(s, i) else g for i, g in enumerate(grads)]
+        for p, g in zip(ref.params, grads):
+            p.grad = None if g is None else g.clone()
+        x_before = [x.clone() for x in ref.x]
+        opt.step()
+        ref.step(grads)
+        for p, g in zip(ref.params, grads):
+            if g is not None:
+                assert torch.equal(p.grad, g), "the optimizer wrote a gradient"
+        assert_close_to_reference(opt, ref, x_before, rtol, ulps)
+    return ref
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = b.abs().max().item()
+    return (a - b).abs().max().item() / denom if denom else (a - b).abs().max().item()
