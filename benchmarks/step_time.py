@@ -136,7 +136,8 @@ def print_table(result: Dict) -> None:
 
 def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", default="faster_rcnn_r50_fpn", choices=sorted(p.stem for p in SHAPES_DIR.glob("*.json")))
+    sets = sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
+    parser.add_argument("--set", default="faster_rcnn_r50_fpn", choices=sets)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--limit", type=int, default=None, help="only the first N tensors of the set")

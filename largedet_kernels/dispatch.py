@@ -20,7 +20,7 @@ _HOW_TO_GET = {
         "build the CUDA extension: LARGEDET_CUDA_BUILD=1 pip install --no-build-isolation -e . "
         "on a machine with nvcc and a CUDA build of torch"
     ),
-    "triton": "install Triton (pip install triton) with a CUDA build of torch",
+    "triton": "install Triton (pip install triton) beside a CUDA build of torch",
 }
 _MODULES = {
     "cuda": "largedet_kernels.backends.cuda",
@@ -41,8 +41,6 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     """Why backend ``name`` cannot step tensors on ``device``; None when it can."""
     if name == "torch":
         return None
-    if device.type != "cuda":
-        return f"the {name} backend runs on CUDA devices, and these parameters are on {device}"
     try:
         module = _load(name)
     except ImportError as err:

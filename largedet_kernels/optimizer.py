@@ -49,6 +49,7 @@ class _LambFamily(Optimizer):
         dispatch.check_backend_name(backend)
         self.backend = backend
         self._backend_of_device: Dict[torch.device, str] = {}
+        self._bucket_caches: Dict[Tuple[torch.device, torch.dtype, torch.dtype], Dict[str, Any]] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
@@ -116,7 +117,10 @@ class _LambFamily(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, **moment)
                 state["exp_avg_sq"] = torch.zeros_like(p, **moment)
-            b = buckets.setdefault((p.device, p.dtype, p.grad.dtype), Bucket(p.device))
+            key = (p.device, p.dtype, p.grad.dtype)
+            if key not in buckets:
+                buckets[key] = Bucket(p.device, cache=self._bucket_caches.setdefault(key, {}))
+            b = buckets[key]
             b.params.append(p)
             b.grads.append(p.grad)
             b.exp_avgs.append(state["exp_avg"])
@@ -133,7 +137,7 @@ class _LambFamily(Optimizer):
         if max_norm is None:
             return inv_scale
         device = buckets[0][0].device
-        sumsq = [dispatch.backend_module(name).grad_sumsq(b.grads) for b, name in buckets]
+        sumsq = [dispatch.backend_module(name).grad_sumsq(b) for b, name in buckets]
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sumsq) else torch.float32
         norm = torch.stack([s.to(device, dtype) for s in sumsq]).sum().sqrt()
         if inv_scale is not None:

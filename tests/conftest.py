@@ -1,5 +1,20 @@
+import importlib.util
+import os
+
 import pytest
 import torch
+
+# Without a GPU the Triton kernels run for real under Triton's interpreter, on
+# CPU tensors. It must be switched on before the kernels are first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+CPU_BACKENDS = ["torch"]
+if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
+    CPU_BACKENDS.append("triton")
+
+# Small enough that the tests' tensors cross chunk and tile boundaries everywhere.
+TRITON_TEST_CHUNK, TRITON_TEST_BLOCK = 256, 64
 
 
 @pytest.fixture(autouse=True)
@@ -8,7 +23,25 @@ def _deterministic():
     yield
 
 
-@pytest.fixture(params=["torch"])
-def backend(request):
-    """Every backend that can run on this machine's CPU tensors."""
+def _small_triton_chunks(monkeypatch):
+    from largedet_kernels.backends import triton as triton_backend
+
+    monkeypatch.setattr(triton_backend, "CHUNK", TRITON_TEST_CHUNK)
+    monkeypatch.setattr(triton_backend, "BLOCK", TRITON_TEST_BLOCK)
+    return triton_backend
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request, monkeypatch):
+    """Every backend that can step this machine's CPU tensors."""
+    if request.param == "triton":
+        _small_triton_chunks(monkeypatch)
     return request.param
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """The Triton backend on CPU tensors under the interpreter, with small chunks."""
+    if "triton" not in CPU_BACKENDS:
+        pytest.skip("needs Triton and TRITON_INTERPRET=1")
+    return _small_triton_chunks(monkeypatch)

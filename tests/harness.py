@@ -48,6 +48,10 @@ class ReferenceRun:
         self.m = [torch.zeros_like(x) for x in self.x]
         self.v = [torch.zeros_like(x) for x in self.x]
         self.t = [0] * len(self.params)
+        self.resync()  # an optimizer that has stepped before hands over its state
+        for i, p in enumerate(self.params):
+            if optimizer.state[p]:
+                self.t[i] = int(optimizer.state[p]["step"].item())
 
     def resync(self) -> None:
         """Start the next reference step from the optimizer's current values."""

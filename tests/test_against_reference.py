@@ -144,3 +144,13 @@ def test_cpu_slices_of_the_torch_backend(monkeypatch):
     groups = [dict(params=p[:3], lr=0.1, bias_correction=True), dict(params=p[3:], eps_inside_sqrt=False)]
     opt = PMDLAMB(groups, lr=0.05, cycle_length=3, max_grad_norm=1.0, backend="torch")
     run_against_reference(opt, steps=5, rtol=1e-10)
+
+
+def test_lr_schedule_is_followed(backend):
+    params = make_params(SHAPES, torch.float64, zero=ZERO)
+    opt = PMDLAMB(params, lr=0.1, cycle_length=3, backend=backend)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 / (1 + step))
+    for _ in range(4):
+        run_against_reference(opt, steps=1, rtol=1e-10)
+        schedule.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 / 5)

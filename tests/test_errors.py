@@ -66,8 +66,13 @@ def test_complex_and_integer_parameters_are_refused(dtype):
         PMDLAMB([torch.zeros(3, dtype=dtype)])
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
-def test_explicit_gpu_backend_on_cpu_says_why(backend):
-    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}'.*CUDA devices"):
-        PMDLAMB(_p(), backend=backend)
+def test_explicit_gpu_backend_off_gpu_says_why(backend):
+    with pytest.raises(BackendUnavailableError, match=f"backend='{backend}'.* runs on CUDA devices.* on meta"):
+        PMDLAMB([torch.nn.Parameter(torch.zeros(3, device="meta"))], backend=backend)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without the extension")
+def test_cuda_backend_on_cpu_says_how_to_get_it():
+    with pytest.raises(BackendUnavailableError, match="runs on CUDA devices"):
+        PMDLAMB(_p(), backend="cuda")

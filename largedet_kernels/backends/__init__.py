@@ -5,7 +5,7 @@ The optimizer sorts the parameters that have gradients into buckets, one per
 builds one group per parameter, so grouping by param group would mean one launch
 per tensor). A backend module provides:
 
-``grad_sumsq(grads) -> Tensor``
+``grad_sumsq(bucket) -> Tensor``
     Σ g² over the bucket's gradients as a 0-d float tensor on their device
     (float64 for float64 gradients, else float32), for global-norm clipping.
 
@@ -36,6 +36,8 @@ class Bucket:
     steps: List[torch.Tensor] = field(default_factory=list)
     # groups[i] is the param group of params[i]: per-tensor hyper-parameters.
     groups: List[Dict[str, Any]] = field(default_factory=list)
+    # Lives as long as the optimizer: where a backend keeps device-side tables.
+    cache: Dict[str, Any] = field(default_factory=dict)
 
     def hyper(self, name: str) -> List[Any]:
         """One hyper-parameter for every tensor of the bucket, in order."""

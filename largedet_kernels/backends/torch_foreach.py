@@ -28,8 +28,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def grad_sumsq(grads: List[torch.Tensor]) -> torch.Tensor:
-    norms = torch._foreach_norm(grads, 2, dtype=compute_dtype(grads[0].dtype))
+def grad_sumsq(bucket: Bucket) -> torch.Tensor:
+    norms = torch._foreach_norm(bucket.grads, 2, dtype=compute_dtype(bucket.grads[0].dtype))
     return torch.stack(norms).square().sum()
 
 

@@ -1,0 +1,283 @@
+"""The Triton kernels: PMD-LAMB over every tensor of a bucket in two launches.
+
+NOTE [two passes]
+    The trust ratio ‖x‖/‖u‖ needs a whole-tensor reduction before any element
+    of x may change, so a step is two launches over the same chunk table:
+
+    pass 1 (``pmd_lamb_moments_kernel``): read x, g, m, v; write m, v; write
+        per-chunk partial sums of x² and u² (a small buffer, no atomics, so
+        the norms are deterministic).
+    pass 2 (``pmd_lamb_update_kernel``): sum the partials of the chunk's tensor
+        in a fixed order, form the trust ratio, read x, m, v, recompute u
+        (bitwise the same u as pass 1: same function, same inputs) and write x.
+
+    fp32 traffic: 16 + 8 B/elem in pass 1, 12 + 4 B/elem in pass 2, 40 in all;
+    storing u instead would cost 8 more and the memory to hold it.
+
+NOTE [pointer tables]
+    Tensors of a bucket are addressed through int64 tables built once on the
+    host (largedet_kernels/backends/triton.py): ``ptrs[0..4, i]`` hold the
+    addresses of x, g, m, v and step of tensor i; each program handles CHUNK
+    elements of one tensor, named by ``chunk_tensor``/``chunk_index``.
+    Offsets are int64: tensors may exceed 2**31 elements.
+
+NOTE [skipped steps]
+    With GradScaler's ``found_inf`` non-zero every store is masked off and t
+    does not advance, so params, moments and steps stay bit-identical.
+"""
+
+import triton
+import triton.language as tl
+
+# Columns of the per-tensor hyper-parameter table (one row per tensor).
+LR_ALPHA = tl.constexpr(0)  # η·α
+BETA1 = tl.constexpr(1)
+BETA2 = tl.constexpr(2)
+EPS = tl.constexpr(3)
+WEIGHT_DECAY = tl.constexpr(4)
+CYCLE = tl.constexpr(5)  # T, 0 for no cycle (ξ ≡ 1)
+BIAS_CORRECTION = tl.constexpr(6)  # flags are 0.0 / 1.0
+EPS_INSIDE_SQRT = tl.constexpr(7)
+GRAD_AVERAGING = tl.constexpr(8)
+ADAM_W_MODE = tl.constexpr(9)
+USE_TRUST_RATIO = tl.constexpr(10)
+N_HYPER = tl.constexpr(11)
+
+# Rows of the pointer table (NOTE [pointer tables]).
+X = tl.constexpr(0)
+G = tl.constexpr(1)
+M = tl.constexpr(2)
+V = tl.constexpr(3)
+STEP = tl.constexpr(4)
+
+
+@triton.jit
+def _step_coefficients(hyper, tensor, t, MATH: tl.constexpr):
+    """What the update needs of tensor's hyper-parameters at step t (ξ, corrections, ...)."""
+    row = hyper + tensor * N_HYPER
+    beta1 = tl.load(row + BETA1)
+    beta2 = tl.load(row + BETA2)
+    eps = tl.load(row + EPS)
+    weight_decay = tl.load(row + WEIGHT_DECAY)
+    cycle = tl.load(row + CYCLE)
+    bias_correction = tl.load(row + BIAS_CORRECTION) != 0
+    eps_inside = tl.load(row + EPS_INSIDE_SQRT) != 0
+    adam_w = tl.load(row + ADAM_W_MODE) != 0
+
+    period = tl.where(cycle > 0, cycle, 1.0)
+    xi = tl.where(cycle > 0, tl.cos((t % period) / period * 1.5707963267948966), 1.0).to(MATH)  # π/2
+    decay_m = xi * beta1
+    decay_v = xi * beta2
+    weight_g = tl.where(tl.load(row + GRAD_AVERAGING) != 0, 1.0 - beta1, 1.0).to(MATH)
+    weight_g2 = 1.0 - beta2
+    # β^t = 2^(t·log2 β); β = 0 gives 2^-inf = 0.
+    correction_m = tl.where(bias_correction, 1.0 - tl.exp2(t * tl.log2(beta1)), 1.0).to(MATH)
+    correction_v = tl.where(bias_correction, 1.0 - tl.exp2(t * tl.log2(beta2)), 1.0).to(MATH)
+    eps_in = tl.where(eps_inside, eps, 0.0).to(MATH)
+    eps_out = tl.where(eps_inside, 0.0, eps).to(MATH)
+    decay_in_grad = tl.where(adam_w, 0.0, weight_decay).to(MATH)
+    decay_in_update = tl.where(adam_w, weight_decay, 0.0).to(MATH)
+    return (decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
+            eps_in, eps_out, decay_in_grad, decay_in_update)  # fmt: skip
+
+
+@triton.jit
+def _div(a, b, MATH: tl.constexpr):
+    # Correctly rounded: Triton's fp32 "/" is approximate (fp64 "/" already rounds correctly).
+    if MATH == tl.float32:
+        return tl.div_rn(a, b)
+    else:
+        return a / b
+
+
+@triton.jit
+def _sqrt(a, MATH: tl.constexpr):
+    if MATH == tl.float32:
+        return tl.sqrt_rn(a)
+    else:
+        return tl.sqrt(a)
+
+
+@triton.jit
+def _direction(m, v, x, correction_m, correction_v, eps_in, eps_out, decay_in_update, MATH: tl.constexpr):
+    """u = r + λx with r = m̂/√(v̂ + ε) or m̂/(√v̂ + ε): the one place both passes get u from."""
+    denom = _sqrt(_div(v, correction_v, MATH) + eps_in, MATH) + eps_out
+    return _div(_div(m, correction_m, MATH), denom, MATH) + decay_in_update * x
+
+
+@triton.jit
+def _load(ptr, mask, TAIL: tl.constexpr, EVICT: tl.constexpr):
+    # Full tiles load without a mask so that loads vectorise (NOTE [two passes]).
+    if TAIL:
+        return tl.load(ptr, mask=mask, other=0.0, eviction_policy=EVICT)
+    else:
+        return tl.load(ptr, eviction_policy=EVICT)
+
+
+@triton.jit
+def _store_mask(mask, keep, TAIL: tl.constexpr):
+    """keep, and on the tail also mask (spelt with where: Triton 3.8's interpreter rejects & here)."""
+    if TAIL:
+        return tl.where(keep, mask, False)
+    else:
+        return keep
+
+
+@triton.jit
+def _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK: tl.constexpr):
+    """The tensor of this program's chunk, the chunk's first element (int64) and its length."""
+    tensor = tl.load(chunk_tensor + chunk)
+    start = tl.load(chunk_index + chunk).to(tl.int64) * CHUNK
+    return tensor, start, tl.minimum(tl.load(numels + tensor) - start, CHUNK)
+
+
+@triton.jit
+def _tensor_pointers(ptrs, n_tensors, tensor, X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
+                     MATH: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    x = tl.load(ptrs + X * n_tensors + tensor).to(tl.pointer_type(X_DTYPE))
+    g = tl.load(ptrs + G * n_tensors + tensor).to(tl.pointer_type(G_DTYPE))
+    m = tl.load(ptrs + M * n_tensors + tensor).to(tl.pointer_type(MATH))
+    v = tl.load(ptrs + V * n_tensors + tensor).to(tl.pointer_type(MATH))
+    step = tl.load(ptrs + STEP * n_tensors + tensor).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # the host checked every address is 16-byte aligned
+        x = tl.multiple_of(x, 16)
+        g = tl.multiple_of(g, 16)
+        m = tl.multiple_of(m, 16)
+        v = tl.multiple_of(v, 16)
+    return x, g, m, v, step
+
+
+@triton.jit
+def _moments_tile(x_ptr, g_ptr, m_ptr, v_ptr, offs, mask, keep, factor, acc_x, acc_u,
+                  decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
+                  eps_in, eps_out, decay_in_grad, decay_in_update,
+                  MATH: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
+    x = _load(x_ptr + offs, mask, TAIL, "").to(MATH)
+    g = _load(g_ptr + offs, mask, TAIL, "evict_first").to(MATH)  # read once: don't keep it in L2
+    m = _load(m_ptr + offs, mask, TAIL, "")
+    v = _load(v_ptr + offs, mask, TAIL, "")
+    g = g * factor + decay_in_grad * x
+    m = decay_m * m + weight_g * g
+    v = decay_v * v + weight_g2 * g * g
+    store_mask = _store_mask(mask, keep, TAIL)
+    tl.store(m_ptr + offs, m, mask=store_mask)
+    tl.store(v_ptr + offs, v, mask=store_mask)
+    u = _direction(m, v, x, correction_m, correction_v, eps_in, eps_out, decay_in_update, MATH)
+    if TAIL:
+        u = tl.where(mask, u, 0.0)
+    return acc_x + x * x, acc_u + u * u
+
+
+@triton.jit
+def pmd_lamb_moments_kernel(
+    ptrs, numels, chunk_tensor, chunk_index, hyper, grad_factor, found_inf, partials, t_now, n_tensors,
+    X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 (NOTE [two passes]): moments and per-chunk Σx², Σu²."""
+    chunk = tl.program_id(0)
+    tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
+    x_ptr, g_ptr, m_ptr, v_ptr, step_ptr = _tensor_pointers(ptrs, n_tensors, tensor, X_DTYPE, G_DTYPE, MATH, ALIGNED)
+
+    keep = tl.load(found_inf) == 0  # NOTE [skipped steps]
+    t = tl.load(step_ptr).to(MATH) + keep.to(MATH)
+    tl.store(t_now + tensor, t, mask=start == 0)  # pass 2 reads t here, not the racing step
+    (decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
+     eps_in, eps_out, decay_in_grad, decay_in_update) = _step_coefficients(hyper, tensor, t, MATH)  # fmt: skip
+    factor = tl.load(grad_factor).to(MATH)
+
+    acc_x = tl.zeros([BLOCK], MATH)
+    acc_u = tl.zeros([BLOCK], MATH)
+    full = length // BLOCK * BLOCK
+    for off in range(0, full, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        acc_x, acc_u = _moments_tile(
+            x_ptr, g_ptr, m_ptr, v_ptr, offs, None, keep, factor, acc_x, acc_u, decay_m, decay_v, weight_g, weight_g2,
+            correction_m, correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, MATH, False,
+        )  # fmt: skip
+    offs = start + full + tl.arange(0, BLOCK)
+    tail = full + tl.arange(0, BLOCK) < length
+    acc_x, acc_u = _moments_tile(
+        x_ptr, g_ptr, m_ptr, v_ptr, offs, tail, keep, factor, acc_x, acc_u, decay_m, decay_v, weight_g, weight_g2,
+        correction_m, correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, MATH, True,
+    )  # fmt: skip
+    tl.store(partials + 2 * chunk, tl.sum(acc_x, 0))
+    tl.store(partials + 2 * chunk + 1, tl.sum(acc_u, 0))
+
+
+@triton.jit
+def _update_tile(x_ptr, m_ptr, v_ptr, offs, mask, keep, ratio,
+                 correction_m, correction_v, eps_in, eps_out, decay_in_update,
+                 X_DTYPE: tl.constexpr, MATH: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
+    x = _load(x_ptr + offs, mask, TAIL, "").to(MATH)
+    m = _load(m_ptr + offs, mask, TAIL, "evict_first")
+    v = _load(v_ptr + offs, mask, TAIL, "evict_first")
+    u = _direction(m, v, x, correction_m, correction_v, eps_in, eps_out, decay_in_update, MATH)
+    store_mask = _store_mask(mask, keep, TAIL)
+    tl.store(x_ptr + offs, (x - ratio * u).to(X_DTYPE), mask=store_mask)
+
+
+@triton.jit
+def pmd_lamb_update_kernel(
+    ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, hyper, found_inf, partials, t_now,
+    n_tensors,
+    X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u."""
+    chunk = tl.program_id(0)
+    tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
+    x_ptr, _, m_ptr, v_ptr, step_ptr = _tensor_pointers(ptrs, n_tensors, tensor, X_DTYPE, G_DTYPE, MATH, ALIGNED)
+
+    keep = tl.load(found_inf) == 0
+    t = tl.load(t_now + tensor)
+    tl.store(step_ptr, t.to(tl.float32), mask=start == 0)
+    _, _, _, _, correction_m, correction_v, eps_in, eps_out, _, decay_in_update = _step_coefficients(
+        hyper, tensor, t, MATH
+    )
+
+    # ‖x‖², ‖u‖² of the whole tensor: its chunks' partials, summed in a fixed order.
+    first = tl.load(first_chunk + tensor)
+    count = tl.load(chunk_count + tensor)
+    sum_x = tl.zeros([REDUCE_BLOCK], MATH)
+    sum_u = tl.zeros([REDUCE_BLOCK], MATH)
+    for j in range(0, count, REDUCE_BLOCK):
+        k = j + tl.arange(0, REDUCE_BLOCK)
+        sum_x += tl.load(partials + 2 * (first + k), mask=k < count, other=0.0)
+        sum_u += tl.load(partials + 2 * (first + k) + 1, mask=k < count, other=0.0)
+    x_norm = _sqrt(tl.sum(sum_x, 0), MATH)
+    u_norm = _sqrt(tl.sum(sum_u, 0), MATH)
+    trusted = (tl.load(hyper + tensor * N_HYPER + USE_TRUST_RATIO) != 0) & (x_norm > 0) & (u_norm > 0)
+    ratio = tl.load(hyper + tensor * N_HYPER + LR_ALPHA) * tl.where(trusted, _div(x_norm, u_norm, MATH), 1.0)
+
+    full = length // BLOCK * BLOCK
+    for off in range(0, full, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        _update_tile(x_ptr, m_ptr, v_ptr, offs, None, keep, ratio, correction_m, correction_v, eps_in, eps_out,
+                     decay_in_update, X_DTYPE, MATH, False)  # fmt: skip
+    offs = start + full + tl.arange(0, BLOCK)
+    tail = full + tl.arange(0, BLOCK) < length
+    _update_tile(x_ptr, m_ptr, v_ptr, offs, tail, keep, ratio, correction_m, correction_v, eps_in, eps_out,
+                 decay_in_update, X_DTYPE, MATH, True)  # fmt: skip
+
+
+@triton.jit
+def grad_sumsq_kernel(
+    ptrs, numels, chunk_tensor, chunk_index, partials, n_tensors,
+    G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per-chunk Σg² for global-norm clipping (the extra pass when max_grad_norm is set)."""
+    chunk = tl.program_id(0)
+    tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
+    g_ptr = tl.load(ptrs + G * n_tensors + tensor).to(tl.pointer_type(G_DTYPE))
+    if ALIGNED:
+        g_ptr = tl.multiple_of(g_ptr, 16)
+    acc = tl.zeros([BLOCK], MATH)
+    full = length // BLOCK * BLOCK
+    for off in range(0, full, BLOCK):
+        g = _load(g_ptr + start + off + tl.arange(0, BLOCK), None, False, "").to(MATH)
+        acc += g * g
+    tail = full + tl.arange(0, BLOCK) < length
+    g = _load(g_ptr + start + full + tl.arange(0, BLOCK), tail, True, "").to(MATH)
+    acc += g * g
+    tl.store(partials + chunk, tl.sum(acc, 0))

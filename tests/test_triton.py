@@ -1,0 +1,171 @@
+"""The Triton backend: boundaries, alignment, device-side tables, and the compiled kernels."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TRITON_TEST_BLOCK as BLOCK, TRITON_TEST_CHUNK as CHUNK
+from harness import make_params, run_against_reference
+
+from largedet_kernels import PMDLAMB
+
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+
+
+# Sizes on both sides of every tile and chunk boundary, and 60 tensors in one launch.
+BOUNDARY_SIZES = [1, BLOCK - 1, BLOCK, BLOCK + 1, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK + BLOCK - 1, 3 * CHUNK]
+
+
+@pytest.mark.parametrize("dtype,rtol,ulps", [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1)], ids=["fp64", "fp32"])
+def test_sizes_around_every_boundary(triton_backend, dtype, rtol, ulps):
+    shapes = [(n,) for n in BOUNDARY_SIZES] + [(n % 97 + 1,) for n in range(51)]
+    params = make_params(shapes, dtype, zero=(3, 7))
+    opt = PMDLAMB(params, lr=0.05, cycle_length=2, max_grad_norm=1.0, backend="triton")
+    run_against_reference(opt, steps=3, rtol=rtol, ulps=ulps, resync=dtype != torch.float64)
+
+
+def test_bf16_params_and_grads(triton_backend):
+    # The interpreter casts fp32 → bf16 by truncation, not rounding (a GPU rounds):
+    # hence 1 ulp of bf16 allowed, not ½.
+    params = make_params([(CHUNK + 3,), (5, 7), (BLOCK,)], torch.bfloat16, zero=(1,))
+    opt = PMDLAMB(params, lr=0.05, cycle_length=2, max_grad_norm=1.0, backend="triton")
+    run_against_reference(opt, steps=4, rtol=2e-5, ulps=1, resync=True)
+
+
+def test_misaligned_and_strided_tensors(triton_backend):
+    # Offsets by one element break 16-byte alignment (the unhinted kernel variant);
+    # a strided view cannot be indexed flat (its tensors go to the torch backend).
+    storage = torch.randn(4 * CHUNK, dtype=torch.float64)
+    odd = torch.nn.Parameter(storage[1 : CHUNK + 2].clone().as_strided((CHUNK + 1,), (1,), 0))
+    views = [torch.nn.Parameter(torch.randn(2 * CHUNK + 1, dtype=torch.float64)[1:]),
+             torch.nn.Parameter(torch.randn(3, 2 * BLOCK, dtype=torch.float64)[:, ::2])]  # fmt: skip
+    assert views[0].data_ptr() % 16 != 0 and not views[1].is_contiguous()
+    opt = PMDLAMB([odd, *views], lr=0.05, cycle_length=3, backend="triton")
+    run_against_reference(opt, steps=3, rtol=1e-10)
+    plan = next(iter(opt._bucket_caches.values()))["triton_plan"]
+    assert not plan.aligned
+
+
+def test_tables_are_cached_and_refreshed(triton_backend):
+    params = make_params([(CHUNK + 1,), (9,)], torch.float64)
+    opt = PMDLAMB(params, lr=0.05, cycle_length=3, backend="triton")
+    run_against_reference(opt, steps=1, rtol=1e-10)
+    plan = next(iter(opt._bucket_caches.values()))["triton_plan"]
+    chunk_table, table = plan.chunk_tensor, plan.table
+    # New gradient tensors (new addresses) and a new lr: the same plan, new pointer and hyper tables.
+    for group in opt.param_groups:
+        group["lr"] = 0.01
+    run_against_reference(opt, steps=2, rtol=1e-10)
+    plan2 = next(iter(opt._bucket_caches.values()))["triton_plan"]
+    assert plan2 is plan and plan.chunk_tensor is chunk_table and plan.table is not table
+    assert plan.table[0, 0].item() == pytest.approx(0.01 * 0.012)
+
+
+def test_two_launches_per_step_and_one_more_for_clipping(triton_backend, monkeypatch):
+    from largedet_kernels import triton_kernels
+
+    launches = []
+    for name in ("pmd_lamb_moments_kernel", "pmd_lamb_update_kernel", "grad_sumsq_kernel"):
+        kernel = getattr(triton_kernels, name)
+        monkeypatch.setattr(triton_kernels, name, _Counting(kernel, name, launches))
+    for max_grad_norm, expected in ((None, 2), (1.0, 3)):
+        params = make_params([(n,) for n in range(1, 70)], torch.float32)
+        opt = PMDLAMB(params, max_grad_norm=max_grad_norm, backend="triton")
+        for p in params:
+            p.grad = torch.randn_like(p)
+        launches.clear()
+        opt.step()
+        assert len(launches) == expected, launches
+
+
+class _Counting:
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        self.log.append(self.name)
+        return self.kernel[grid]
+
+
+AOT = Path(__file__).with_name("triton_aot.py")
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    if not HAVE_TRITON:
+        pytest.skip("needs Triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, str(AOT), "80", "90"], capture_output=True, text=True, env=env,
+                         cwd=AOT.parent.parent)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines()]
+
+
+# Streams per main loop: (loads, stores) of the kernel, at 16 B per access.
+STREAMS = {"pmd_lamb_moments_kernel": (4, 2), "pmd_lamb_update_kernel": (3, 1), "grad_sumsq_kernel": (1, 0)}
+
+
+def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(compiled):
+    assert {r["arch"] for r in compiled} == {"sm_80", "sm_90a"}
+    assert len(compiled) == 2 * 4 * 3  # targets × dtypes × kernels
+    for r in compiled:
+        assert r["spill_bytes"] == 0, r
+
+
+def test_main_loops_use_128_bit_global_loads(compiled):
+    for r in compiled:
+        loads, stores = STREAMS[r["kernel"].split("[")[0]]
+        assert r["ldg128"] >= loads, r
+        assert r["stg128"] >= stores, r
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    "dtype,rtol,ulps",
+    [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1), (torch.float16, 2e-5, 1), (torch.bfloat16, 2e-5, 1)],
+    ids=["fp64", "fp32", "fp16", "bf16"],
+)
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_on_the_gpu(dtype, rtol, ulps, max_grad_norm):
+    from largedet_kernels.backends import triton as tb
+
+    shapes = [(n,) for n in (1, 7, tb.BLOCK + 1, tb.CHUNK - 1, tb.CHUNK + 1, 3 * tb.CHUNK + 5)] + [(64, 3, 7, 7)] * 3
+    params = make_params(shapes, dtype, zero=(2,), device="cuda")
+    opt = PMDLAMB(params, lr=0.05, cycle_length=3, max_grad_norm=max_grad_norm, backend="triton")
+    run_against_reference(opt, steps=7, rtol=rtol, ulps=ulps, resync=dtype != torch.float64)
+
+
+@pytest.mark.skipif(not (HAVE_TRITON and torch.cuda.is_available()), reason="needs a CUDA GPU")
+def test_a_captured_step_replays_like_eager_steps():
+    shapes = [(4097,), (64, 3, 7, 7), (1,), (300,)]
+    params, twins = make_params(shapes, torch.float32, device="cuda"), make_params(shapes, torch.float32, device="cuda")
+    opt, eager = (PMDLAMB(ps, lr=0.05, cycle_length=3, backend="triton") for ps in (params, twins))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for p in params + twins:
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, tables and kernels exist before capture
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(7):  # crosses two ξ cycles
+        for p, t in zip(params, twins):
+            g = torch.randn(p.shape, device="cuda", generator=gen)
+            p.grad.copy_(g)
+            t.grad.copy_(g)
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for p, t in zip(params, twins):
+        assert torch.equal(p, t)
+        assert torch.equal(opt.state[p]["step"], eager.state[t]["step"])

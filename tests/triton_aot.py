@@ -1,0 +1,87 @@
+"""Compile every Triton kernel ahead of time for sm_80 and sm_90, no GPU needed.
+
+    python tests/triton_aot.py 80 90     # prints one JSON line per kernel variant
+
+For each variant: registers and spill bytes from Triton's bundled ``ptxas -v``,
+and the global load/store widths found in the SASS (``cuobjdump -sass``).
+Runs in its own process: the kernels must not be imported under
+TRITON_INTERPRET=1, which tests/conftest.py sets.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from largedet_kernels import triton_kernels as k
+from largedet_kernels.backends import triton as backend
+
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+DTYPES = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16, "fp64": tl.float64}
+
+
+def _signature(fn, pointer_types, scalars, constexprs):
+    sig = {}
+    for name in fn.arg_names:
+        sig[name] = "constexpr" if name in constexprs else scalars.get(name) or pointer_types[name]
+    return sig
+
+
+def variants():
+    for dtype, tl_dtype in DTYPES.items():
+        math_ = "fp64" if dtype == "fp64" else "fp32"
+        common = dict(ptrs="*i64", numels="*i64", chunk_tensor="*i32", chunk_index="*i32", first_chunk="*i32",
+                      chunk_count="*i32", hyper=f"*{math_}", grad_factor="*fp32", found_inf="*fp32",
+                      partials=f"*{math_}", t_now=f"*{math_}")  # fmt: skip
+        consts = dict(X_DTYPE=tl_dtype, G_DTYPE=tl_dtype, MATH=DTYPES[math_], ALIGNED=True, CHUNK=backend.CHUNK,
+                      BLOCK=backend.BLOCK, REDUCE_BLOCK=backend.REDUCE_BLOCK)  # fmt: skip
+        for fn in (k.pmd_lamb_moments_kernel, k.pmd_lamb_update_kernel, k.grad_sumsq_kernel):
+            c = {name: v for name, v in consts.items() if name in fn.arg_names}
+            yield f"{fn.__name__}[{dtype}]", fn, _signature(fn, common, {"n_tensors": "i32"}, c), c
+
+
+def compile_variant(fn, signature, constexprs, arch: int, tmp: Path) -> dict:
+    pointers = [i for i, name in enumerate(fn.arg_names) if signature[name].startswith("*")]
+    attrs = {(i,): [["tt.divisibility", 16]] for i in pointers}  # as Triton's JIT specialises torch tensors
+    compiled = triton.compile(
+        ASTSource(fn, signature, constexprs, attrs),
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": backend.NUM_WARPS},
+    )
+    ptx, cubin = tmp / "k.ptx", tmp / "k.cubin"
+    ptx.write_text(compiled.asm["ptx"])
+    cubin.write_bytes(compiled.asm["cubin"])
+    ptx_target = re.search(r"^\.target\s+(\S+)", compiled.asm["ptx"], re.M).group(1)
+    ptxas = subprocess.run([BIN / "ptxas", "-v", f"-arch={ptx_target}", ptx, "-o", tmp / "v.cubin"],
+                           capture_output=True, text=True, check=True).stderr  # fmt: skip
+    sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas)]
+    return {
+        "arch": ptx_target,
+        "registers": int(re.search(r"Used (\d+) registers", ptxas).group(1)),
+        "spill_bytes": sum(spills),
+        "ldg128": len(re.findall(r"\bLDG\.E(?:\.EF)?(?:\.EL)?\.128\b", sass)),
+        "stg128": len(re.findall(r"\bSTG\.E(?:\.EF)?\.128\b", sass)),
+        "ldg": len(re.findall(r"\bLDG\.", sass)),
+    }
+
+
+def main(archs):
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            for name, fn, signature, constexprs in variants():
+                result = compile_variant(fn, signature, constexprs, arch, Path(tmp))
+                print(json.dumps({"kernel": name, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    assert os.environ.get("TRITON_INTERPRET", "0") != "1", "compile with the interpreter off"
+    main([int(a) for a in sys.argv[1:]] or [80, 90])
