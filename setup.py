@@ -5,31 +5,53 @@
 ``1`` builds it or fails saying why, ``0`` skips it. Without the extension
 the package installs as pure Python and runs on its other backends. Building
 it needs torch at build time: ``pip install --no-build-isolation -e .``.
+``TORCH_CUDA_ARCH_LIST`` defaults to those of 7.0, 8.0 and 9.0 that the found
+nvcc supports (CUDA 13 dropped 7.0; V100 kernels come from NVRTC instead).
 """
 
 import glob
 import os
+import re
 import shutil
+import subprocess
 
 from setuptools import find_packages, setup
 
 MODES = ("auto", "1", "0")
+ARCHS = ("7.0", "8.0", "9.0")
+
+
+def find_cuda_home():
+    """CUDA_HOME, or the toolkit behind the nvcc on PATH (which may be a wrapper script)."""
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    if shutil.which("nvcc") is None:
+        return None
+    dry = subprocess.run(["nvcc", "--dryrun", "x.cu"], capture_output=True, text=True).stderr
+    top = re.search(r"TOP=(\S+)", dry)
+    return os.path.normpath(top.group(1).rstrip("/").removesuffix("/bin/..")) if top else None
+
+
+def default_arch_list(cuda_home):
+    listed = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--list-gpu-arch"], capture_output=True,
+                            text=True).stdout  # fmt: skip
+    return ";".join(a for a in ARCHS if f"compute_{a.replace('.', '')}" in listed)
 
 
 def cuda_build_blocker():
     """Why the CUDA extension cannot be built here; None when it can."""
-    sources = glob.glob("csrc/*.cu")
-    if not sources:
+    if not glob.glob("csrc/*.cu"):
         return "csrc/ holds no CUDA sources"
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        return "nvcc was not found (put it on PATH or set CUDA_HOME to the CUDA toolkit)"
+    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     try:
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME
     except ImportError:
         return "torch is not importable at build time (use pip install --no-build-isolation)"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is not a CUDA build"
-    if CUDA_HOME is None and shutil.which("nvcc") is None:
-        return "nvcc was not found (set CUDA_HOME to the CUDA toolkit)"
     return None
 
 
@@ -45,9 +67,20 @@ def ext_modules():
             raise SystemExit(f"LARGEDET_CUDA_BUILD=1 but the CUDA extension cannot be built: {blocker}")
         print(f"largedet-kernels: skipping the CUDA extension ({blocker})")
         return []
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(os.environ["CUDA_HOME"]))
+    import nvidia  # CUDA 13 torch wheels keep the toolkit headers (cusparse.h, ...) here
+
     from torch.utils.cpp_extension import CUDAExtension
 
-    return [CUDAExtension("largedet_kernels._C", sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")))]
+    includes = [os.path.join(p, "cu13", "include") for p in nvidia.__path__]
+    return [
+        CUDAExtension(
+            "largedet_kernels._C",
+            sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
+            include_dirs=[d for d in includes if os.path.isdir(d)],
+            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-Xptxas=-v"]},
+        )
+    ]
 
 
 extensions = ext_modules()

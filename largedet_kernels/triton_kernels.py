@@ -14,12 +14,9 @@ NOTE [two passes]
     fp32 traffic: 16 + 8 B/elem in pass 1, 12 + 4 B/elem in pass 2, 40 in all;
     storing u instead would cost 8 more and the memory to hold it.
 
-NOTE [pointer tables]
-    Tensors of a bucket are addressed through int64 tables built once on the
-    host (largedet_kernels/backends/triton.py): ``ptrs[0..4, i]`` hold the
-    addresses of x, g, m, v and step of tensor i; each program handles CHUNK
-    elements of one tensor, named by ``chunk_tensor``/``chunk_index``.
-    Offsets are int64: tensors may exceed 2**31 elements.
+NOTE [pointer tables] (in largedet_kernels/backends/chunk_plan.py)
+    Each program handles CHUNK elements of one tensor, found through int64
+    address tables on the device; offsets are int64.
 
 NOTE [skipped steps]
     With GradScaler's ``found_inf`` non-zero every store is masked off and t
@@ -29,7 +26,7 @@ NOTE [skipped steps]
 import triton
 import triton.language as tl
 
-# Columns of the per-tensor hyper-parameter table (one row per tensor).
+# Columns of the per-tensor hyper-parameter table: chunk_plan.HYPER_COLUMNS, in order.
 LR_ALPHA = tl.constexpr(0)  # η·α
 BETA1 = tl.constexpr(1)
 BETA2 = tl.constexpr(2)

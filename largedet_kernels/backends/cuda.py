@@ -1,17 +1,83 @@
-"""The ``cuda`` backend: the hand-written kernels of csrc/, built into largedet_kernels._C."""
+"""The ``cuda`` backend: the hand-written kernels of csrc/, built into largedet_kernels._C.
+
+The extension registers two custom ops (csrc/binding.cpp): ``largedet::pmd_lamb_step_``
+(both passes of NOTE [two passes], two launches) and ``largedet::grad_sumsq``. Their
+fake implementations below let ``torch.compile`` trace through ``step()``. The device
+tables are chunk_plan.py's, shared with the Triton backend.
+"""
 
 from typing import Optional
 
 import torch
 
+from . import Bucket, chunk_plan, torch_foreach
+from .chunk_plan import ChunkPlan
+
+# Elements per block (a multiple of csrc/tables.h's kILP).
+CHUNK = 16384
+
 _HOW = "LARGEDET_CUDA_BUILD=1 pip install --no-build-isolation -e . on a machine with nvcc and a CUDA build of torch"
+
+try:
+    from .. import _C  # noqa: F401  (registers the ops)
+
+    _IMPORT_ERROR: Optional[ImportError] = None
+except ImportError as err:
+    _IMPORT_ERROR = err
 
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     if device.type != "cuda":
         return f"the cuda backend runs on CUDA devices, and these parameters are on {device}"
-    try:
-        from .. import _C  # noqa: F401
-    except ImportError as err:
-        return f"the CUDA extension largedet_kernels._C is not built ({err}); build it with {_HOW}"
+    if _IMPORT_ERROR is not None:
+        return f"the CUDA extension largedet_kernels._C is not built ({_IMPORT_ERROR}); build it with {_HOW}"
     return None
+
+
+if _IMPORT_ERROR is None:
+
+    @torch.library.register_fake("largedet::pmd_lamb_step_")
+    def _pmd_lamb_step_fake(*args) -> None:
+        return None
+
+    @torch.library.register_fake("largedet::grad_sumsq")
+    def _grad_sumsq_fake(grads, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, partials,
+                         chunk_size, aligned) -> torch.Tensor:  # fmt: skip
+        return partials.new_empty(())
+
+
+def has_kernels(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+    """The dtype pairs csrc/pmd_lamb_launch.cu instantiates (its supported_dtypes)."""
+    low_precision = param_dtype in (torch.float16, torch.bfloat16)
+    return grad_dtype == param_dtype or (grad_dtype == torch.float32 and low_precision)
+
+
+def _tables(plan: ChunkPlan, bucket: Bucket):
+    return (plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.first_chunk,
+            plan.chunk_count)  # fmt: skip
+
+
+def _launch_step(bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
+    tables = _tables(plan, bucket)
+    torch.ops.largedet.pmd_lamb_step_(
+        bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps, *tables,
+        plan.hyper(bucket), grad_factor, found_inf, plan.partials, plan.t_now, plan.chunk, plan.aligned,
+    )  # fmt: skip
+
+
+def _launch_grad_sumsq(bucket: Bucket, plan: ChunkPlan, *_) -> torch.Tensor:
+    tables = _tables(plan, bucket)
+    return torch.ops.largedet.grad_sumsq(bucket.grads, *tables, plan.partials, plan.chunk, plan.aligned)
+
+
+def grad_sumsq(bucket: Bucket) -> torch.Tensor:
+    if not has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+        return torch_foreach.grad_sumsq(bucket)
+    return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _launch_grad_sumsq)
+
+
+def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    if not has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+        torch_foreach.step(bucket, grad_factor, found_inf)
+        return
+    chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _launch_step)

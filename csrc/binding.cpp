@@ -1,0 +1,144 @@
+// The torch side of the CUDA backend: op schemas (torch.library), argument checks, and
+// the hand-off to the torch-free launchers of csrc/pmd_lamb_launch.cu. Fake (meta)
+// implementations for torch.compile live in largedet_kernels/backends/cuda.py.
+#include <ATen/cuda/CUDAContext.h>
+#include <Python.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "pmd_lamb_launch.h"
+
+namespace largedet {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+Dtype to_dtype(at::ScalarType t, const char* what) {
+  switch (t) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    case at::kDouble: return Dtype::kFloat64;
+    default: TORCH_CHECK(false, "largedet: ", what, " must be float32, float16, bfloat16 or float64, got ", t);
+  }
+}
+
+at::ScalarType math_dtype(at::ScalarType x) { return x == at::kDouble ? at::kDouble : at::kFloat; }
+
+void check_table(const Tensor& t, const char* name, at::ScalarType dtype, int64_t numel, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "largedet: ", name, " is on ", t.device(), ", the parameters on ", device);
+  TORCH_CHECK(t.scalar_type() == dtype, "largedet: ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous() && t.numel() >= numel, "largedet: ", name, " must be contiguous with at least ",
+              numel, " elements, got ", t.sizes());
+}
+
+// NOTE [pointer tables]: the plan's tables, checked against the tensor lists they address.
+ChunkTable chunk_table(TensorList params, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
+                       const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count,
+                       int64_t chunk_size) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(n > 0, "largedet: no tensors to step");
+  const at::Device device = params[0].device();
+  TORCH_CHECK(device.is_cuda(), "largedet: the cuda backend needs CUDA tensors, got ", device);
+  TORCH_CHECK(chunk_size > 0 && chunk_size % kILP == 0, "largedet: chunk_size must be a positive multiple of ",
+              kILP, ", got ", chunk_size);
+  check_table(ptrs, "ptrs", at::kLong, 5 * n, device);
+  check_table(numels, "numels", at::kLong, n, device);
+  check_table(chunk_tensor, "chunk_tensor", at::kInt, 0, device);
+  check_table(chunk_index, "chunk_index", at::kInt, chunk_tensor.numel(), device);
+  check_table(first_chunk, "first_chunk", at::kInt, n, device);
+  check_table(chunk_count, "chunk_count", at::kInt, n, device);
+  return ChunkTable{ptrs.data_ptr<int64_t>(),        numels.data_ptr<int64_t>(),
+                    chunk_tensor.data_ptr<int32_t>(), chunk_index.data_ptr<int32_t>(),
+                    first_chunk.data_ptr<int32_t>(),  chunk_count.data_ptr<int32_t>(),
+                    n,                                chunk_size};
+}
+
+void check_list(TensorList list, const char* name, int64_t n, const at::Device& device,
+                c10::optional<at::ScalarType> dtype) {
+  TORCH_CHECK(static_cast<int64_t>(list.size()) == n, "largedet: ", name, " has ", list.size(),
+              " tensors, params has ", n);
+  for (const Tensor& t : list) {
+    TORCH_CHECK(t.device() == device, "largedet: every tensor of ", name, " must be on ", device, ", one is on ",
+                t.device());
+    TORCH_CHECK(!dtype || t.scalar_type() == *dtype, "largedet: ", name, " must be ", *dtype, ", one is ",
+                t.scalar_type());
+  }
+}
+
+void pmd_lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                    TensorList steps, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
+                    const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count,
+                    const Tensor& hyper, const Tensor& grad_factor, const Tensor& found_inf, Tensor& partials,
+                    Tensor& t_now, int64_t chunk_size, bool aligned) {
+  const ChunkTable table =
+      chunk_table(params, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
+  const int64_t n = table.n_tensors, n_chunks = chunk_tensor.numel();
+  const at::Device device = params[0].device();
+  const at::ScalarType x_type = params[0].scalar_type(), m_type = math_dtype(x_type);
+  check_list(params, "params", n, device, x_type);
+  check_list(grads, "grads", n, device, grads[0].scalar_type());
+  check_list(exp_avgs, "exp_avgs", n, device, m_type);
+  check_list(exp_avg_sqs, "exp_avg_sqs", n, device, m_type);
+  check_list(steps, "steps", n, device, at::kFloat);
+  check_table(hyper, "hyper", m_type, n * kHyperColumns, device);
+  check_table(grad_factor, "grad_factor", at::kFloat, 1, device);
+  check_table(found_inf, "found_inf", at::kFloat, 1, device);
+  check_table(partials, "partials", m_type, 2 * n_chunks, device);
+  check_table(t_now, "t_now", m_type, n, device);
+  const Dtype x_dtype = to_dtype(x_type, "params"), g_dtype = to_dtype(grads[0].scalar_type(), "grads");
+  TORCH_CHECK(supported_dtypes(x_dtype, g_dtype), "largedet: no kernel for ", x_type, " parameters with ",
+              grads[0].scalar_type(), " gradients");
+
+  const c10::cuda::CUDAGuard guard(device);
+  const StepScalars scalars{hyper.data_ptr(), grad_factor.data_ptr<float>(), found_inf.data_ptr<float>(),
+                            partials.data_ptr(), t_now.data_ptr()};
+  const LaunchConfig config{x_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream()};
+  const cudaError_t err = launch_pmd_lamb_step(table, scalars, config);
+  TORCH_CHECK(err == cudaSuccess, "largedet: pmd_lamb_step_ launch failed: ", cudaGetErrorString(err));
+}
+
+Tensor grad_sumsq(TensorList grads, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
+                  const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count, Tensor& partials,
+                  int64_t chunk_size, bool aligned) {
+  const ChunkTable table =
+      chunk_table(grads, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
+  const int64_t n_chunks = chunk_tensor.numel();
+  const at::ScalarType g_type = grads[0].scalar_type();
+  check_list(grads, "grads", table.n_tensors, grads[0].device(), g_type);
+  check_table(partials, "partials", math_dtype(g_type), n_chunks, grads[0].device());
+  const Dtype g_dtype = to_dtype(g_type, "grads");
+
+  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const LaunchConfig config{g_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream()};
+  const cudaError_t err = launch_grad_sumsq(table, partials.data_ptr(), config);
+  TORCH_CHECK(err == cudaSuccess, "largedet: grad_sumsq launch failed: ", cudaGetErrorString(err));
+  return partials.narrow(0, 0, n_chunks).sum();
+}
+
+}  // namespace
+
+TORCH_LIBRARY(largedet, m) {
+  m.def(
+      "pmd_lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
+      "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
+      "Tensor(e!) partials, Tensor(f!) t_now, int chunk_size, bool aligned) -> ()");
+  m.def(
+      "grad_sumsq(Tensor[] grads, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
+      "Tensor first_chunk, Tensor chunk_count, Tensor(a!) partials, int chunk_size, bool aligned) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(largedet, CUDA, m) {
+  m.impl("pmd_lamb_step_", &pmd_lamb_step_);
+  m.impl("grad_sumsq", &grad_sumsq);
+}
+
+}  // namespace largedet
+
+// Importing largedet_kernels._C runs the registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

@@ -1,0 +1,160 @@
+// The generic multi-tensor harness: which chunk a block owns, where its tensors live,
+// the vector/scalar walk over the chunk, and a deterministic block reduction.
+// Nothing here knows the update rule: that is csrc/pmd_lamb.cuh.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "tables.h"
+
+namespace largedet {
+
+constexpr int kWarpSize = 32;
+
+struct Chunk {
+  int32_t tensor;
+  int64_t start;   // first element of the chunk in its tensor
+  int64_t length;  // elements in the chunk (0 for an empty tensor)
+};
+
+__device__ __forceinline__ Chunk this_blocks_chunk(const ChunkTable& table) {
+  const int32_t tensor = table.chunk_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(table.chunk_index[blockIdx.x]) * table.chunk_size;
+  const int64_t left = table.numels[tensor] - start;
+  return {tensor, start, left < table.chunk_size ? left : table.chunk_size};
+}
+
+template <typename T>
+__device__ __forceinline__ T* tensor_address(const ChunkTable& table, PointerRow row, int32_t tensor) {
+  return reinterpret_cast<T*>(table.ptrs[row * table.n_tensors + tensor]);
+}
+
+// NOTE [vector and scalar paths]
+// A thread walks groups of kILP consecutive elements. Whole groups of a tensor whose
+// addresses are 16-byte aligned move as 128-bit accesses (kILP·sizeof(T) is a multiple
+// of 16 for every supported T); the last, partial group of an odd-sized tensor, and
+// every group of a misaligned one, move element by element.
+// Conversions spelt out: torch's build defines __CUDA_NO_HALF_CONVERSIONS__ and friends.
+template <typename To, typename From>
+__device__ __forceinline__ To convert(From v) {
+  return static_cast<To>(v);
+}
+template <>
+__device__ __forceinline__ float convert<float, __half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float convert<float, __nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <>
+__device__ __forceinline__ __half convert<__half, float>(float v) {
+  return __float2half_rn(v);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16, float>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// How a stream is read. Addresses come from the pointer table as integers, so the
+// compiler cannot tell they are global memory: the intrinsics say it (LDG, not LD).
+enum class Read {
+  kCached,     // read through the read-only path (x, m, v: read before this thread writes them)
+  kStreaming,  // read once: evict first (the gradient)
+};
+
+template <Read kRead>
+__device__ __forceinline__ uint4 load16(const uint4* p) {
+  if constexpr (kRead == Read::kStreaming) {
+    return __ldcs(p);
+  } else {
+    return __ldg(p);
+  }
+}
+
+// A plain (weak) 16-byte global store; __stwb/__stcg would make it a strong store.
+__device__ __forceinline__ void store16(uint4* p, const uint4& v) {
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+}
+
+template <bool kVector, Read kRead = Read::kCached, typename R, typename T>
+__device__ __forceinline__ void load_group(R (&r)[kILP], const T* p, int count) {
+  if constexpr (kVector) {
+    constexpr int kPer = 16 / sizeof(T);
+    static_assert(kILP % kPer == 0, "a group must be whole 128-bit packs");
+#pragma unroll
+    for (int k = 0; k < kILP / kPer; ++k) {
+      // Through uint4, the one 16-byte type every compiler moves in one instruction.
+      const uint4 pack = load16<kRead>(reinterpret_cast<const uint4*>(p) + k);
+      const T* values = reinterpret_cast<const T*>(&pack);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) r[k * kPer + j] = convert<R>(values[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) r[j] = j < count ? convert<R>(p[j]) : R(0);
+  }
+}
+
+template <bool kVector, typename T, typename R>
+__device__ __forceinline__ void store_group(T* p, const R (&r)[kILP], int count) {
+  if constexpr (kVector) {
+    constexpr int kPer = 16 / sizeof(T);
+#pragma unroll
+    for (int k = 0; k < kILP / kPer; ++k) {
+      uint4 pack;
+      T* values = reinterpret_cast<T*>(&pack);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) values[j] = convert<T>(r[k * kPer + j]);
+      store16(reinterpret_cast<uint4*>(p) + k, pack);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) {
+      if (j < count) p[j] = convert<T>(r[j]);
+    }
+  }
+}
+
+template <bool kValue>
+struct VectorPath {
+  static constexpr bool value = kValue;
+};
+
+// Calls body(VectorPath<bool>, offset, count) for each group of this thread in a chunk
+// of `length` elements (NOTE [vector and scalar paths]).
+template <bool kAligned, typename Body>
+__device__ __forceinline__ void for_each_group(int64_t length, Body&& body) {
+  const int64_t groups = (length + kILP - 1) / kILP;
+  for (int64_t group = threadIdx.x; group < groups; group += blockDim.x) {
+    const int64_t offset = group * kILP;
+    const int count = length - offset < kILP ? static_cast<int>(length - offset) : kILP;
+    if (kAligned && count == kILP) {
+      body(VectorPath<true>{}, offset, count);
+    } else {
+      body(VectorPath<false>{}, offset, count);
+    }
+  }
+}
+
+// Sum over the block in a fixed order (shuffles, then one warp over the warp sums):
+// the same inputs give the same bits, run after run.
+template <typename T>
+__device__ __forceinline__ T block_sum(T value, T* shared /* [kBlockSize / kWarpSize] */) {
+#pragma unroll
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  if (lane == 0) shared[warp] = value;
+  __syncthreads();
+  value = threadIdx.x < kBlockSize / kWarpSize ? shared[threadIdx.x] : T(0);
+  if (warp == 0) {
+#pragma unroll
+    for (int offset = kWarpSize / 2; offset > 0; offset /= 2) value += __shfl_down_sync(0xffffffffu, value, offset);
+  }
+  __syncthreads();  // `shared` may be reused by the caller
+  return value;     // valid in thread 0
+}
+
+}  // namespace largedet

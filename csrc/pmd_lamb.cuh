@@ -1,0 +1,182 @@
+// PMD-LAMB in CUDA C++: the update rule (StepCoefficients, direction) and the three
+// kernels built on the harness of csrc/multi_tensor_apply.cuh.
+//
+// NOTE [two passes] (as in largedet_kernels/triton_kernels.py)
+//   pass 1, pmd_lamb_moments_kernel: read x, g, m, v; write m, v; write per-chunk
+//     Σx², Σu² to `partials` (no atomics: deterministic norms).
+//   pass 2, pmd_lamb_update_kernel: sum the partials of the chunk's tensor in a fixed
+//     order, form the trust ratio, read x, m, v, recompute u with the same function as
+//     pass 1 and write x. fp32: 24 + 16 = 40 bytes per element, gradients never written.
+//
+// NOTE [skipped steps]
+//   When GradScaler's found_inf is non-zero no store happens and t does not advance.
+//
+// NOTE [torch-free kernels]
+//   csrc/tables.h, multi_tensor_apply.cuh and this file include nothing from torch (nor
+//   the C++ standard library under NVRTC), so NVRTC can compile them for sm_70 (V100),
+//   which CUDA 13's nvcc no longer targets; csrc/binding.cpp is the only torch file.
+#pragma once
+
+#include "multi_tensor_apply.cuh"
+
+namespace largedet {
+
+template <typename M>
+__device__ __forceinline__ M cos_(M a) { return cos(a); }
+template <>
+__device__ __forceinline__ float cos_(float a) { return cosf(a); }
+template <typename M>
+__device__ __forceinline__ M sqrt_(M a) { return sqrt(a); }
+template <>
+__device__ __forceinline__ float sqrt_(float a) { return sqrtf(a); }
+template <typename M>
+__device__ __forceinline__ M pow_(M a, M b) { return pow(a, b); }
+template <>
+__device__ __forceinline__ float pow_(float a, float b) { return powf(a, b); }
+
+// What the update of one tensor needs at step t: ξ and everything derived from its row.
+template <typename M>
+struct StepCoefficients {
+  M decay_m, decay_v;            // ξβ1, ξβ2
+  M weight_g, weight_g2;         // (1−β1) or 1, (1−β2)
+  M correction_m, correction_v;  // 1−β1^t, 1−β2^t, or 1
+  M eps_in, eps_out;             // ε inside or outside the square root
+  M decay_in_grad, decay_in_update;  // λ in g (L2 mode) or in u (decoupled)
+
+  __device__ __forceinline__ StepCoefficients(const M* row, M t) {
+    const M beta1 = row[kBeta1], beta2 = row[kBeta2], eps = row[kEps], lambda = row[kWeightDecay];
+    const M cycle = row[kCycleLength];
+    const M xi = cycle > M(0) ? cos_(M(1.5707963267948966) * fmod(t, cycle) / cycle) : M(1);  // ξ = cos(π/2·(t mod T)/T)
+    const bool bias_correction = row[kBiasCorrection] != M(0), inside = row[kEpsInsideSqrt] != M(0);
+    const bool adam_w = row[kAdamWMode] != M(0);
+    decay_m = xi * beta1;
+    decay_v = xi * beta2;
+    weight_g = row[kGradAveraging] != M(0) ? M(1) - beta1 : M(1);
+    weight_g2 = M(1) - beta2;
+    correction_m = bias_correction ? M(1) - pow_(beta1, t) : M(1);
+    correction_v = bias_correction ? M(1) - pow_(beta2, t) : M(1);
+    eps_in = inside ? eps : M(0);
+    eps_out = inside ? M(0) : eps;
+    decay_in_grad = adam_w ? M(0) : lambda;
+    decay_in_update = adam_w ? lambda : M(0);
+  }
+};
+
+// u = r + λx, r = m̂/√(v̂ + ε) or m̂/(√v̂ + ε): the one place both passes get u from.
+template <typename M>
+__device__ __forceinline__ M direction(M m, M v, M x, const StepCoefficients<M>& c) {
+  const M denom = sqrt_(v / c.correction_v + c.eps_in) + c.eps_out;
+  return m / c.correction_m / denom + c.decay_in_update * x;
+}
+
+// Pass 1 (NOTE [two passes]): m, v, and this chunk's Σx², Σu².
+template <typename X, typename G, typename M, bool kAligned>
+__global__ void __launch_bounds__(kBlockSize) pmd_lamb_moments_kernel(ChunkTable table, StepScalars s) {
+  __shared__ M shared[kBlockSize / kWarpSize];
+  const Chunk chunk = this_blocks_chunk(table);
+  const X* x_ptr = tensor_address<X>(table, kX, chunk.tensor) + chunk.start;
+  const G* g_ptr = tensor_address<G>(table, kG, chunk.tensor) + chunk.start;
+  M* m_ptr = tensor_address<M>(table, kM, chunk.tensor) + chunk.start;
+  M* v_ptr = tensor_address<M>(table, kV, chunk.tensor) + chunk.start;
+  const float* step = tensor_address<float>(table, kStep, chunk.tensor);
+
+  const bool keep = *s.found_inf == 0.0f;  // NOTE [skipped steps]
+  const M t = static_cast<M>(*step) + (keep ? M(1) : M(0));
+  if (chunk.start == 0 && threadIdx.x == 0) static_cast<M*>(s.t_now)[chunk.tensor] = t;  // pass 2 reads t here
+  const StepCoefficients<M> c(static_cast<const M*>(s.hyper) + chunk.tensor * kHyperColumns, t);
+  const M factor = static_cast<M>(*s.grad_factor);
+
+  M sum_x = 0, sum_u = 0;
+  for_each_group<kAligned>(chunk.length, [&](auto path, int64_t offset, int count) {
+    constexpr bool kVector = decltype(path)::value;
+    M x[kILP], g[kILP], m[kILP], v[kILP];
+    load_group<kVector>(x, x_ptr + offset, count);
+    load_group<kVector, Read::kStreaming>(g, g_ptr + offset, count);
+    load_group<kVector>(m, m_ptr + offset, count);
+    load_group<kVector>(v, v_ptr + offset, count);
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) {
+      const M gj = g[j] * factor + c.decay_in_grad * x[j];
+      m[j] = c.decay_m * m[j] + c.weight_g * gj;
+      v[j] = c.decay_v * v[j] + c.weight_g2 * gj * gj;
+      const M u = j < count ? direction(m[j], v[j], x[j], c) : M(0);
+      sum_x += x[j] * x[j];
+      sum_u += u * u;
+    }
+    if (keep) {
+      store_group<kVector>(m_ptr + offset, m, count);
+      store_group<kVector>(v_ptr + offset, v, count);
+    }
+  });
+  sum_x = block_sum(sum_x, shared);
+  sum_u = block_sum(sum_u, shared);
+  if (threadIdx.x == 0) {
+    static_cast<M*>(s.partials)[2 * blockIdx.x] = sum_x;
+    static_cast<M*>(s.partials)[2 * blockIdx.x + 1] = sum_u;
+  }
+}
+
+// Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u.
+template <typename X, typename M, bool kAligned>
+__global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable table, StepScalars s) {
+  __shared__ M shared[kBlockSize / kWarpSize];
+  const Chunk chunk = this_blocks_chunk(table);
+  X* x_ptr = tensor_address<X>(table, kX, chunk.tensor) + chunk.start;
+  const M* m_ptr = tensor_address<M>(table, kM, chunk.tensor) + chunk.start;
+  const M* v_ptr = tensor_address<M>(table, kV, chunk.tensor) + chunk.start;
+  float* step = tensor_address<float>(table, kStep, chunk.tensor);
+
+  const bool keep = *s.found_inf == 0.0f;
+  const M t = static_cast<const M*>(s.t_now)[chunk.tensor];
+  if (chunk.start == 0 && threadIdx.x == 0) *step = static_cast<float>(t);  // nobody in pass 2 reads step
+  const M* row = static_cast<const M*>(s.hyper) + chunk.tensor * kHyperColumns;
+  const StepCoefficients<M> c(row, t);
+
+  // ‖x‖², ‖u‖² of the whole tensor: its chunks' partials in a fixed order.
+  const M* partials = static_cast<const M*>(s.partials);
+  const int32_t first = table.first_chunk[chunk.tensor], count = table.chunk_count[chunk.tensor];
+  M sum_x = 0, sum_u = 0;
+  for (int32_t k = threadIdx.x; k < count; k += blockDim.x) {
+    sum_x += partials[2 * (first + k)];
+    sum_u += partials[2 * (first + k) + 1];
+  }
+  const M x_norm = sqrt_(block_sum(sum_x, shared)), u_norm = sqrt_(block_sum(sum_u, shared));
+  __shared__ M ratio_shared;
+  if (threadIdx.x == 0) {
+    const bool trusted = row[kUseTrustRatio] != M(0) && x_norm > M(0) && u_norm > M(0);
+    ratio_shared = row[kLrAlpha] * (trusted ? x_norm / u_norm : M(1));
+  }
+  __syncthreads();
+  const M ratio = ratio_shared;
+  if (!keep) return;
+
+  for_each_group<kAligned>(chunk.length, [&](auto path, int64_t offset, int n) {
+    constexpr bool kVector = decltype(path)::value;
+    M x[kILP], m[kILP], v[kILP];
+    load_group<kVector>(x, x_ptr + offset, n);
+    load_group<kVector>(m, m_ptr + offset, n);
+    load_group<kVector>(v, v_ptr + offset, n);
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) x[j] -= ratio * direction(m[j], v[j], x[j], c);
+    store_group<kVector>(x_ptr + offset, x, n);
+  });
+}
+
+// Σg² per chunk, for global-norm clipping (the extra pass when max_grad_norm is set).
+template <typename G, typename M, bool kAligned>
+__global__ void __launch_bounds__(kBlockSize) grad_sumsq_kernel(ChunkTable table, M* partials) {
+  __shared__ M shared[kBlockSize / kWarpSize];
+  const Chunk chunk = this_blocks_chunk(table);
+  const G* g_ptr = tensor_address<G>(table, kG, chunk.tensor) + chunk.start;
+  M sum = 0;
+  for_each_group<kAligned>(chunk.length, [&](auto path, int64_t offset, int count) {
+    M g[kILP];
+    load_group<decltype(path)::value, Read::kStreaming>(g, g_ptr + offset, count);
+#pragma unroll
+    for (int j = 0; j < kILP; ++j) sum += g[j] * g[j];
+  });
+  sum = block_sum(sum, shared);
+  if (threadIdx.x == 0) partials[blockIdx.x] = sum;
+}
+
+}  // namespace largedet

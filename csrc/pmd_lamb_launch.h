@@ -1,0 +1,31 @@
+// Host entry points of the kernels, torch-free: csrc/binding.cpp checks and forwards to them.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "tables.h"
+
+namespace largedet {
+
+// Element types a launcher takes, named as torch names them in csrc/binding.cpp.
+enum class Dtype : int { kFloat32, kFloat16, kBFloat16, kFloat64 };
+
+struct LaunchConfig {
+  Dtype x_dtype;       // parameters
+  Dtype g_dtype;       // gradients: x_dtype, or float32 beside fp16/bf16 parameters
+  bool aligned;        // every x, g, m, v address is 16-byte aligned
+  int64_t n_chunks;    // one block per chunk
+  cudaStream_t stream;
+};
+
+// Both passes of one step (NOTE [two passes] in csrc/pmd_lamb.cuh). Returns the first
+// CUDA error of the launches, or cudaErrorInvalidValue for an unsupported dtype pair.
+cudaError_t launch_pmd_lamb_step(const ChunkTable& table, const StepScalars& scalars, const LaunchConfig& config);
+
+// Per-chunk Σg² into partials[0, n_chunks).
+cudaError_t launch_grad_sumsq(const ChunkTable& table, void* partials, const LaunchConfig& config);
+
+// Whether a (parameter, gradient) dtype pair has kernels.
+bool supported_dtypes(Dtype x_dtype, Dtype g_dtype);
+
+}  // namespace largedet

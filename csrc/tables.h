@@ -1,0 +1,59 @@
+// What host code (csrc/binding.cpp) and device code share: the device tables' layout
+// and the constants that shape the kernels. Plain C++, no CUDA or torch headers, so
+// nvcc, g++ and NVRTC all take it (NOTE [torch-free kernels] in csrc/pmd_lamb.cuh).
+#pragma once
+
+#ifdef __CUDACC_RTC__
+// NVRTC has no C++ standard library headers.
+typedef long long int64_t;
+typedef int int32_t;
+#else
+#include <cstdint>
+#endif
+
+namespace largedet {
+
+constexpr int kBlockSize = 256;  // threads per block: one block per chunk
+constexpr int kILP = 8;          // elements per thread per step of the walk (NOTE [vector and scalar paths])
+
+// Rows of the pointer table (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py).
+enum PointerRow : int { kX = 0, kG = 1, kM = 2, kV = 3, kStep = 4, kPointerRows = 5 };
+
+// Columns of the per-tensor hyper-parameter table: chunk_plan.HYPER_COLUMNS, in order.
+enum HyperColumn : int {
+  kLrAlpha = 0,  // η·α
+  kBeta1 = 1,
+  kBeta2 = 2,
+  kEps = 3,
+  kWeightDecay = 4,
+  kCycleLength = 5,     // T; 0 for no cycle (ξ ≡ 1)
+  kBiasCorrection = 6,  // flags are 0 / 1
+  kEpsInsideSqrt = 7,
+  kGradAveraging = 8,
+  kAdamWMode = 9,
+  kUseTrustRatio = 10,
+  kHyperColumns = 11,
+};
+
+// NOTE [pointer tables]: the device tables of one bucket, built by the host once per parameter set.
+struct ChunkTable {
+  const int64_t* ptrs;          // [5, n_tensors]: addresses of x, g, m, v, step
+  const int64_t* numels;        // [n_tensors]
+  const int32_t* chunk_tensor;  // [n_chunks]: tensor of each chunk
+  const int32_t* chunk_index;   // [n_chunks]: position of the chunk in its tensor
+  const int32_t* first_chunk;   // [n_tensors]
+  const int32_t* chunk_count;   // [n_tensors]
+  int64_t n_tensors;
+  int64_t chunk_size;
+};
+
+// Per-step values the kernels read from device memory: nothing waits on the host.
+struct StepScalars {
+  const void* hyper;         // [n_tensors, kHyperColumns] of the math type M
+  const float* grad_factor;  // GradScaler's 1/scale × the clip factor
+  const float* found_inf;
+  void* partials;            // [2 · n_chunks] of M: Σx², Σu² per chunk
+  void* t_now;               // [n_tensors] of M: t of this step, from pass 1 to pass 2
+};
+
+}  // namespace largedet

@@ -1,0 +1,155 @@
+"""Host side shared by the fused backends (Triton and CUDA C++): the device tables.
+
+NOTE [pointer tables] (also in triton_kernels.py and csrc/multi_tensor_apply.cuh)
+    A fused step addresses a bucket's tensors through tables kept on the device:
+    ``ptrs[5, n]`` (int64 addresses of x, g, m, v, step of tensor i), ``numels[n]``
+    (int64: tensors may exceed 2**31 elements), and one entry per chunk of CHUNK
+    elements: ``chunk_tensor``/``chunk_index``; ``first_chunk``/``chunk_count``
+    per tensor let pass 2 find a tensor's partial norms. Each GPU program/block
+    handles one chunk, so one launch covers any number of tensors, with no
+    kernel-argument size limit and no launch batching.
+
+    The chunk tables depend only on the tensors' sizes and are built once. The
+    pointer table is re-uploaded when an address changes (a new gradient
+    tensor), the hyper-parameter table when a value changes (an lr schedule):
+    each a small copy from pinned memory that does not block the host.
+"""
+
+import itertools
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+from . import Bucket, torch_foreach
+
+# Columns of the per-tensor hyper-parameter table. The kernels index it by
+# position: triton_kernels.py and csrc/pmd_lamb.cuh name the same columns.
+HYPER_COLUMNS = (
+    "lr_alpha", "beta1", "beta2", "eps", "weight_decay", "cycle_length", "bias_correction",
+    "eps_inside_sqrt", "grad_averaging", "adam_w_mode", "use_trust_ratio",
+)  # fmt: skip
+
+
+def hyper_row(group: Dict) -> List[float]:
+    """One tensor's row of the hyper-parameter table, from its param group."""
+    return [
+        group["lr"] * group["alpha"], group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"],
+        group["cycle_length"] or 0, group["bias_correction"], group["eps_inside_sqrt"], group["grad_averaging"],
+        group["adam_w_mode"], group["use_nvlamb"] or group["weight_decay"] != 0,
+    ]  # fmt: skip
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+def chunk_layout(numels: List[int], chunk: int) -> Tuple[List[int], List[int], List[int], List[int]]:
+    """(chunk_tensor, chunk_index, first_chunk, chunk_count); an empty tensor still gets one chunk."""
+    counts = [max(1, math.ceil(n / chunk)) for n in numels]
+    first = [0, *itertools.accumulate(counts[:-1])]
+    chunk_tensor = [i for i, c in enumerate(counts) for _ in range(c)]
+    chunk_index = [j for c in counts for j in range(c)]
+    return chunk_tensor, chunk_index, first, counts
+
+
+class ChunkPlan:
+    """The device tables of one bucket's parameter set (NOTE [pointer tables])."""
+
+    def __init__(self, bucket: Bucket, chunk: int, math_dtype: torch.dtype) -> None:
+        device = bucket.device
+        self.chunk, self.math_dtype = chunk, math_dtype
+        self.numel_key = tuple(p.numel() for p in bucket.params)
+        chunk_tensor, chunk_index, first, counts = chunk_layout(list(self.numel_key), chunk)
+        self.n_tensors, self.n_chunks = len(counts), len(chunk_tensor)
+        self.numels = to_device(list(self.numel_key), torch.int64, device)
+        self.chunk_tensor = to_device(chunk_tensor, torch.int32, device)
+        self.chunk_index = to_device(chunk_index, torch.int32, device)
+        self.first_chunk = to_device(first, torch.int32, device)
+        self.chunk_count = to_device(counts, torch.int32, device)
+        self.partials = torch.empty(2 * self.n_chunks, dtype=math_dtype, device=device)
+        self.t_now = torch.empty(self.n_tensors, dtype=math_dtype, device=device)
+        self.one = torch.ones((), dtype=torch.float32, device=device)
+        self.zero = torch.zeros((), dtype=torch.float32, device=device)
+        self.address_key: Tuple[int, ...] = ()
+        self.hyper_key: Tuple[float, ...] = ()
+
+    def fits(self, bucket: Bucket, chunk: int, math_dtype: torch.dtype) -> bool:
+        key = tuple(p.numel() for p in bucket.params)
+        return key == self.numel_key and chunk == self.chunk and math_dtype == self.math_dtype
+
+    def pointers(self, bucket: Bucket) -> torch.Tensor:
+        lists = (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps)
+        key = tuple(t.data_ptr() for ts in lists for t in ts)
+        if key != self.address_key:
+            self.address_key = key
+            self.ptrs = to_device(list(key), torch.int64, bucket.device)
+            # 16-byte alignment of x, g, m, v allows the vectorised kernel variants.
+            self.aligned = all(a % 16 == 0 for a in key[: 4 * len(bucket.params)])
+        return self.ptrs
+
+    def hyper(self, bucket: Bucket) -> torch.Tensor:
+        rows = [hyper_row(g) for g in bucket.groups]
+        key = tuple(float(v) for row in rows for v in row)
+        if key != self.hyper_key:
+            self.hyper_key = key
+            self.table = to_device(rows, self.math_dtype, bucket.device)
+        return self.table
+
+
+def kernel_friendly(p: torch.Tensor, others: Tuple[torch.Tensor, ...]) -> bool:
+    """x, g, m, v dense with equal strides: element i is at offset i in all four."""
+    dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
+    return dense and all(t.stride() == p.stride() for t in others)
+
+
+def split(bucket: Bucket) -> Tuple[Bucket, Optional[Bucket]]:
+    """The bucket's kernel-friendly tensors, and the rest (stepped by the torch backend)."""
+    friendly = [
+        kernel_friendly(p, (g, m, v))
+        for p, g, m, v in zip(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs)
+    ]
+    if all(friendly):
+        return bucket, None
+    parts = (Bucket(bucket.device, cache=bucket.cache), Bucket(bucket.device))
+    for i, ok in enumerate(friendly):
+        part = parts[0] if ok else parts[1]
+        for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "groups"):
+            getattr(part, name).append(getattr(bucket, name)[i])
+    return parts[0], parts[1]
+
+
+def plan_for(bucket: Bucket, chunk: int) -> ChunkPlan:
+    math_dtype = torch_foreach.compute_dtype(bucket.params[0].dtype)
+    plan = bucket.cache.get("chunk_plan")
+    if plan is None or not plan.fits(bucket, chunk, math_dtype):
+        plan = bucket.cache["chunk_plan"] = ChunkPlan(bucket, chunk, math_dtype)
+    return plan
+
+
+# A backend's launches: (kernel part of the bucket, its plan, grad_factor, found_inf) -> result.
+Launch = Callable[[Bucket, ChunkPlan, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+
+
+def fused_step(bucket: Bucket, grad_factor, found_inf, chunk: int, launch: Launch) -> None:
+    """A fused backend's step: its kernels on the kernel-friendly tensors, foreach on the rest."""
+    kernel_part, rest = split(bucket)
+    if rest is not None:
+        torch_foreach.step(rest, grad_factor, found_inf)
+    if kernel_part.params:
+        plan = plan_for(kernel_part, chunk)
+        launch(kernel_part, plan, plan.one if grad_factor is None else grad_factor,
+               plan.zero if found_inf is None else found_inf)  # fmt: skip
+
+
+def fused_grad_sumsq(bucket: Bucket, chunk: int, launch: Launch) -> torch.Tensor:
+    """Σg² of a bucket: the backend's kernel on the kernel-friendly tensors, foreach on the rest."""
+    kernel_part, rest = split(bucket)
+    total = torch.zeros((), dtype=torch_foreach.compute_dtype(bucket.grads[0].dtype), device=bucket.device)
+    if kernel_part.params:
+        plan = plan_for(kernel_part, chunk)
+        total = launch(kernel_part, plan, plan.one, plan.zero)
+    if rest is not None:
+        total = total + torch_foreach.grad_sumsq(rest)
+    return total

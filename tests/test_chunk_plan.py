@@ -1,0 +1,80 @@
+"""Host side of the fused backends, on CPU: chunk tables, table layouts, kernel routing."""
+
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from largedet_kernels import PMDLAMB
+from largedet_kernels.backends import Bucket, chunk_plan
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_chunk_layout():
+    numels, chunk = [0, 1, 7, 8, 9, 25], 8
+    chunk_tensor, chunk_index, first, counts = chunk_plan.chunk_layout(numels, chunk)
+    assert counts == [max(1, math.ceil(n / chunk)) for n in numels] == [1, 1, 1, 1, 2, 4]
+    assert first == [0, 1, 2, 3, 4, 6]
+    assert chunk_tensor == [0, 1, 2, 3, 4, 4, 5, 5, 5, 5]
+    assert chunk_index == [0, 0, 0, 0, 0, 1, 0, 1, 2, 3]
+    for i, n in enumerate(numels):  # every element in exactly one chunk
+        covered = sum(min(chunk, n - j * chunk) for t, j in zip(chunk_tensor, chunk_index) if t == i)
+        assert covered == n
+
+
+def test_sizes_stay_64_bit():
+    # 3·2^31 elements: chunk starts beyond 2^32 elements; numel travels as int64.
+    _, chunk_index, _, counts = chunk_plan.chunk_layout([3 << 31], 1 << 20)
+    assert counts == [3 << 11] and max(chunk_index) * (1 << 20) > 2**32
+    bucket = Bucket(torch.device("cpu"), params=[torch.empty(5)])
+    assert chunk_plan.plan_for(bucket, 16).numels.dtype == torch.int64
+
+
+def test_hyper_columns_agree_across_languages():
+    from largedet_kernels import triton_kernels
+
+    triton_names = ["LR_ALPHA", "BETA1", "BETA2", "EPS", "WEIGHT_DECAY", "CYCLE", "BIAS_CORRECTION",
+                    "EPS_INSIDE_SQRT", "GRAD_AVERAGING", "ADAM_W_MODE", "USE_TRUST_RATIO"]  # fmt: skip
+    assert [getattr(triton_kernels, n).value for n in triton_names] == list(range(len(chunk_plan.HYPER_COLUMNS)))
+    header = (ROOT / "csrc/tables.h").read_text()
+    cuda = dict((name, int(v)) for name, v in re.findall(r"^\s+k(\w+) = (\d+),", header, re.M))
+    snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in cuda.items()}
+    for i, column in enumerate(chunk_plan.HYPER_COLUMNS):
+        assert snake[column] == i, column
+    assert snake["hyper_columns"] == len(chunk_plan.HYPER_COLUMNS)
+
+
+def test_hyper_row_follows_the_group():
+    group = PMDLAMB([torch.nn.Parameter(torch.zeros(1))], lr=0.5, alpha=0.1, weight_decay=0.0).param_groups[0]
+    row = dict(zip(chunk_plan.HYPER_COLUMNS, chunk_plan.hyper_row(group)))
+    assert row["lr_alpha"] == 0.5 * 0.1 and row["cycle_length"] == 200 and row["use_trust_ratio"]
+    group.update(cycle_length=None, use_nvlamb=False)
+    row = dict(zip(chunk_plan.HYPER_COLUMNS, chunk_plan.hyper_row(group)))
+    assert row["cycle_length"] == 0 and not row["use_trust_ratio"]  # LAMB: no trust ratio without decay
+
+
+def test_split_sends_strided_tensors_to_the_torch_backend():
+    dense, strided = torch.randn(6), torch.randn(4, 4)[:, ::2]
+    bucket = Bucket(torch.device("cpu"))
+    for x in (dense, strided):
+        bucket.params.append(x)
+        bucket.grads.append(torch.randn_like(x))
+        bucket.exp_avgs.append(torch.zeros_like(x))
+        bucket.exp_avg_sqs.append(torch.zeros_like(x))
+        bucket.steps.append(torch.zeros(()))
+        bucket.groups.append({})
+    kernel_part, rest = chunk_plan.split(bucket)
+    assert kernel_part.params == [dense] and rest.params == [strided]
+    assert kernel_part.cache is bucket.cache
+
+
+def test_plan_is_rebuilt_only_when_sizes_change():
+    bucket = Bucket(torch.device("cpu"))
+    for n in (3, 40):
+        bucket.params.append(torch.randn(n))
+    plan = chunk_plan.plan_for(bucket, 16)
+    assert chunk_plan.plan_for(bucket, 16) is plan
+    bucket.params[1] = torch.randn(41)
+    assert chunk_plan.plan_for(bucket, 16) is not plan

@@ -1,0 +1,111 @@
+"""The fused backends on a real GPU (skipped without one): against the float64 reference,
+in a CUDA graph, and without host synchronisation. benchmarks/gpu_check.sh runs these."""
+
+import pytest
+import torch
+
+from harness import SHAPES, make_params, run_against_reference
+
+from largedet_kernels import LAMB, PMDLAMB, dispatch
+
+GPU_BACKENDS = [
+    pytest.param(name, marks=pytest.mark.skipif(
+        not torch.cuda.is_available() or dispatch.unavailable_reason(name, torch.device("cuda")) is not None,
+        reason=f"needs a CUDA GPU and the {name} backend"))
+    for name in ("cuda", "triton", "torch")
+]  # fmt: skip
+
+
+def _shapes():
+    # Around the fused backends' chunks (16384) and 128-bit groups, many small tensors, conv weights.
+    return SHAPES + [(16383,), (16384,), (16385,), (3 * 16384 + 5,), (256, 64, 3, 3)] + [(n,) for n in range(1, 60)]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,rtol,ulps",
+    [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1), (torch.float16, 2e-5, 1), (torch.bfloat16, 2e-5, 1)],
+    ids=["fp64", "fp32", "fp16", "bf16"],
+)
+@pytest.mark.parametrize(
+    "options",
+    [dict(), dict(max_grad_norm=1.0, bias_correction=True), dict(eps_inside_sqrt=False, grad_averaging=False)],
+    ids=["paper", "clip+bias-correction", "eps-outside+no-averaging"],
+)
+def test_against_reference_on_the_gpu(backend, dtype, rtol, ulps, options):
+    params = make_params(_shapes(), dtype, zero=(2, 6), device="cuda")
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, backend=backend, **options)
+    run_against_reference(opt, steps=7, rtol=rtol, ulps=ulps, resync=dtype != torch.float64)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_lamb_on_the_gpu(backend):
+    params = make_params(_shapes(), torch.float32, zero=(2,), device="cuda")
+    opt = LAMB([dict(params=params[:5], weight_decay=0.0), dict(params=params[5:])], lr=0.01, backend=backend)
+    run_against_reference(opt, steps=5, rtol=2e-5, ulps=1, resync=True)
+
+
+def _stepped_once(backend):
+    """fp32 params on the GPU and an optimizer that has taken one step (tables built)."""
+    params = make_params(_shapes(), torch.float32, device="cuda")
+    opt = PMDLAMB(params, backend=backend, max_grad_norm=1.0)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    return params, opt
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_grad_scaler_skip_on_the_gpu(backend):
+    params, opt = _stepped_once(backend)
+    before = [p.detach().clone() for p in params], [opt.state[p]["exp_avg"].clone() for p in params]
+    scaler = torch.amp.GradScaler("cuda", init_scale=8.0)
+    scaler.scale(sum(p.sum() for p in params)).backward()
+    params[-1].grad[0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    assert all(torch.equal(a, p) for a, p in zip(before[0], params))
+    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(before[1], params))
+    assert all(opt.state[p]["step"].item() == 1 for p in params)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_step_never_synchronises(backend):
+    _, opt = _stepped_once(backend)  # the first step builds tables; later steps must not wait on the host
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS[:2])
+def test_a_captured_step_replays_like_eager_steps(backend):
+    shapes = [(16385,), (64, 3, 7, 7), (1,), (300,)]
+    params, twins = make_params(shapes, torch.float32, device="cuda"), make_params(shapes, torch.float32, device="cuda")
+    opt, eager = (PMDLAMB(ps, lr=0.05, cycle_length=3, backend=backend) for ps in (params, twins))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for p in params + twins:
+        p.grad = torch.zeros_like(p)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: state, tables and kernels exist before capture
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for _ in range(7):  # crosses two ξ cycles
+        for p, t in zip(params, twins):
+            g = torch.randn(p.shape, device="cuda", generator=gen)
+            p.grad.copy_(g)
+            t.grad.copy_(g)
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for p, t in zip(params, twins):
+        assert torch.equal(p, t)
+        assert torch.equal(opt.state[p]["step"], eager.state[t]["step"])
