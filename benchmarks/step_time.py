@@ -1,16 +1,26 @@
-"""Step time of PMDLAMB's backends against a per-tensor loop of the reference.
+"""The main job: one optimizer step of every contender, on the memory roofline.
 
-    python -m benchmarks.step_time                      # Faster R-CNN R50-FPN, fp32, best device
-    python -m benchmarks.step_time --device cpu --limit 20
+    python -m benchmarks.step_time                # every set and dtype for the device found
+    python -m benchmarks.step_time --device cpu --sets many_small --limit 200
 
-Parameter shapes ship as JSON under benchmarks/shapes/ (no torchvision needed).
-On CUDA each step is timed with CUDA events after warm-up; on CPU with
-perf_counter. Contenders run interleaved, round after round, and the median
-over all timed steps is reported, so a noisy machine hurts them alike.
+Parameter sets ship as JSON in benchmarks/shapes/ (no model downloads). For each
+set and dtype, all contenders share the parameters and gradients, keep their own
+state, and run interleaved, round after round, so a noisy machine hurts them alike.
+Reported per contender: median (min, max) step time — CUDA events after warm-up on
+a GPU, perf_counter on CPU — effective bytes per element (time × the copy bandwidth
+measured in the same run / N) against the 28 B/elem floor and the 40 B/elem
+two-pass design, kernel launches per step (torch.profiler), host time per step,
+peak extra memory, CUDA-graph replay time where the step is capturable, and the
+speed-up over apex FusedLAMB when apex is present. Writes the table, a JSON of
+every number, and a PNG chart to --out.
 """
 
 import argparse
+import datetime
+import importlib.metadata
 import json
+import platform
+import re
 import statistics
 import sys
 import time
@@ -19,10 +29,14 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from largedet_kernels import PMDLAMB, dispatch, reference
+from benchmarks.contenders import CONTENDERS, Contender
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
+RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FLOOR_BYTES, TWO_PASS_BYTES = 28, 40  # fp32 bytes per element: one pass (r x,g,m,v; w x,m,v), two passes
+GPU_SETS, CPU_SETS = ("faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn", "bert_large", "many_small"), (
+    "faster_rcnn_r50_fpn", "many_small")  # fmt: skip
 
 
 def load_shapes(name: str, limit: Optional[int] = None) -> List[List[int]]:
@@ -41,119 +55,251 @@ def make_params(shapes, device, dtype, seed=0) -> List[torch.nn.Parameter]:
     return params
 
 
-class ReferenceLoop:
-    """The reference, one tensor after another: the naive baseline."""
-
-    def __init__(self, params, **hyper):
-        self.params, self.hyper, self.t = params, hyper, 0
-        self.m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-        self.v = [torch.zeros_like(p, dtype=torch.float32) for p in params]
-
-    @torch.no_grad()
-    def step(self):
-        self.t += 1
-        for p, m, v in zip(self.params, self.m, self.v):
-            x = p.float() if p.dtype != torch.float32 else p
-            reference.pmd_lamb_step(x, p.grad.float(), m, v, self.t, **self.hyper)
-            if x is not p:
-                p.copy_(x)
+def cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
 
 
-def contenders(shapes, device, dtype) -> Dict[str, Callable[[], Optional[Callable[[], None]]]]:
-    """name → factory returning a step function; each builds its own params and state."""
-    hyper = dict(lr=1e-3, weight_decay=5e-4, alpha=0.012, cycle_length=200)
-
-    def pmdlamb(backend):
-        return lambda: PMDLAMB(make_params(shapes, device, dtype), backend=backend, **hyper).step
-
-    ref_hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=5e-4, alpha=0.012, cycle_length=200)
-    out = {f"pmdlamb[{b}]": pmdlamb(b) for b in dispatch.AUTO_ORDER}
-    out["reference loop"] = lambda: ReferenceLoop(make_params(shapes, device, dtype), **ref_hyper).step
-    return out
+def _version(module: str) -> Optional[str]:
+    try:
+        return importlib.metadata.version(module)
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
-def time_steps(step: Callable[[], None], device: torch.device, n: int) -> List[float]:
-    """Milliseconds of each of n steps."""
-    times = []
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        for _ in range(n):
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn: Callable[[], None], device: torch.device, n: int) -> List[float]:
+    """Milliseconds of each of n calls: CUDA events on a GPU, perf_counter on CPU."""
+    times = []
+    for _ in range(n):
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            step()
+            fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end))
-    else:
-        for _ in range(n):
+        else:
             t0 = time.perf_counter()
-            step()
+            fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
-def run(args) -> Dict:
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
-    shapes = load_shapes(args.set, args.limit)
+def copy_bandwidth(device: torch.device, numel: int, repeats: int = 10) -> float:
+    """Bytes per second of a device-to-device copy (bytes read plus written)."""
+    src = torch.empty(numel, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    time_ms(lambda: dst.copy_(src), device, 2)
+    ms = statistics.median(time_ms(lambda: dst.copy_(src), device, repeats))
+    return 2 * 4 * numel / (ms / 1e3)
+
+
+def launches_per_step(step: Callable[[], None], device: torch.device) -> Optional[int]:
+    """GPU kernels and memsets one step enqueues (torch.profiler); None off the GPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        _sync(device)
+    kinds = ("kernel", "gpu_memset", "gpu_memcpy")
+    return sum(1 for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA
+               and any(k in str(getattr(e, "cuda_kernel_type", "kernel")).lower() for k in kinds))  # fmt: skip
+
+
+def host_ms(step: Callable[[], None], device: torch.device, n: int) -> float:
+    """Median time for step() to return, the device idle at each call."""
+    times = []
+    for _ in range(n):
+        _sync(device)
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
+    """Memory a step allocates beyond what is already held; None off the GPU."""
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    step()
+    _sync(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def graph_replay_ms(step: Callable[[], None], device: torch.device, n: int) -> Optional[float]:
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    time_ms(graph.replay, device, 3)
+    return statistics.median(time_ms(graph.replay, device, n))
+
+
+def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List[Contender], args,
+              bandwidth: float) -> Dict:  # fmt: skip
+    shapes = load_shapes(name, args.limit)
     numel = sum(torch.Size(s).numel() for s in shapes)
-    steps, skipped = {}, {}
-    for name, factory in contenders(shapes, device, dtype).items():
-        backend = name[len("pmdlamb[") : -1] if name.startswith("pmdlamb[") else None
-        reason = backend and dispatch.unavailable_reason(backend, device)
-        if reason:
-            skipped[name] = reason
-            continue
-        steps[name] = factory()
-        time_steps(steps[name], device, args.warmup)
-    times: Dict[str, List[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds):  # interleaved: every contender once per round
-        for name, step in steps.items():
-            times[name] += time_steps(step, device, args.steps)
-    rows = {
-        name: {"median_ms": statistics.median(t), "min_ms": min(t), "max_ms": max(t), "samples": len(t)}
-        for name, t in times.items()
-    }
-    return {
-        "set": args.set, "tensors": len(shapes), "params": numel, "dtype": args.dtype, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "rows": rows, "skipped": skipped,
-    }  # fmt: skip
+    params = make_params(shapes, device, DTYPES[dtype_name])
+    steps: Dict[str, Callable[[], None]] = {}
+    skipped: Dict[str, str] = {}
+    for c in contenders:
+        reason = c.unavailable(device)
+        if reason is None:
+            try:
+                steps[c.name] = c.make(params)
+                time_ms(steps[c.name], device, args.warmup)
+            except Exception as err:  # a peer that breaks is reported, not fatal
+                steps.pop(c.name, None)
+                reason = f"failed: {type(err).__name__}: {err}"
+        if reason is not None:
+            skipped[c.name] = reason
+    times: Dict[str, List[float]] = {n: [] for n in steps}
+    for _ in range(args.rounds):
+        for n, step in steps.items():
+            times[n] += time_ms(step, device, args.steps)
+    by_name = {c.name: c for c in contenders}
+    rows = {}
+    for n, step in steps.items():
+        median = statistics.median(times[n])
+        row = {
+            "median_ms": median, "min_ms": min(times[n]), "max_ms": max(times[n]), "samples": len(times[n]),
+            "bytes_per_elem": median / 1e3 * bandwidth / numel,
+            "two_pass_roofline": TWO_PASS_BYTES * numel / bandwidth * 1e3 / median,
+            "launches": launches_per_step(step, device), "host_ms": host_ms(step, device, args.steps),
+            "peak_extra_mib": None, "graph_replay_ms": None,
+        }  # fmt: skip
+        extra = peak_extra_bytes(step, device)
+        row["peak_extra_mib"] = None if extra is None else extra / 2**20
+        if device.type == "cuda" and by_name[n].capturable:
+            try:
+                row["graph_replay_ms"] = graph_replay_ms(step, device, args.steps)
+            except Exception as err:
+                row["graph_replay_error"] = f"{type(err).__name__}: {err}"
+        rows[n] = row
+    apex = rows.get("apex FusedLAMB", {}).get("median_ms")
+    for row in rows.values():
+        row["speedup_vs_apex"] = apex / row["median_ms"] if apex else None
+    del steps, params
+    return {"set": name, "dtype": dtype_name, "tensors": len(shapes), "params": numel, "rows": rows,
+            "skipped": skipped}  # fmt: skip
 
 
-def print_table(result: Dict) -> None:
-    print(
-        f"PMD-LAMB step on {result['set']} ({result['tensors']} tensors, {result['params'] / 1e6:.1f}M params, "
-        f"{result['dtype']}) on {result['device_name']}, torch {result['torch']}"
-    )
-    ref = result["rows"].get("reference loop", {}).get("median_ms")
-    print(f"{'contender':<18}{'median ms':>11}{'min ms':>10}{'max ms':>10}{'vs reference':>14}")
-    for name, row in result["rows"].items():
-        speedup = f"{ref / row['median_ms']:.2f}x" if ref else "-"
-        print(f"{name:<18}{row['median_ms']:>11.2f}{row['min_ms']:>10.2f}{row['max_ms']:>10.2f}{speedup:>14}")
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def print_table(result: Dict, meta: Dict) -> None:
+    print(f"\n{result['set']} ({result['tensors']} tensors, {result['params'] / 1e6:.1f}M params, {result['dtype']}) "
+          f"on {meta['device_name']}; copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s")  # fmt: skip
+    head = ("contender", "median ms", "min", "max", "B/elem", "of 40B", "launches", "host ms", "extra MiB", "graph ms",
+            "vs apex")  # fmt: skip
+    print(f"{head[0]:<21}" + "".join(f"{h:>10}" for h in head[1:]))
+    for name, r in result["rows"].items():
+        cells = [_fmt(r["median_ms"], ".3f"), _fmt(r["min_ms"], ".3f"), _fmt(r["max_ms"], ".3f"),
+                 _fmt(r["bytes_per_elem"], ".1f"), _fmt(r["two_pass_roofline"], ".0%"), _fmt(r["launches"], "d"),
+                 _fmt(r["host_ms"], ".3f"), _fmt(r["peak_extra_mib"], ".1f"), _fmt(r["graph_replay_ms"], ".3f"),
+                 _fmt(r["speedup_vs_apex"], ".2f")]  # fmt: skip
+        print(f"{name:<21}" + "".join(f"{c:>10}" for c in cells))
     for name, reason in result["skipped"].items():
-        print(f"{name:<18} skipped: {reason}")
+        print(f"{name:<21}skipped: {reason}")
+
+
+def plot(results: List[Dict], meta: Dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(13, 3.2 * len(results)), squeeze=False)
+    for (ax_t, ax_b), res in zip(axes, results):
+        names = list(res["rows"])
+        ms = [res["rows"][n]["median_ms"] for n in names]
+        bpe = [res["rows"][n]["bytes_per_elem"] for n in names]
+        colors = ["tab:green" if n.startswith("pmdlamb") else "tab:gray" for n in names]
+        ax_t.barh(names, ms, color=colors)
+        ax_t.set_xlabel("median step time, ms (lower is better)")
+        ax_t.set_title(f"{res['set']}, {res['dtype']}: {res['tensors']} tensors, {res['params'] / 1e6:.1f}M params")
+        ax_b.barh(names, bpe, color=colors)
+        for x, label in ((FLOOR_BYTES, "28 B floor"), (TWO_PASS_BYTES, "40 B two-pass")):
+            ax_b.axvline(x, ls="--", color="k", lw=0.8)
+            ax_b.text(x, len(names) - 0.5, label, fontsize=7, ha="left")
+        ax_b.set_xlabel("effective bytes per element (time × copy bandwidth / N)")
+        for ax in (ax_t, ax_b):
+            ax.invert_yaxis()
+            ax.set_xscale("log")
+    fig.suptitle(f"PMD-LAMB step on {meta['device_name']} ({meta['date']}, torch {meta['torch']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv=None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sets = sorted(p.stem for p in SHAPES_DIR.glob("*.json"))
-    parser.add_argument("--set", default="faster_rcnn_r50_fpn", choices=sets)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    parser.add_argument("--limit", type=int, default=None, help="only the first N tensors of the set")
+    parser.add_argument("--sets", nargs="+", choices=sets, help=f"default: {GPU_SETS} on a GPU, {CPU_SETS} on CPU")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), help="default: float32 bfloat16 on a GPU")
+    parser.add_argument("--contenders", nargs="+", help="only these (default: all)")
+    parser.add_argument("--skip", nargs="+", default=[], help="contenders to leave out (reported as skipped)")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N tensors of each set")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per contender")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per contender per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--json", type=Path, default=None, help="also write the result here")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
+    parser.add_argument("--no-files", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
-    on_gpu = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    on_gpu = device.type == "cuda"
+    args.sets = args.sets or list(GPU_SETS if on_gpu else CPU_SETS)
+    args.dtypes = args.dtypes or (["float32", "bfloat16"] if on_gpu else ["float32"])
     args.warmup = args.warmup if args.warmup is not None else (10 if on_gpu else 1)
-    args.steps = args.steps if args.steps is not None else (50 if on_gpu else 2)
-    result = run(args)
-    print_table(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    args.steps = args.steps if args.steps is not None else (30 if on_gpu else 2)
+    chosen = [c for c in CONTENDERS if not args.contenders or c.name in args.contenders]
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "command": "python -m benchmarks.step_time " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if on_gpu else cpu_name(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+    numel = max(sum(torch.Size(s).numel() for s in load_shapes(n, args.limit)) for n in args.sets)
+    meta["copy_bandwidth_GBps"] = copy_bandwidth(device, max(numel, 1 << 20)) / 1e9
+    results = []
+    for name in args.sets:
+        for dtype_name in args.dtypes:
+            skip = {c.name: "left out with --skip" for c in chosen if c.name in args.skip}
+            result = bench_set(name, dtype_name, device, [c for c in chosen if c.name not in skip], args,
+                               meta["copy_bandwidth_GBps"] * 1e9)  # fmt: skip
+            result["skipped"].update(skip)
+            print_table(result, meta)
+            results.append(result)
+    doc = {"meta": meta, "results": results}
+    if not args.no_files:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{meta['device_name']}-{meta['date']}").strip("-")
+        (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        plot(results, meta, args.out / f"{stem}.png")
+        print(f"\nwrote {args.out / stem}.json and .png")
+    return doc
 
 
 if __name__ == "__main__":

@@ -19,16 +19,17 @@ rule that skips the trust ratio when weight decay is 0 (``use_nvlamb=False``).
 """
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
 
-def xi(t: int, cycle_length: Optional[int]) -> float:
+def xi(t: Union[int, torch.Tensor], cycle_length: Optional[int]) -> Union[float, torch.Tensor]:
     """Periodical moments decay factor ξ of Eq. (3); ξ ≡ 1 when there is no cycle."""
     if cycle_length is None:
         return 1.0
-    return math.cos(math.pi / 2 * (t % cycle_length) / cycle_length)
+    phase = math.pi / 2 * (t % cycle_length) / cycle_length
+    return torch.cos(phase) if isinstance(phase, torch.Tensor) else math.cos(phase)
 
 
 def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -50,7 +51,7 @@ def pmd_lamb_step(
     g: torch.Tensor,
     m: torch.Tensor,
     v: torch.Tensor,
-    t: int,
+    t: Union[int, torch.Tensor],
     *,
     lr: float,
     beta1: float,
@@ -68,6 +69,7 @@ def pmd_lamb_step(
     """One PMD-LAMB step of Algorithm 1 for one tensor; updates x, m and v in place.
 
     ``g`` is the (already unscaled and clipped) gradient; it is not modified.
+    ``t`` may be a 0-d tensor, so that ``torch.compile`` does not specialise on it.
     ``adam_w_mode=False`` adds λx to the gradient instead of to the update
     (apex's L2 mode); ``use_nvlamb=False`` drops the trust ratio when λ = 0.
     """
@@ -95,6 +97,5 @@ def pmd_lamb_step(
     trust_ratio = 1.0
     if use_nvlamb or lam != 0:
         x_norm, u_norm = torch.linalg.vector_norm(x), torch.linalg.vector_norm(u)
-        if x_norm > 0 and u_norm > 0:
-            trust_ratio = x_norm / u_norm
+        trust_ratio = torch.where((x_norm > 0) & (u_norm > 0), x_norm / u_norm, 1.0)
     x.sub_(lr * alpha * trust_ratio * u)

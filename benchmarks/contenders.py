@@ -1,0 +1,132 @@
+"""Everything the benchmark races: our backends, the reference, and the peers.
+
+Each contender builds an optimizer over the parameters it is given and returns
+its step; a contender that cannot run here says why (``unavailable``) and is
+skipped with that reason, never silently.
+"""
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, List, Optional
+
+import torch
+
+from largedet_kernels import PMDLAMB, dispatch, reference
+
+# One setting for every LAMB-family contender: the paper's, with LAMB's bias correction off.
+LR, BETAS, EPS, WEIGHT_DECAY, ALPHA, CYCLE = 1e-3, (0.9, 0.999), 1e-6, 5e-4, 0.012, 200
+
+Step = Callable[[], None]
+
+
+@dataclass
+class Contender:
+    name: str
+    make: Callable[[List[torch.nn.Parameter]], Step]
+    unavailable: Callable[[torch.device], Optional[str]]
+    capturable: bool = False  # its step can be captured in a CUDA graph
+    note: str = ""
+
+
+class ReferenceLoop:
+    """The reference, one tensor after another: the naive baseline. ``t`` is a tensor so
+    that the compiled variant does not recompile each step."""
+
+    def __init__(self, params: List[torch.nn.Parameter], compiled: bool = False) -> None:
+        self.params = params
+        self.m = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.v = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        self.t = torch.zeros((), dtype=torch.float32, device=params[0].device)
+        self.update = torch.compile(self._update) if compiled else self._update
+
+    @staticmethod
+    def _update(params, m, v, t) -> None:
+        for p, mi, vi in zip(params, m, v):
+            x = p.float() if p.dtype != torch.float32 else p
+            reference.pmd_lamb_step(x, p.grad.float(), mi, vi, t, lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                    weight_decay=WEIGHT_DECAY, alpha=ALPHA, cycle_length=CYCLE)  # fmt: skip
+            if x is not p:
+                p.copy_(x)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.t += 1
+        self.update(self.params, self.m, self.v, self.t)
+
+
+def _importable(module: str, how: str) -> Callable[[torch.device], Optional[str]]:
+    def check(device: torch.device) -> Optional[str]:
+        try:
+            importlib.import_module(module)
+        except Exception as err:  # an installed peer may fail to import for reasons of its own
+            return f"{module} is not importable ({type(err).__name__}: {err}); {how}"
+        return None
+
+    return check
+
+
+def _cuda_only(check: Callable[[torch.device], Optional[str]], who: str) -> Callable[[torch.device], Optional[str]]:
+    def unavailable(device: torch.device) -> Optional[str]:
+        if device.type != "cuda":
+            return f"{who} runs on CUDA devices only"
+        return check(device)
+
+    return unavailable
+
+
+def _pmdlamb(backend: str) -> Contender:
+    return Contender(
+        f"pmdlamb[{backend}]",
+        lambda ps: PMDLAMB(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, alpha=ALPHA,
+                           cycle_length=CYCLE, backend=backend).step,  # fmt: skip
+        lambda device: dispatch.unavailable_reason(backend, device),
+        capturable=backend != "torch",
+    )
+
+
+def _apex(ps):
+    from apex.optimizers import FusedLAMB
+
+    return FusedLAMB(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, bias_correction=False,
+                     max_grad_norm=1e9).step  # fmt: skip
+
+
+def _deepspeed(ps):
+    from deepspeed.ops.lamb import FusedLamb
+
+    return FusedLamb(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, bias_correction=False).step
+
+
+def _timm(ps):
+    from timm.optim import Lamb
+
+    return Lamb(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, bias_correction=False).step
+
+
+def _fused_adamw(ps):
+    return torch.optim.AdamW(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, fused=True).step
+
+
+def _fused_adamw_unavailable(device: torch.device) -> Optional[str]:
+    probe = torch.nn.Parameter(torch.zeros(1, device=device))
+    try:
+        torch.optim.AdamW([probe], fused=True)
+    except RuntimeError as err:
+        return f"torch.optim.AdamW(fused=True) refuses {device}: {err}"
+    return None
+
+
+CONTENDERS: List[Contender] = [
+    *(_pmdlamb(b) for b in dispatch.AUTO_ORDER),
+    Contender("reference loop", lambda ps: ReferenceLoop(ps).step, lambda device: None,
+              note="largedet_kernels.reference, one tensor at a time"),
+    Contender("reference compiled", lambda ps: ReferenceLoop(ps, compiled=True).step, lambda device: None,
+              note="the same loop under torch.compile"),
+    Contender("apex FusedLAMB", _apex,
+              _cuda_only(_importable("apex.optimizers", "build NVIDIA/apex with --cuda_ext"), "apex FusedLAMB")),
+    Contender("deepspeed FusedLamb", _deepspeed,
+              _cuda_only(_importable("deepspeed.ops.lamb", "pip install deepspeed"), "DeepSpeed FusedLamb")),
+    Contender("timm Lamb", _timm, _importable("timm.optim", "pip install timm")),
+    Contender("torch fused AdamW", _fused_adamw, _fused_adamw_unavailable, capturable=False,
+              note="memory-bound yardstick: the same bytes class, no norms"),
+]  # fmt: skip
