@@ -83,7 +83,7 @@ void pmd_lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, Te
   check_list(exp_avg_sqs, "exp_avg_sqs", n, device, m_type);
   check_list(steps, "steps", n, device, at::kFloat);
   check_table(hyper, "hyper", m_type, n * kHyperColumns, device);
-  check_table(grad_factor, "grad_factor", at::kFloat, 1, device);
+  check_table(grad_factor, "grad_factor", m_type, 1, device);
   check_table(found_inf, "found_inf", at::kFloat, 1, device);
   check_table(partials, "partials", m_type, 2 * n_chunks, device);
   check_table(t_now, "t_now", m_type, n, device);
@@ -92,7 +92,7 @@ void pmd_lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, Te
               grads[0].scalar_type(), " gradients");
 
   const c10::cuda::CUDAGuard guard(device);
-  const StepScalars scalars{hyper.data_ptr(), grad_factor.data_ptr<float>(), found_inf.data_ptr<float>(),
+  const StepScalars scalars{hyper.data_ptr(), grad_factor.data_ptr(), found_inf.data_ptr<float>(),
                             partials.data_ptr(), t_now.data_ptr()};
   const LaunchConfig config{x_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream()};
   const cudaError_t err = launch_pmd_lamb_step(table, scalars, config);

@@ -58,18 +58,23 @@ __device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16, float>(float v) 
 }
 
 // How a stream is read. Addresses come from the pointer table as integers, so the
-// compiler cannot tell they are global memory: the intrinsics say it (LDG, not LD).
+// compiler cannot tell they are global memory: these say it (LDG, not generic LD).
 enum class Read {
-  kCached,     // read through the read-only path (x, m, v: read before this thread writes them)
-  kStreaming,  // read once: evict first (the gradient)
+  kReadOnly,   // never written by this kernel: the read-only data path
+  kStreaming,  // never written by this kernel and not read again: evict first
+  kWritten,    // written back by this kernel: a plain load
 };
 
 template <Read kRead>
 __device__ __forceinline__ uint4 load16(const uint4* p) {
   if constexpr (kRead == Read::kStreaming) {
     return __ldcs(p);
-  } else {
+  } else if constexpr (kRead == Read::kReadOnly) {
     return __ldg(p);
+  } else {
+    uint4 v;
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
   }
 }
 
@@ -79,7 +84,7 @@ __device__ __forceinline__ void store16(uint4* p, const uint4& v) {
                : "memory");
 }
 
-template <bool kVector, Read kRead = Read::kCached, typename R, typename T>
+template <bool kVector, Read kRead, typename R, typename T>
 __device__ __forceinline__ void load_group(R (&r)[kILP], const T* p, int count) {
   if constexpr (kVector) {
     constexpr int kPer = 16 / sizeof(T);

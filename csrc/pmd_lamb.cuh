@@ -84,16 +84,16 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_moments_kernel(ChunkTable
   const M t = static_cast<M>(*step) + (keep ? M(1) : M(0));
   if (chunk.start == 0 && threadIdx.x == 0) static_cast<M*>(s.t_now)[chunk.tensor] = t;  // pass 2 reads t here
   const StepCoefficients<M> c(static_cast<const M*>(s.hyper) + chunk.tensor * kHyperColumns, t);
-  const M factor = static_cast<M>(*s.grad_factor);
+  const M factor = *static_cast<const M*>(s.grad_factor);
 
   M sum_x = 0, sum_u = 0;
   for_each_group<kAligned>(chunk.length, [&](auto path, int64_t offset, int count) {
     constexpr bool kVector = decltype(path)::value;
     M x[kILP], g[kILP], m[kILP], v[kILP];
-    load_group<kVector>(x, x_ptr + offset, count);
+    load_group<kVector, Read::kReadOnly>(x, x_ptr + offset, count);
     load_group<kVector, Read::kStreaming>(g, g_ptr + offset, count);
-    load_group<kVector>(m, m_ptr + offset, count);
-    load_group<kVector>(v, v_ptr + offset, count);
+    load_group<kVector, Read::kWritten>(m, m_ptr + offset, count);
+    load_group<kVector, Read::kWritten>(v, v_ptr + offset, count);
 #pragma unroll
     for (int j = 0; j < kILP; ++j) {
       const M gj = g[j] * factor + c.decay_in_grad * x[j];
@@ -153,9 +153,9 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable 
   for_each_group<kAligned>(chunk.length, [&](auto path, int64_t offset, int n) {
     constexpr bool kVector = decltype(path)::value;
     M x[kILP], m[kILP], v[kILP];
-    load_group<kVector>(x, x_ptr + offset, n);
-    load_group<kVector>(m, m_ptr + offset, n);
-    load_group<kVector>(v, v_ptr + offset, n);
+    load_group<kVector, Read::kWritten>(x, x_ptr + offset, n);
+    load_group<kVector, Read::kStreaming>(m, m_ptr + offset, n);
+    load_group<kVector, Read::kStreaming>(v, v_ptr + offset, n);
 #pragma unroll
     for (int j = 0; j < kILP; ++j) x[j] -= ratio * direction(m[j], v[j], x[j], c);
     store_group<kVector>(x_ptr + offset, x, n);

@@ -50,7 +50,7 @@ struct ChunkTable {
 // Per-step values the kernels read from device memory: nothing waits on the host.
 struct StepScalars {
   const void* hyper;         // [n_tensors, kHyperColumns] of the math type M
-  const float* grad_factor;  // GradScaler's 1/scale × the clip factor
+  const void* grad_factor;   // of M: GradScaler's 1/scale × the clip factor
   const float* found_inf;
   void* partials;            // [2 · n_chunks] of M: Σx², Σu² per chunk
   void* t_now;               // [n_tensors] of M: t of this step, from pass 1 to pass 2

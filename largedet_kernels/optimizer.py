@@ -61,6 +61,8 @@ class _LambFamily(Optimizer):
                 "max_grad_norm clips the global gradient norm over all param groups; "
                 "set it on the optimizer, not per param group"
             )
+        if len({id(p) for p in group["params"]}) != len(group["params"]):
+            raise ValueError("a parameter appears twice in one param group: it would be stepped twice")
         for p in group["params"]:
             if p.is_complex():
                 raise ValueError(f"complex parameters are not supported (got a {p.dtype} parameter)")

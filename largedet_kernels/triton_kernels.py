@@ -67,9 +67,11 @@ def _step_coefficients(hyper, tensor, t, MATH: tl.constexpr):
     decay_v = xi * beta2
     weight_g = tl.where(tl.load(row + GRAD_AVERAGING) != 0, 1.0 - beta1, 1.0).to(MATH)
     weight_g2 = 1.0 - beta2
-    # β^t = 2^(t·log2 β); β = 0 gives 2^-inf = 0.
-    correction_m = tl.where(bias_correction, 1.0 - tl.exp2(t * tl.log2(beta1)), 1.0).to(MATH)
-    correction_v = tl.where(bias_correction, 1.0 - tl.exp2(t * tl.log2(beta2)), 1.0).to(MATH)
+    # β^t = 2^(t·log2 β), in fp64: fp32 exp2 is the approximate ex2.approx, and 1 − β2^t
+    # magnifies its error ~1000× (β2 = 0.999); β = 0 gives 2^-inf = 0.
+    t64 = t.to(tl.float64)
+    correction_m = tl.where(bias_correction, 1.0 - tl.exp2(t64 * tl.log2(beta1.to(tl.float64))), 1.0).to(MATH)
+    correction_v = tl.where(bias_correction, 1.0 - tl.exp2(t64 * tl.log2(beta2.to(tl.float64))), 1.0).to(MATH)
     eps_in = tl.where(eps_inside, eps, 0.0).to(MATH)
     eps_out = tl.where(eps_inside, 0.0, eps).to(MATH)
     decay_in_grad = tl.where(adam_w, 0.0, weight_decay).to(MATH)

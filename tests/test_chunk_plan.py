@@ -4,6 +4,7 @@ import math
 import re
 from pathlib import Path
 
+import pytest
 import torch
 
 from largedet_kernels import PMDLAMB
@@ -78,3 +79,21 @@ def test_plan_is_rebuilt_only_when_sizes_change():
     assert chunk_plan.plan_for(bucket, 16) is plan
     bucket.params[1] = torch.randn(41)
     assert chunk_plan.plan_for(bucket, 16) is not plan
+
+
+def test_tables_are_not_rebuilt_during_graph_capture(monkeypatch):
+    # A replay runs no Python: a table change under capture must fail loudly, not replay stale or freed memory.
+    bucket = Bucket(torch.device("cpu"), params=[torch.randn(4)], grads=[torch.randn(4)], exp_avgs=[torch.zeros(4)],
+                    exp_avg_sqs=[torch.zeros(4)], steps=[torch.zeros(())],
+                    groups=[PMDLAMB([torch.nn.Parameter(torch.zeros(1))]).param_groups[0]])  # fmt: skip
+    plan = chunk_plan.plan_for(bucket, 16)
+    plan.pointers(bucket), plan.hyper(bucket)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    plan.pointers(bucket), plan.hyper(bucket)  # unchanged: fine
+    bucket.groups[0]["lr"] = 0.5
+    with pytest.raises(RuntimeError, match="hyper-parameter.*CUDA graph"):
+        plan.hyper(bucket)
+    bucket.grads[0] = torch.randn(4)
+    with pytest.raises(RuntimeError, match="address.*CUDA graph"):
+        plan.pointers(bucket)

@@ -76,3 +76,9 @@ def test_explicit_gpu_backend_off_gpu_says_why(backend):
 def test_cuda_backend_on_cpu_says_how_to_get_it():
     with pytest.raises(BackendUnavailableError, match="runs on CUDA devices"):
         PMDLAMB(_p(), backend="cuda")
+
+
+def test_a_parameter_twice_in_a_group_is_refused():
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="twice"):
+        PMDLAMB([p, p])

@@ -109,3 +109,15 @@ def test_a_captured_step_replays_like_eager_steps(backend):
     for p, t in zip(params, twins):
         assert torch.equal(p, t)
         assert torch.equal(opt.state[p]["step"], eager.state[t]["step"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", [b for b in ("cuda", "triton")])
+def test_parameters_on_a_second_gpu(backend):
+    if dispatch.unavailable_reason(backend, torch.device("cuda:1")) is not None:
+        pytest.skip(f"no {backend} backend")
+    params = make_params(SHAPES, torch.float32, device="cuda:1") + make_params(SHAPES, torch.float32, seed=1,
+                                                                               device="cuda:0")  # fmt: skip
+    with torch.cuda.device(0):  # the current device is not the first bucket's
+        opt = PMDLAMB(params, lr=0.05, cycle_length=3, max_grad_norm=1.0, backend=backend)
+        run_against_reference(opt, steps=3, rtol=2e-5, ulps=1, resync=True)

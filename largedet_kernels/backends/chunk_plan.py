@@ -54,6 +54,17 @@ def chunk_layout(numels: List[int], chunk: int) -> Tuple[List[int], List[int], L
     return chunk_tensor, chunk_index, first, counts
 
 
+def _refuse_during_capture(what: str) -> None:
+    """NOTE [pointer tables] under CUDA graphs: a replay runs no Python, so the tables hold
+    what they held at capture; an upload captured from a temporary host buffer would
+    replay from freed memory."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what} changed while a CUDA graph was being captured: take one eager step after the "
+            "change, then capture; a captured step replays with the hyper-parameters and tensors of its capture"
+        )
+
+
 class ChunkPlan:
     """The device tables of one bucket's parameter set (NOTE [pointer tables])."""
 
@@ -70,7 +81,7 @@ class ChunkPlan:
         self.chunk_count = to_device(counts, torch.int32, device)
         self.partials = torch.empty(2 * self.n_chunks, dtype=math_dtype, device=device)
         self.t_now = torch.empty(self.n_tensors, dtype=math_dtype, device=device)
-        self.one = torch.ones((), dtype=torch.float32, device=device)
+        self.one = torch.ones((), dtype=math_dtype, device=device)
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
         self.address_key: Tuple[int, ...] = ()
         self.hyper_key: Tuple[float, ...] = ()
@@ -83,6 +94,7 @@ class ChunkPlan:
         lists = (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps)
         key = tuple(t.data_ptr() for ts in lists for t in ts)
         if key != self.address_key:
+            _refuse_during_capture("a tensor's address (a new gradient tensor?)")
             self.address_key = key
             self.ptrs = to_device(list(key), torch.int64, bucket.device)
             # 16-byte alignment of x, g, m, v allows the vectorised kernel variants.
@@ -93,6 +105,7 @@ class ChunkPlan:
         rows = [hyper_row(g) for g in bucket.groups]
         key = tuple(float(v) for row in rows for v in row)
         if key != self.hyper_key:
+            _refuse_during_capture("a hyper-parameter (lr?)")
             self.hyper_key = key
             self.table = to_device(rows, self.math_dtype, bucket.device)
         return self.table
@@ -139,7 +152,8 @@ def fused_step(bucket: Bucket, grad_factor, found_inf, chunk: int, launch: Launc
         torch_foreach.step(rest, grad_factor, found_inf)
     if kernel_part.params:
         plan = plan_for(kernel_part, chunk)
-        launch(kernel_part, plan, plan.one if grad_factor is None else grad_factor,
+        # The factor in the math dtype: a float64 bucket must not be scaled by a rounded one.
+        launch(kernel_part, plan, plan.one if grad_factor is None else grad_factor.to(plan.math_dtype),
                plan.zero if found_inf is None else found_inf)  # fmt: skip
 
 

@@ -99,6 +99,9 @@ def _slices(bucket: Bucket) -> Iterator[Tuple[int, int]]:
 
 
 def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    if bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Its per-step host-to-device copies would replay from freed host memory.
+        raise RuntimeError("the torch backend cannot be captured in a CUDA graph: use backend='triton' or 'cuda'")
     dtype = compute_dtype(bucket.params[0].dtype)
     keep = None if found_inf is None else found_inf == 0
     torch._foreach_add_(bucket.steps, 1.0 if keep is None else keep.float())

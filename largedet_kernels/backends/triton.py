@@ -8,6 +8,7 @@ On CPU tensors the kernels run under Triton's interpreter (TRITON_INTERPRET=1),
 which is how CI tests them.
 """
 
+import contextlib
 import os
 from typing import Optional
 
@@ -46,7 +47,17 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
     )
 
 
+def _on(device: torch.device):
+    """Triton launches on the current device and stream: make them the bucket's."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def _launch_step(bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
+    with _on(bucket.device):
+        _launch_step_here(bucket, plan, grad_factor, found_inf)
+
+
+def _launch_step_here(bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
     ptrs, hyper = plan.pointers(bucket), plan.hyper(bucket)
     dtypes = dict(
         X_DTYPE=_TL_DTYPES[bucket.params[0].dtype], G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype],
@@ -65,11 +76,12 @@ def _launch_step(bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, fou
 
 def _launch_grad_sumsq(bucket: Bucket, plan: ChunkPlan, *_) -> torch.Tensor:
     partials = plan.partials[: plan.n_chunks]
-    k.grad_sumsq_kernel[(plan.n_chunks,)](
-        plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, partials, plan.n_tensors,
-        G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], ALIGNED=plan.aligned,
-        CHUNK=plan.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS,
-    )  # fmt: skip
+    with _on(bucket.device):
+        k.grad_sumsq_kernel[(plan.n_chunks,)](
+            plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, partials, plan.n_tensors,
+            G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], ALIGNED=plan.aligned,
+            CHUNK=plan.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip
     return partials.sum()
 
 

@@ -1,0 +1,113 @@
+"""The LargeDet training recipe around the optimizer (paper, Sec. 3.3 and 4.1).
+
+- :func:`scaled_lr`: the linear scaling rule, lr ∝ batch size.
+- :class:`WarmupMultiStepLR`: linear warm-up from a factor, then ×gamma at absolute
+  iteration milestones, as a standard ``LRScheduler``.
+- :func:`param_groups`: weight decay for weights, none for biases and normalisation
+  parameters, as detection codebases do.
+- :func:`convert_sync_batchnorm`: SyncBN whose statistics are shared by groups of
+  ``group_size`` ranks (the paper's "BN size 32").
+"""
+
+from bisect import bisect_right
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+NORM_TYPES = (
+    torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
+)  # fmt: skip
+
+
+def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
+    """The linear scaling rule: ``base_lr`` was right for ``base_batch``; scale it to ``batch``."""
+    if base_lr <= 0 or base_batch <= 0 or batch <= 0:
+        raise ValueError(f"base_lr, base_batch and batch must be positive, got {base_lr}, {base_batch}, {batch}")
+    return base_lr * batch / base_batch
+
+
+class WarmupMultiStepLR(LRScheduler):
+    """Linear warm-up over ``warmup_iters`` iterations from ``warmup_factor``·lr to lr,
+    then lr·gamma^k after the k-th of ``milestones``.
+
+    Milestones count iterations from the start of training, warm-up included (unlike
+    ``SequentialLR([LinearLR, MultiStepLR])``, whose second scheduler counts from the
+    end of the warm-up). Chainable: with ``ChainedScheduler`` its factor multiplies
+    the others'.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, milestones: Iterable[int], gamma: float = 0.1,
+                 warmup_factor: float = 1.0 / 3, warmup_iters: int = 500, last_epoch: int = -1) -> None:  # fmt: skip
+        self.milestones = sorted(milestones)
+        if any(m < 0 for m in self.milestones):
+            raise ValueError(f"milestones must be >= 0, got {self.milestones}")
+        if not 0 < warmup_factor <= 1:
+            raise ValueError(f"warmup_factor must be in (0, 1], got {warmup_factor}")
+        if warmup_iters < 0:
+            raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
+        self.gamma, self.warmup_factor, self.warmup_iters = gamma, warmup_factor, warmup_iters
+        super().__init__(optimizer, last_epoch)
+
+    def factor(self, iteration: int) -> float:
+        """lr / base lr at ``iteration`` (0-based)."""
+        warm = 1.0
+        if iteration < self.warmup_iters:
+            warm = self.warmup_factor + (1 - self.warmup_factor) * iteration / self.warmup_iters
+        return warm * self.gamma ** bisect_right(self.milestones, iteration)
+
+    def get_lr(self) -> List[float]:
+        t = self.last_epoch
+        if t == 0:
+            return [group["lr"] * self.factor(0) for group in self.optimizer.param_groups]
+        ratio = self.factor(t) / self.factor(t - 1)
+        return [group["lr"] * ratio for group in self.optimizer.param_groups]
+
+    def _get_closed_form_lr(self) -> List[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+
+def no_decay_for_biases_and_norms(name: str, module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
+    """The default exemption: biases, and every parameter of a normalisation layer."""
+    return name.endswith("bias") or isinstance(module, NORM_TYPES)
+
+
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    no_decay: Callable[[str, torch.nn.Module, torch.nn.Parameter], bool] = no_decay_for_biases_and_norms,
+) -> List[Dict]:
+    """Two param groups: trainable parameters with ``weight_decay``, and those ``no_decay``
+    exempts (called with the parameter's local name, its module and itself) with 0."""
+    decay: List[torch.nn.Parameter] = []
+    exempt: List[torch.nn.Parameter] = []
+    seen = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            (exempt if no_decay(name, module, param) else decay).append(param)
+    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=exempt, weight_decay=0.0)]
+    return [g for g in groups if g["params"]]
+
+
+def convert_sync_batchnorm(model: torch.nn.Module, group_size: Optional[int] = 32) -> torch.nn.Module:
+    """Replace every BatchNorm by ``torch.nn.SyncBatchNorm`` sharing statistics within groups of
+    ``group_size`` consecutive ranks (ranks 0..31, 32..63, ... for 32).
+
+    Needs an initialised process group whose world size ``group_size`` divides (``None``,
+    or a size at least the world size: all ranks share statistics). Every rank must call it,
+    in the same order, as it creates process groups.
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise RuntimeError("convert_sync_batchnorm needs torch.distributed to be initialised")
+    world = dist.get_world_size()
+    process_group = None
+    if group_size is not None and group_size < world:
+        if group_size < 1 or world % group_size:
+            raise ValueError(f"group_size {group_size} must divide the world size {world}")
+        process_group, _ = dist.new_subgroups(group_size)
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=process_group)

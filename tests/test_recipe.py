@@ -1,0 +1,88 @@
+"""The LargeDet recipe: linear scaling, warm-up and step decay, param groups, grouped SyncBN."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from largedet_kernels import PMDLAMB
+from largedet_kernels.recipe import WarmupMultiStepLR, convert_sync_batchnorm, param_groups, scaled_lr
+
+
+def test_scaled_lr():
+    # The paper: lr 0.02 for batch 16, hence 0.4 for batch 320 (Sec. 4.2).
+    assert scaled_lr(0.02, 16, 320) == pytest.approx(0.4)
+    with pytest.raises(ValueError):
+        scaled_lr(0.02, 0, 32)
+
+
+def _lrs(scheduler, opt, n):
+    out = []
+    for _ in range(n):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    return out
+
+
+def test_warmup_then_absolute_milestones():
+    opt = PMDLAMB([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = WarmupMultiStepLR(opt, milestones=[6, 8], gamma=0.1, warmup_factor=0.25, warmup_iters=4)
+    expected = [0.25, 0.4375, 0.625, 0.8125, 1.0, 1.0, 0.1, 0.1, 0.01, 0.01]
+    assert _lrs(sched, opt, 10) == pytest.approx(expected)
+
+
+def test_chains_with_torch_schedulers():
+    opt = PMDLAMB([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    ours = WarmupMultiStepLR(opt, milestones=[3], gamma=0.5, warmup_factor=0.5, warmup_iters=2)
+    halving = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+    chained = torch.optim.lr_scheduler.ChainedScheduler([ours, halving])
+    got = _lrs(chained, opt, 5)
+    warm = [0.5, 0.75, 1.0, 0.5, 0.5]
+    assert got == pytest.approx([w * 0.9**i for i, w in enumerate(warm)])
+
+
+def test_param_groups_exempt_biases_and_norms():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2), torch.nn.LayerNorm(2))  # fmt: skip
+    model(torch.zeros(1, 3, 5, 5))
+    model[0].weight.requires_grad_(False)
+    groups = param_groups(model, weight_decay=5e-4)
+    decay, exempt = groups
+    assert decay["weight_decay"] == 5e-4 and exempt["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(model[3].weight)}
+    assert {id(p) for p in exempt["params"]} == {id(p) for p in (model[0].bias, model[1].weight, model[1].bias,
+                                                                  model[3].bias, model[4].weight, model[4].bias)}
+    PMDLAMB(groups)  # usable as is
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _syncbn_worker(rank, world, port, group_size, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        model = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2)),
+                                       group_size)  # fmt: skip
+        bn = model[1]
+        group = bn.process_group
+        ranks = list(range(world)) if group is None else dist.get_process_group_ranks(group)
+        out[rank] = (type(bn).__name__, tuple(ranks))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("group_size,expected", [(2, [(0, 1), (0, 1), (2, 3), (2, 3)]), (None, [(0, 1, 2, 3)] * 4)])
+def test_sync_batchnorm_groups(group_size, expected):
+    # torch's SyncBatchNorm refuses CPU tensors in forward: here the conversion and which ranks share statistics.
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_syncbn_worker, args=(4, _free_port(), group_size, out), nprocs=4)
+        assert [out[r] for r in range(4)] == [("SyncBatchNorm", e) for e in expected]
