@@ -15,13 +15,9 @@ import torch
 BACKENDS = ("auto", "cuda", "triton", "torch")
 AUTO_ORDER = ("cuda", "triton", "torch")
 
-_HOW_TO_GET = {
-    "cuda": (
-        "build the CUDA extension: LARGEDET_CUDA_BUILD=1 pip install --no-build-isolation -e . "
-        "on a machine with nvcc and a CUDA build of torch"
-    ),
-    "triton": "install Triton (pip install triton) beside a CUDA build of torch",
-}
+# How to get a backend whose module does not import (the cuda module always imports and
+# says itself how to build the extension).
+_HOW_TO_GET = {"triton": "install Triton (pip install triton) beside a CUDA build of torch"}
 _MODULES = {
     "cuda": "largedet_kernels.backends.cuda",
     "triton": "largedet_kernels.backends.triton",
@@ -33,7 +29,8 @@ class BackendUnavailableError(RuntimeError):
     """An explicitly requested backend cannot run here."""
 
 
-def _load(name: str) -> ModuleType:
+def backend_module(name: str) -> ModuleType:
+    """The module implementing backend ``name`` (imported on first use)."""
     return importlib.import_module(_MODULES[name])
 
 
@@ -42,9 +39,9 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
     if name == "torch":
         return None
     try:
-        module = _load(name)
+        module = backend_module(name)
     except ImportError as err:
-        return f"the {name} backend cannot be imported ({err}); {_HOW_TO_GET[name]}"
+        return f"the {name} backend cannot be imported ({err}); {_HOW_TO_GET.get(name, 'reinstall largedet-kernels')}"
     return module.unavailable_reason(device)
 
 
@@ -61,7 +58,3 @@ def resolve(requested: str, device: torch.device) -> str:
             raise BackendUnavailableError(f"backend={requested!r} is unavailable: {reason}")
         return requested
     return next(name for name in AUTO_ORDER if unavailable_reason(name, device) is None)
-
-
-def backend_module(name: str) -> ModuleType:
-    return _load(name)
