@@ -122,7 +122,7 @@ def _fused_adamw_unavailable(device: torch.device) -> Optional[str]:
 
 
 CONTENDERS: List[Contender] = [
-    *(_pmdlamb(b) for b in dispatch.AUTO_ORDER),
+    *(_pmdlamb(b) for b in dispatch.BACKEND_NAMES),
     Contender("reference loop", lambda ps: ReferenceLoop(ps).step, lambda device: None,
               note="largedet_kernels.reference, one tensor at a time"),
     Contender("reference compiled", lambda ps: ReferenceLoop(ps, compiled=True).step, lambda device: None,

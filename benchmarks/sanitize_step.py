@@ -6,6 +6,19 @@
 import torch
 
 from largedet_kernels import PMDLAMB, dispatch
+from largedet_kernels.backends import Bucket
+
+
+def _halves(backend: str, opt: PMDLAMB) -> None:
+    """The two halves of a sharded step (NOTE [sharded norms]) on the optimizer's tensors."""
+    params = [p for p in opt.param_groups[0]["params"]]
+    bucket = Bucket(
+        params[0].device, params=[p.detach() for p in params], grads=[p.grad for p in params],
+        exp_avgs=[opt.state[p]["exp_avg"] for p in params], exp_avg_sqs=[opt.state[p]["exp_avg_sq"] for p in params],
+        steps=[opt.state[p]["step"] for p in params], groups=[opt.param_groups[0]] * len(params),
+    )  # fmt: skip
+    pending = dispatch.backend_module(backend).begin_step(bucket, None, None)
+    pending.finish(pending.sums)
 
 
 def main() -> None:
@@ -24,8 +37,9 @@ def main() -> None:
                 for p in params:
                     p.grad = torch.randn_like(p)
                 opt.step()
+            _halves(backend, opt)
             torch.cuda.synchronize()
-            print(f"{backend} {dtype}: 3 steps")
+            print(f"{backend} {dtype}: 3 steps and one in halves")
 
 
 if __name__ == "__main__":

@@ -67,11 +67,20 @@ void check_list(TensorList list, const char* name, int64_t n, const at::Device& 
   }
 }
 
-void pmd_lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                    TensorList steps, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
-                    const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count,
-                    const Tensor& hyper, const Tensor& grad_factor, const Tensor& found_inf, Tensor& partials,
-                    Tensor& t_now, int64_t chunk_size, bool aligned) {
+// A step's launch, checked: every op of the step family takes the same arguments.
+struct StepLaunch {
+  ChunkTable table;
+  StepScalars scalars;
+  LaunchConfig config;
+  at::Device device;
+};
+
+StepLaunch checked_step(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                        TensorList steps, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
+                        const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count,
+                        const Tensor& hyper, const Tensor& grad_factor, const Tensor& found_inf,
+                        const Tensor& partials, int64_t partial_pairs, const Tensor& t_now, int64_t chunk_size,
+                        bool aligned) {
   const ChunkTable table =
       chunk_table(params, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
   const int64_t n = table.n_tensors, n_chunks = chunk_tensor.numel();
@@ -85,19 +94,56 @@ void pmd_lamb_step_(TensorList params, TensorList grads, TensorList exp_avgs, Te
   check_table(hyper, "hyper", m_type, n * kHyperColumns, device);
   check_table(grad_factor, "grad_factor", m_type, 1, device);
   check_table(found_inf, "found_inf", at::kFloat, 1, device);
-  check_table(partials, "partials", m_type, 2 * n_chunks, device);
+  check_table(partials, "partials", m_type, 2 * partial_pairs, device);
   check_table(t_now, "t_now", m_type, n, device);
   const Dtype x_dtype = to_dtype(x_type, "params"), g_dtype = to_dtype(grads[0].scalar_type(), "grads");
   TORCH_CHECK(supported_dtypes(x_dtype, g_dtype), "largedet: no kernel for ", x_type, " parameters with ",
               grads[0].scalar_type(), " gradients");
-
-  const c10::cuda::CUDAGuard guard(device);
   const StepScalars scalars{hyper.data_ptr(), grad_factor.data_ptr(), found_inf.data_ptr<float>(),
                             partials.data_ptr(), t_now.data_ptr()};
-  const LaunchConfig config{x_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream()};
-  const cudaError_t err = launch_pmd_lamb_step(table, scalars, config);
-  TORCH_CHECK(err == cudaSuccess, "largedet: pmd_lamb_step_ launch failed: ", cudaGetErrorString(err));
+  const LaunchConfig config{x_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream(device.index())};
+  return StepLaunch{table, scalars, config, device};
 }
+
+// The argument list of the step family, in schema and C++ order.
+#define LARGEDET_STEP_PARAMS                                                                                      \
+  TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,             \
+      const Tensor &ptrs, const Tensor &numels, const Tensor &chunk_tensor, const Tensor &chunk_index,            \
+      const Tensor &first_chunk, const Tensor &chunk_count, const Tensor &hyper, const Tensor &grad_factor,       \
+      const Tensor &found_inf, Tensor &partials, Tensor &t_now, int64_t chunk_size, bool aligned
+#define LARGEDET_STEP_ARGS                                                                                        \
+  params, grads, exp_avgs, exp_avg_sqs, steps, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, \
+      hyper, grad_factor, found_inf, partials
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, "largedet: ", op, " launch failed: ", cudaGetErrorString(err));
+}
+
+// Both passes (NOTE [two passes] in csrc/pmd_lamb.cuh): two launches.
+void pmd_lamb_step_(LARGEDET_STEP_PARAMS) {
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size, aligned);
+  const c10::cuda::CUDAGuard guard(l.device);
+  check_launch(launch_pmd_lamb_step(l.table, l.scalars, l.config), "pmd_lamb_step_");
+}
+
+// Pass 1 and each tensor's local Σx², Σu² into sums (NOTE [sharded norms]): two launches.
+void pmd_lamb_moments_(LARGEDET_STEP_PARAMS, Tensor& sums) {
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size, aligned);
+  check_table(sums, "sums", partials.scalar_type(), 2 * l.table.n_tensors, l.device);
+  const c10::cuda::CUDAGuard guard(l.device);
+  check_launch(launch_pmd_lamb_moments(l.table, l.scalars, sums.data_ptr(), l.config), "pmd_lamb_moments_");
+}
+
+// Pass 2 with the norms read through first_chunk/chunk_count from partials, which under
+// NOTE [sharded norms] hold one all-reduced pair per tensor: one launch.
+void pmd_lamb_update_(LARGEDET_STEP_PARAMS) {
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, static_cast<int64_t>(params.size()), t_now, chunk_size, aligned);
+  const c10::cuda::CUDAGuard guard(l.device);
+  check_launch(launch_pmd_lamb_update(l.table, l.scalars, l.config), "pmd_lamb_update_");
+}
+
+#undef LARGEDET_STEP_PARAMS
+#undef LARGEDET_STEP_ARGS
 
 Tensor grad_sumsq(TensorList grads, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
                   const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count, Tensor& partials,
@@ -112,8 +158,7 @@ Tensor grad_sumsq(TensorList grads, const Tensor& ptrs, const Tensor& numels, co
 
   const c10::cuda::CUDAGuard guard(grads[0].device());
   const LaunchConfig config{g_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream()};
-  const cudaError_t err = launch_grad_sumsq(table, partials.data_ptr(), config);
-  TORCH_CHECK(err == cudaSuccess, "largedet: grad_sumsq launch failed: ", cudaGetErrorString(err));
+  check_launch(launch_grad_sumsq(table, partials.data_ptr(), config), "grad_sumsq");
   return partials.narrow(0, 0, n_chunks).sum();
 }
 
@@ -126,12 +171,24 @@ TORCH_LIBRARY(largedet, m) {
       "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
       "Tensor(e!) partials, Tensor(f!) t_now, int chunk_size, bool aligned) -> ()");
   m.def(
+      "pmd_lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+      "Tensor[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
+      "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
+      "Tensor(c!) partials, Tensor(d!) t_now, int chunk_size, bool aligned, Tensor(e!) sums) -> ()");
+  m.def(
+      "pmd_lamb_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+      "Tensor(b!)[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
+      "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
+      "Tensor partials, Tensor t_now, int chunk_size, bool aligned) -> ()");
+  m.def(
       "grad_sumsq(Tensor[] grads, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
       "Tensor first_chunk, Tensor chunk_count, Tensor(a!) partials, int chunk_size, bool aligned) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(largedet, CUDA, m) {
   m.impl("pmd_lamb_step_", &pmd_lamb_step_);
+  m.impl("pmd_lamb_moments_", &pmd_lamb_moments_);
+  m.impl("pmd_lamb_update_", &pmd_lamb_update_);
   m.impl("grad_sumsq", &grad_sumsq);
 }
 

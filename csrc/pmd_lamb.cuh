@@ -116,6 +116,38 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_moments_kernel(ChunkTable
   }
 }
 
+// ‖x‖², ‖u‖² of one whole tensor: its chunks' partials summed in a fixed order, valid in
+// thread 0. Pass 2 reads them through the chunk table; under NOTE [sharded norms] the
+// table's first_chunk/chunk_count point at one already-reduced pair per tensor instead.
+template <typename M>
+__device__ __forceinline__ void tensor_sums(const ChunkTable& table, const M* partials, int64_t tensor, M* shared,
+                                            M& sum_x, M& sum_u) {
+  const int32_t first = table.first_chunk[tensor], count = table.chunk_count[tensor];
+  sum_x = 0;
+  sum_u = 0;
+  for (int32_t k = threadIdx.x; k < count; k += blockDim.x) {
+    sum_x += partials[2 * (first + k)];
+    sum_u += partials[2 * (first + k) + 1];
+  }
+  sum_x = block_sum(sum_x, shared);
+  sum_u = block_sum(sum_u, shared);
+}
+
+// NOTE [sharded norms]
+//   A sharded parameter (FSDP2) has only a slice of x on each rank, so pass 1 is
+//   followed by tensor_sums_kernel (one block per tensor: its local Σx², Σu²), the
+//   caller all-reduces those sums over the ranks, and pass 2 runs on the global ones.
+template <typename M>
+__global__ void __launch_bounds__(kBlockSize) tensor_sums_kernel(ChunkTable table, const M* partials, M* sums) {
+  __shared__ M shared[kBlockSize / kWarpSize];
+  M sum_x, sum_u;
+  tensor_sums(table, partials, blockIdx.x, shared, sum_x, sum_u);
+  if (threadIdx.x == 0) {
+    sums[2 * blockIdx.x] = sum_x;
+    sums[2 * blockIdx.x + 1] = sum_u;
+  }
+}
+
 // Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u.
 template <typename X, typename M, bool kAligned>
 __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable table, StepScalars s) {
@@ -132,15 +164,9 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable 
   const M* row = static_cast<const M*>(s.hyper) + chunk.tensor * kHyperColumns;
   const StepCoefficients<M> c(row, t);
 
-  // ‖x‖², ‖u‖² of the whole tensor: its chunks' partials in a fixed order.
-  const M* partials = static_cast<const M*>(s.partials);
-  const int32_t first = table.first_chunk[chunk.tensor], count = table.chunk_count[chunk.tensor];
-  M sum_x = 0, sum_u = 0;
-  for (int32_t k = threadIdx.x; k < count; k += blockDim.x) {
-    sum_x += partials[2 * (first + k)];
-    sum_u += partials[2 * (first + k) + 1];
-  }
-  const M x_norm = sqrt_(block_sum(sum_x, shared)), u_norm = sqrt_(block_sum(sum_u, shared));
+  M sum_x, sum_u;
+  tensor_sums(table, static_cast<const M*>(s.partials), chunk.tensor, shared, sum_x, sum_u);
+  const M x_norm = sqrt_(sum_x), u_norm = sqrt_(sum_u);
   __shared__ M ratio_shared;
   if (threadIdx.x == 0) {
     const bool trusted = row[kUseTrustRatio] != M(0) && x_norm > M(0) && u_norm > M(0);

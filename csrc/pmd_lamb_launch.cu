@@ -28,29 +28,23 @@ struct TypeOf<Dtype::kFloat64> {
 template <typename X>
 using MathOf = typename std::conditional<std::is_same<X, double>::value, double, float>::type;
 
-template <typename X, typename G, bool kAligned>
-cudaError_t step(const ChunkTable& table, const StepScalars& s, const LaunchConfig& cfg) {
-  using M = MathOf<X>;
-  pmd_lamb_moments_kernel<X, G, M, kAligned><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, s);
-  if (const cudaError_t err = cudaGetLastError(); err != cudaSuccess) return err;
-  pmd_lamb_update_kernel<X, M, kAligned><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, s);
-  return cudaGetLastError();
-}
+// The element types and alignment of one kernel instantiation, as values for dispatch().
+template <typename X_, typename G_, bool kAligned_>
+struct Instance {
+  using X = X_;
+  using G = G_;
+  using M = MathOf<X_>;
+  static constexpr bool kAligned = kAligned_;
+};
 
-template <typename X, typename G, bool kAligned>
-cudaError_t grad_sumsq(const ChunkTable& table, void* partials, const LaunchConfig& cfg) {
-  using M = MathOf<X>;
-  grad_sumsq_kernel<G, M, kAligned><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, static_cast<M*>(partials));
-  return cudaGetLastError();
-}
-
-// Calls f.template operator()<X, G, kAligned>() for the configuration's types.
+// Calls f(Instance<X, G, kAligned>{}) for the configuration's types; an unsupported pair
+// gives cudaErrorInvalidValue.
 template <typename F>
 cudaError_t dispatch(const LaunchConfig& cfg, F&& f) {
   auto with_types = [&](auto x_tag, auto g_tag) {
     using X = typename decltype(x_tag)::type;
     using G = typename decltype(g_tag)::type;
-    return cfg.aligned ? f.template operator()<X, G, true>() : f.template operator()<X, G, false>();
+    return cfg.aligned ? f(Instance<X, G, true>{}) : f(Instance<X, G, false>{});
   };
   const bool fp32_grads = cfg.g_dtype == Dtype::kFloat32;
   switch (cfg.x_dtype) {
@@ -72,32 +66,57 @@ cudaError_t dispatch(const LaunchConfig& cfg, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-struct StepLauncher {
-  const ChunkTable& table;
-  const StepScalars& scalars;
-  const LaunchConfig& cfg;
-  template <typename X, typename G, bool kAligned>
-  cudaError_t operator()() const { return step<X, G, kAligned>(table, scalars, cfg); }
-};
+template <typename I>
+cudaError_t moments(const ChunkTable& table, const StepScalars& s, const LaunchConfig& cfg) {
+  pmd_lamb_moments_kernel<typename I::X, typename I::G, typename I::M, I::kAligned>
+      <<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, s);
+  return cudaGetLastError();
+}
 
-struct GradSumsqLauncher {
-  const ChunkTable& table;
-  void* partials;
-  const LaunchConfig& cfg;
-  template <typename X, typename G, bool kAligned>
-  cudaError_t operator()() const { return grad_sumsq<X, G, kAligned>(table, partials, cfg); }
-};
+template <typename I>
+cudaError_t update(const ChunkTable& table, const StepScalars& s, const LaunchConfig& cfg) {
+  pmd_lamb_update_kernel<typename I::X, typename I::M, I::kAligned><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(
+      table, s);
+  return cudaGetLastError();
+}
 
 }  // namespace
 
 cudaError_t launch_pmd_lamb_step(const ChunkTable& table, const StepScalars& scalars, const LaunchConfig& cfg) {
   if (cfg.n_chunks == 0) return cudaSuccess;
-  return dispatch(cfg, StepLauncher{table, scalars, cfg});
+  return dispatch(cfg, [&](auto instance) {
+    using I = decltype(instance);
+    if (const cudaError_t err = moments<I>(table, scalars, cfg); err != cudaSuccess) return err;
+    return update<I>(table, scalars, cfg);
+  });
+}
+
+cudaError_t launch_pmd_lamb_moments(const ChunkTable& table, const StepScalars& scalars, void* sums,
+                                    const LaunchConfig& cfg) {
+  if (cfg.n_chunks == 0) return cudaSuccess;
+  return dispatch(cfg, [&](auto instance) {
+    using I = decltype(instance);
+    using M = typename I::M;
+    if (const cudaError_t err = moments<I>(table, scalars, cfg); err != cudaSuccess) return err;
+    tensor_sums_kernel<M><<<table.n_tensors, kBlockSize, 0, cfg.stream>>>(
+        table, static_cast<const M*>(scalars.partials), static_cast<M*>(sums));
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t launch_pmd_lamb_update(const ChunkTable& table, const StepScalars& scalars, const LaunchConfig& cfg) {
+  if (cfg.n_chunks == 0) return cudaSuccess;
+  return dispatch(cfg, [&](auto instance) { return update<decltype(instance)>(table, scalars, cfg); });
 }
 
 cudaError_t launch_grad_sumsq(const ChunkTable& table, void* partials, const LaunchConfig& cfg) {
   if (cfg.n_chunks == 0) return cudaSuccess;
-  return dispatch(cfg, GradSumsqLauncher{table, partials, cfg});
+  return dispatch(cfg, [&](auto instance) {
+    using I = decltype(instance);
+    grad_sumsq_kernel<typename I::G, typename I::M, I::kAligned><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(
+        table, static_cast<typename I::M*>(partials));
+    return cudaGetLastError();
+  });
 }
 
 bool supported_dtypes(Dtype x, Dtype g) {

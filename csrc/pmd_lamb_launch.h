@@ -22,6 +22,13 @@ struct LaunchConfig {
 // CUDA error of the launches, or cudaErrorInvalidValue for an unsupported dtype pair.
 cudaError_t launch_pmd_lamb_step(const ChunkTable& table, const StepScalars& scalars, const LaunchConfig& config);
 
+// The two halves of a step around a collective (NOTE [sharded norms] in csrc/pmd_lamb.cuh):
+// pass 1 then each tensor's Σx², Σu² into sums[2 · n_tensors]; and pass 2 alone, reading
+// the norms through the table's first_chunk/chunk_count from scalars.partials.
+cudaError_t launch_pmd_lamb_moments(const ChunkTable& table, const StepScalars& scalars, void* sums,
+                                    const LaunchConfig& config);
+cudaError_t launch_pmd_lamb_update(const ChunkTable& table, const StepScalars& scalars, const LaunchConfig& config);
+
 // Per-chunk Σg² into partials[0, n_chunks).
 cudaError_t launch_grad_sumsq(const ChunkTable& table, void* partials, const LaunchConfig& config);
 

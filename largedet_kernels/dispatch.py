@@ -1,7 +1,8 @@
 """The dispatcher: which backend steps the tensors of a given device.
 
-``backend="auto"`` takes the first available of ``AUTO_ORDER`` for the device
-(fastest first); an explicit backend that cannot run on the device raises
+``backend="auto"`` takes the first available of ``AUTO_ORDER`` for the device's
+type (fastest first; never Triton's interpreter, which runs the kernels on CPU
+tensors for tests, not for speed); an explicit backend that cannot run on the device raises
 :class:`BackendUnavailableError` saying why and how to get it, never a silent
 fallback.
 """
@@ -12,8 +13,10 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "cuda", "triton", "torch")
-AUTO_ORDER = ("cuda", "triton", "torch")
+BACKEND_NAMES = ("cuda", "triton", "torch")
+BACKENDS = ("auto", *BACKEND_NAMES)
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+AUTO_ORDER_ELSEWHERE = ("torch",)
 
 # How to get a backend whose module does not import (the cuda module always imports and
 # says itself how to build the extension).
@@ -57,4 +60,5 @@ def resolve(requested: str, device: torch.device) -> str:
         if reason is not None:
             raise BackendUnavailableError(f"backend={requested!r} is unavailable: {reason}")
         return requested
-    return next(name for name in AUTO_ORDER if unavailable_reason(name, device) is None)
+    order = AUTO_ORDER.get(device.type, AUTO_ORDER_ELSEWHERE)
+    return next(name for name in order if unavailable_reason(name, device) is None)

@@ -4,6 +4,17 @@ This file owns what is common to all backends: argument checks, optimizer
 state, sorting tensors into (device, dtype) buckets across param groups,
 GradScaler's ``grad_scale``/``found_inf``, and global gradient-norm clipping.
 The update itself happens in a backend chosen by :mod:`largedet_kernels.dispatch`.
+
+NOTE [sharded norms]
+    Under FSDP2 (``fully_shard``) a parameter is a DTensor of which each rank holds
+    a shard, so the trust ratio's ‖x‖ and ‖u‖ (and the clipping norm ‖g‖) need every
+    rank's sums. Backends get the local tensors (``to_local()``; the state stays
+    DTensor, so checkpoints see it sharded). Buckets of shards are stepped in two
+    halves: pass 1 and each tensor's local Σx², Σu² (``begin_step``), then one
+    ``all_reduce`` of all those sums stacked together per process group, then pass 2
+    (``finish``). Clipping likewise stacks every bucket's Σg² into one all-reduce. A
+    rank with an empty shard still takes part; replicated placements need no
+    collective; a mesh sharded along several dimensions takes one per dimension.
 """
 
 import numbers
@@ -11,11 +22,59 @@ from itertools import chain
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch.optim import Optimizer
 
 from . import dispatch
 from .backends import Bucket
 from .backends.torch_foreach import compute_dtype
+
+try:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # a torch built without distributed support has no DTensors to step
+    DTensor = ()  # type: ignore[assignment,misc]
+
+# The process groups over which a bucket's tensors are sharded; () when they are whole.
+ShardKey = Tuple[Any, ...]
+
+
+def _shard_key(p: torch.Tensor) -> ShardKey:
+    """(mesh, sharded mesh dims) of a DTensor parameter; () for whole tensors (NOTE [sharded norms])."""
+    if not isinstance(p, DTensor):
+        return ()
+    if any(pl.is_partial() for pl in p.placements):
+        raise ValueError(f"a parameter with a Partial placement has no well-defined value: {p.placements}")
+    dims = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
+    return (p.device_mesh, dims) if dims else ()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _all_reduce(key: ShardKey, tensor: torch.Tensor) -> None:
+    """Sum ``tensor`` in place over the ranks that hold shards of the same tensors."""
+    mesh, dims = key
+    for dim in dims:
+        dist.all_reduce(tensor, group=mesh.get_group(dim))
+
+
+def _reduce_per_key(values: List[Tuple[ShardKey, torch.Tensor]]) -> List[torch.Tensor]:
+    """Each tensor summed over its key's ranks; one collective per key and mesh dim, in first-seen order."""
+    keys: Dict[ShardKey, List[int]] = {}
+    for i, (key, _) in enumerate(values):
+        if key:
+            keys.setdefault(key, []).append(i)
+    out = [v for _, v in values]
+    for key, members in keys.items():
+        parts = [values[i][1] for i in members]
+        dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
+        flat = torch.cat([p.reshape(-1).to(dtype) for p in parts])
+        _all_reduce(key, flat)
+        for i, part in zip(members, flat.split([p.numel() for p in parts])):
+            out[i] = part.view_as(values[i][1]).to(values[i][1].dtype)
+    return out
+
 
 def _check_hyper(group: Dict[str, Any]) -> None:
     """ValueError naming the argument for every out-of-range hyper-parameter."""
@@ -37,6 +96,21 @@ def _check_hyper(group: Dict[str, Any]) -> None:
     max_norm = group["max_grad_norm"]
     if max_norm is not None and (not isinstance(max_norm, numbers.Real) or not max_norm > 0):
         raise ValueError(f"Invalid max_grad_norm: {max_norm!r} (must be > 0, or None to disable clipping)")
+
+
+def _moment_like(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """A saved moment as a copy in p's device, math dtype and layout (sharded like p when p is a DTensor)."""
+    dtype = compute_dtype(p.dtype)
+    if isinstance(p, DTensor):
+        if isinstance(saved, DTensor):
+            if saved.device_mesh == p.device_mesh and saved.placements == p.placements:
+                return saved.to(dtype=dtype, copy=True)
+            saved = saved.full_tensor()
+        # A whole tensor, the same on every rank: each rank keeps its own shard of it.
+        return distribute_tensor(saved.to(p.device, dtype), p.device_mesh, p.placements, src_data_rank=None)
+    if isinstance(saved, DTensor):
+        saved = saved.full_tensor()
+    return saved.to(device=p.device, dtype=dtype, copy=True)
 
 
 class _LambFamily(Optimizer):
@@ -86,11 +160,10 @@ class _LambFamily(Optimizer):
             if pid not in saved:
                 continue
             s = saved[pid]
-            moment = {"device": p.device, "dtype": compute_dtype(p.dtype), "copy": True}
             state = {
                 "step": torch.as_tensor(s["step"]).to(device=p.device, dtype=torch.float32, copy=True),
-                "exp_avg": s["exp_avg"].to(**moment),
-                "exp_avg_sq": s["exp_avg_sq"].to(**moment),
+                "exp_avg": _moment_like(s["exp_avg"], p),
+                "exp_avg_sq": _moment_like(s["exp_avg_sq"], p),
             }
             for key in ("exp_avg", "exp_avg_sq"):
                 if state[key].shape != p.shape:
@@ -105,13 +178,23 @@ class _LambFamily(Optimizer):
             self._backend_of_device[device] = dispatch.resolve(self.backend, device)
         return self._backend_of_device[device]
 
-    def _buckets(self) -> List[Tuple[Bucket, str]]:
-        """(bucket, backend) per (device, param dtype, grad dtype), state initialised."""
+    def _buckets(self) -> List[Tuple[Bucket, str, ShardKey]]:
+        """(bucket, backend, shard key) per (device, param dtype, grad dtype, shard key), state initialised."""
         with_grad = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
         for p, _ in with_grad:  # every check before anything is modified
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        buckets: Dict[Tuple[torch.device, torch.dtype, torch.dtype], Bucket] = {}
+            if isinstance(p, DTensor) and not (
+                isinstance(p.grad, DTensor)
+                and p.grad.device_mesh == p.device_mesh
+                and p.grad.placements == p.placements
+            ):
+                got = p.grad.placements if isinstance(p.grad, DTensor) else "a plain tensor"
+                raise RuntimeError(
+                    f"the gradient of a DTensor parameter with placements {p.placements} must be a DTensor "
+                    f"on the same mesh with the same placements, got {got}"
+                )
+        buckets: Dict[Tuple[Any, ...], Bucket] = {}
         for p, group in with_grad:
             state = self.state[p]
             if not state:
@@ -119,19 +202,20 @@ class _LambFamily(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, **moment)
                 state["exp_avg_sq"] = torch.zeros_like(p, **moment)
-            key = (p.device, p.dtype, p.grad.dtype)
+            x, grad = _local(p), _local(p.grad)
+            key = (x.device, x.dtype, grad.dtype, _shard_key(p))
             if key not in buckets:
-                buckets[key] = Bucket(p.device, cache=self._bucket_caches.setdefault(key, {}))
+                buckets[key] = Bucket(x.device, cache=self._bucket_caches.setdefault(key, {}))
             b = buckets[key]
-            b.params.append(p)
-            b.grads.append(p.grad)
-            b.exp_avgs.append(state["exp_avg"])
-            b.exp_avg_sqs.append(state["exp_avg_sq"])
+            b.params.append(x)
+            b.grads.append(grad)
+            b.exp_avgs.append(_local(state["exp_avg"]))
+            b.exp_avg_sqs.append(_local(state["exp_avg_sq"]))
             b.steps.append(state["step"])
             b.groups.append(group)
-        return [(b, self._backend(b.device)) for b in buckets.values()]
+        return [(b, self._backend(b.device), key[3]) for key, b in buckets.items()]
 
-    def _grad_factor(self, buckets: List[Tuple[Bucket, str]]) -> Optional[torch.Tensor]:
+    def _grad_factor(self, buckets: List[Tuple[Bucket, str, ShardKey]]) -> Optional[torch.Tensor]:
         """What every gradient is multiplied by: GradScaler's 1/scale × the clip factor."""
         grad_scale: Optional[torch.Tensor] = getattr(self, "grad_scale", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
@@ -139,7 +223,8 @@ class _LambFamily(Optimizer):
         if max_norm is None:
             return inv_scale
         device = buckets[0][0].device
-        sumsq = [dispatch.backend_module(name).grad_sumsq(b) for b, name in buckets]
+        local = [(key, dispatch.backend_module(name).grad_sumsq(b)) for b, name, key in buckets]
+        sumsq = _reduce_per_key(local)  # NOTE [sharded norms]
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sumsq) else torch.float32
         norm = torch.stack([s.to(device, dtype) for s in sumsq]).sum().sqrt()
         if inv_scale is not None:
@@ -158,12 +243,22 @@ class _LambFamily(Optimizer):
             return loss
         factor = self._grad_factor(buckets)
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
-        for bucket, name in buckets:
-            dispatch.backend_module(name).step(
+        pending = []
+        for bucket, name, key in buckets:
+            backend = dispatch.backend_module(name)
+            args = (
                 bucket,
                 None if factor is None else factor.to(bucket.device),
                 None if found_inf is None else found_inf.to(bucket.device),
             )
+            if key:
+                pending.append((key, backend.begin_step(*args)))
+            else:
+                backend.step(*args)
+        if pending:  # NOTE [sharded norms]
+            sums = _reduce_per_key([(key, p.sums) for key, p in pending])
+            for (_, p), global_sums in zip(pending, sums):
+                p.finish(global_sums)
         return loss
 
 

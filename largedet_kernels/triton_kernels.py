@@ -18,6 +18,11 @@ NOTE [pointer tables] (in largedet_kernels/backends/chunk_plan.py)
     Each program handles CHUNK elements of one tensor, found through int64
     address tables on the device; offsets are int64.
 
+NOTE [sharded norms] (in largedet_kernels/optimizer.py)
+    Shards of a tensor take three launches: pass 1, ``tensor_sums_kernel`` (each
+    tensor's local Σx², Σu²), then, after the caller's all-reduce, pass 2 reading
+    one reduced pair per tensor.
+
 NOTE [skipped steps]
     With GradScaler's ``found_inf`` non-zero every store is masked off and t
     does not advance, so params, moments and steps stay bit-identical.
@@ -217,6 +222,30 @@ def _update_tile(x_ptr, m_ptr, v_ptr, offs, mask, keep, ratio,
 
 
 @triton.jit
+def _tensor_sums(partials, first_chunk, chunk_count, tensor, MATH: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
+    """‖x‖², ‖u‖² of one whole tensor: its chunks' partials summed in a fixed order. Under
+    NOTE [sharded norms] first_chunk/chunk_count point at one reduced pair per tensor."""
+    first = tl.load(first_chunk + tensor)
+    count = tl.load(chunk_count + tensor)
+    sum_x = tl.zeros([REDUCE_BLOCK], MATH)
+    sum_u = tl.zeros([REDUCE_BLOCK], MATH)
+    for j in range(0, count, REDUCE_BLOCK):
+        k = j + tl.arange(0, REDUCE_BLOCK)
+        sum_x += tl.load(partials + 2 * (first + k), mask=k < count, other=0.0)
+        sum_u += tl.load(partials + 2 * (first + k) + 1, mask=k < count, other=0.0)
+    return tl.sum(sum_x, 0), tl.sum(sum_u, 0)
+
+
+@triton.jit
+def tensor_sums_kernel(partials, first_chunk, chunk_count, sums, MATH: tl.constexpr, REDUCE_BLOCK: tl.constexpr):
+    """Each tensor's local Σx², Σu² from its partials, for the all-reduce of NOTE [sharded norms]."""
+    tensor = tl.program_id(0)
+    sum_x, sum_u = _tensor_sums(partials, first_chunk, chunk_count, tensor, MATH, REDUCE_BLOCK)
+    tl.store(sums + 2 * tensor, sum_x)
+    tl.store(sums + 2 * tensor + 1, sum_u)
+
+
+@triton.jit
 def pmd_lamb_update_kernel(
     ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, hyper, found_inf, partials, t_now,
     n_tensors,
@@ -235,17 +264,9 @@ def pmd_lamb_update_kernel(
         hyper, tensor, t, MATH
     )
 
-    # ‖x‖², ‖u‖² of the whole tensor: its chunks' partials, summed in a fixed order.
-    first = tl.load(first_chunk + tensor)
-    count = tl.load(chunk_count + tensor)
-    sum_x = tl.zeros([REDUCE_BLOCK], MATH)
-    sum_u = tl.zeros([REDUCE_BLOCK], MATH)
-    for j in range(0, count, REDUCE_BLOCK):
-        k = j + tl.arange(0, REDUCE_BLOCK)
-        sum_x += tl.load(partials + 2 * (first + k), mask=k < count, other=0.0)
-        sum_u += tl.load(partials + 2 * (first + k) + 1, mask=k < count, other=0.0)
-    x_norm = _sqrt(tl.sum(sum_x, 0), MATH)
-    u_norm = _sqrt(tl.sum(sum_u, 0), MATH)
+    sum_x, sum_u = _tensor_sums(partials, first_chunk, chunk_count, tensor, MATH, REDUCE_BLOCK)
+    x_norm = _sqrt(sum_x, MATH)
+    u_norm = _sqrt(sum_u, MATH)
     trusted = (tl.load(hyper + tensor * N_HYPER + USE_TRUST_RATIO) != 0) & (x_norm > 0) & (u_norm > 0)
     ratio = tl.load(hyper + tensor * N_HYPER + LR_ALPHA) * tl.where(trusted, _div(x_norm, u_norm, MATH), 1.0)
 

@@ -8,7 +8,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from largedet_kernels import reference
+from largedet_kernels import PMDLAMB, dispatch, reference
+from largedet_kernels.backends import Bucket
 
 # Shapes that cross nothing in particular and everything at once: one element,
 # odd sizes, a 4-D conv weight, an empty tensor.
@@ -94,8 +95,7 @@ def assert_close_to_reference(
         bound = rtol * update + ulps * ulp(want, p.dtype)
         err = (got - want).abs()
         assert bool((err <= bound).all()), (
-            f"param {i} {tuple(p.shape)} {p.dtype}: max error {err.max().item():.3e}, "
-            f"update size {update.item():.3e}"
+            f"param {i} {tuple(p.shape)} {p.dtype}: max error {err.max().item():.3e}, update size {update.item():.3e}"
         )
         state = opt.state[p]
         if not state:
@@ -145,3 +145,71 @@ def run_against_reference(
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     denom = b.abs().max().item()
     return (a - b).abs().max().item() / denom if denom else (a - b).abs().max().item()
+
+
+def make_bucket(xs: Sequence[torch.Tensor], group: Dict) -> Bucket:
+    """A backend bucket of xs (zero moments and steps, empty grads) under one param group."""
+    math = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
+    return Bucket(
+        xs[0].device, params=list(xs), grads=[torch.empty_like(x) for x in xs],
+        exp_avgs=[torch.zeros_like(x, dtype=math) for x in xs], exp_avg_sqs=[torch.zeros_like(x, dtype=math) for x in xs],
+        steps=[torch.zeros((), device=xs[0].device) for _ in xs], groups=[group] * len(xs),
+    )  # fmt: skip
+
+
+def check_sharded_halves(backend: str, dtype: torch.dtype, device: str, rtol: float, ulps: float = 0.0,
+                         steps: int = 7, shapes: Sequence[Sequence[int]] = SHAPES, **options) -> None:  # fmt: skip
+    """NOTE [sharded norms] in one process: every tensor cut into two uneven shards (some
+    empty), each shard set a bucket stepped in halves with the two ranks' sums added in
+    between, against the float64 reference on the whole tensors; each step starts the
+    reference from the shards' values, so the bound is one step's error."""
+    module = dispatch.backend_module(backend)
+    group = PMDLAMB([torch.zeros(1)], lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, **options).param_groups[0]
+    whole = make_params(shapes, dtype, zero=(2,), device=device)
+    cuts = [p.numel() // 3 for p in whole]
+    shards = [
+        make_bucket([p.detach().flatten()[:c].clone() for p, c in zip(whole, cuts)], group),
+        make_bucket([p.detach().flatten()[c:].clone() for p, c in zip(whole, cuts)], group),
+    ]
+    gen = torch.Generator().manual_seed(3)
+    for t in range(1, steps + 1):
+        joined = [[torch.cat([getattr(b, name)[i].double() for b in shards]) for i in range(len(whole))]
+                  for name in ("params", "exp_avgs", "exp_avg_sqs")]  # fmt: skip
+        x, m, v = joined
+        grads = [g.flatten() for g in random_grads(whole, gen)]
+        for b in shards:
+            for i, c in enumerate(cuts):
+                part = grads[i][:c] if b is shards[0] else grads[i][c:]
+                b.grads[i].copy_(part)
+        pending = [module.begin_step(b, None, None) for b in shards]
+        total = pending[0].sums + pending[1].sums
+        for p in pending:
+            p.finish(total)
+        kwargs = reference_kwargs(group)
+        factor = reference.clip_factor([g.double() for g in grads], group["max_grad_norm"])
+        for i in range(len(whole)):
+            before = x[i].clone()
+            reference.pmd_lamb_step(x[i], grads[i].double() * factor, m[i], v[i], t, **kwargs)
+            got = torch.cat([b.params[i].double() for b in shards])
+            update = (x[i] - before).abs().max() if x[i].numel() else torch.tensor(0.0)
+            bound = rtol * update + ulps * ulp(x[i], dtype)
+            assert bool(((got - x[i]).abs() <= bound).all()), (i, (got - x[i]).abs().max().item(), update.item())
+        assert all(s.item() == t for b in shards for s in b.steps)
+
+
+def check_halves_equal_step(backend: str, dtype: torch.dtype, device: str) -> None:
+    """begin_step, then finish with the bucket's own sums, is step, bit for bit."""
+    module = dispatch.backend_module(backend)
+    group = PMDLAMB([torch.zeros(1)], lr=0.05, weight_decay=0.01, cycle_length=3).param_groups[0]
+    params = make_params(SHAPES, dtype, zero=(2,), device=device)
+    a, b = (make_bucket([p.detach().clone() for p in params], group) for _ in range(2))
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(4):
+        for i, g in enumerate(random_grads(params, gen)):
+            a.grads[i].copy_(g)
+            b.grads[i].copy_(g)
+        module.step(a, None, None)
+        pending = module.begin_step(b, None, None)
+        pending.finish(pending.sums)
+    for name in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
+        assert all(torch.equal(s, t) for s, t in zip(getattr(a, name), getattr(b, name))), name

@@ -21,8 +21,10 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 # Streams of each kernel's main loop: (loads, stores), each at least one 128-bit access.
 STREAMS = {"pmd_lamb_moments_kernel": (4, 2), "pmd_lamb_update_kernel": (3, 1), "grad_sumsq_kernel": (1, 0)}
-# Kernel instantiations per target: moments 6 dtype pairs, update 4 and Σg² 4 element types, each × aligned.
-ENTRIES_PER_ARCH = 2 * (6 + 4 + 4)
+# Kernel instantiations per target: moments 6 dtype pairs, update 4 and Σg² 4 element types, each × aligned;
+# and the per-tensor sums of sharded steps for the 2 math types.
+ALIGNED_PER_ARCH = 6 + 4 + 4
+ENTRIES_PER_ARCH = 2 * ALIGNED_PER_ARCH + 2
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def test_streaming_loops_use_128_bit_accesses(built):
     functions = _sass_by_function(built[1])
     aligned = {k: body for k, body in functions.items() if "Lb1E" in k[1]}  # the kAligned = true instantiations
     assert {arch for arch, _ in aligned} == {"sm_80", "sm_90"}
-    assert len(aligned) == 2 * ENTRIES_PER_ARCH // 2  # two targets, half of each target's kernels
+    assert len(aligned) == 2 * ALIGNED_PER_ARCH  # two targets
     for (arch, name), body in aligned.items():
         text = "\n".join(body)
         kernel = next(k for k in STREAMS if k in name)
@@ -99,6 +101,11 @@ assert cuda.unavailable_reason(torch.device("cuda")) is None, cuda.unavailable_r
 step = torch.ops.largedet.pmd_lamb_step_.default._schema
 written = {a.name for a in step.arguments if a.alias_info is not None and a.alias_info.is_write}
 assert written == {"params", "exp_avgs", "exp_avg_sqs", "steps", "partials", "t_now"}, written
+def written(op):
+    return {a.name for a in op.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+
+assert written(torch.ops.largedet.pmd_lamb_moments_) == {"exp_avgs", "exp_avg_sqs", "partials", "t_now", "sums"}
+assert written(torch.ops.largedet.pmd_lamb_update_) == {"params", "steps"}
 sumsq = torch.ops.largedet.grad_sumsq.default._schema
 assert {a.name for a in sumsq.arguments if a.alias_info is not None and a.alias_info.is_write} == {"partials"}
 
@@ -142,6 +149,7 @@ SM70_KERNELS = [
     "largedet::pmd_lamb_update_kernel<__nv_bfloat16, float, true>",
     "largedet::grad_sumsq_kernel<float, float, true>",
     "largedet::grad_sumsq_kernel<__nv_bfloat16, float, false>",
+    "largedet::tensor_sums_kernel<float>",
 ]
 
 

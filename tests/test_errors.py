@@ -82,3 +82,10 @@ def test_a_parameter_twice_in_a_group_is_refused():
     p = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="twice"):
         PMDLAMB([p, p])
+
+
+def test_auto_on_cpu_takes_the_torch_backend_even_under_the_triton_interpreter(monkeypatch):
+    from largedet_kernels import dispatch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton backend can run here, but only to be tested
+    assert dispatch.resolve("auto", torch.device("cpu")) == "torch"

@@ -1,10 +1,13 @@
 """The fused backends on a real GPU (skipped without one): against the float64 reference,
-in a CUDA graph, and without host synchronisation. benchmarks/gpu_check.sh runs these."""
+in halves as shards are, in a CUDA graph, without host synchronisation; and grouped SyncBN.
+benchmarks/gpu_check.sh runs these."""
+
+import copy
 
 import pytest
 import torch
 
-from harness import SHAPES, make_params, run_against_reference
+from harness import SHAPES, check_halves_equal_step, check_sharded_halves, make_params, run_against_reference
 
 from largedet_kernels import LAMB, PMDLAMB, dispatch
 
@@ -43,6 +46,17 @@ def test_lamb_on_the_gpu(backend):
     params = make_params(_shapes(), torch.float32, zero=(2,), device="cuda")
     opt = LAMB([dict(params=params[:5], weight_decay=0.0), dict(params=params[5:])], lr=0.01, backend=backend)
     run_against_reference(opt, steps=5, rtol=2e-5, ulps=1, resync=True)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize(
+    "dtype,rtol,ulps", [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1), (torch.bfloat16, 2e-5, 1)],
+    ids=["fp64", "fp32", "bf16"],
+)
+def test_sharded_halves_on_the_gpu(backend, dtype, rtol, ulps):
+    # NOTE [sharded norms]: pass 1, per-tensor sums, pass 2 from summed norms.
+    check_sharded_halves(backend, dtype, "cuda", rtol, ulps, shapes=_shapes())
+    check_halves_equal_step(backend, dtype, "cuda")
 
 
 def _stepped_once(backend):
@@ -121,3 +135,28 @@ def test_parameters_on_a_second_gpu(backend):
     with torch.cuda.device(0):  # the current device is not the first bucket's
         opt = PMDLAMB(params, lr=0.05, cycle_length=3, max_grad_norm=1.0, backend=backend)
         run_against_reference(opt, steps=3, rtol=2e-5, ulps=1, resync=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's SyncBatchNorm runs on CUDA tensors only")
+def test_grouped_sync_batchnorm_forward_and_backward_on_the_gpu(tmp_path):
+    import torch.distributed as dist
+
+    from largedet_kernels.recipe import convert_sync_batchnorm
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).cuda()
+        synced = convert_sync_batchnorm(copy.deepcopy(plain), group_size=1)
+        assert isinstance(synced[1], torch.nn.SyncBatchNorm)
+        images = torch.randn(8, 3, 9, 9, device="cuda")
+        outs = [model(images) for model in (plain, synced)]
+        for out in outs:
+            out.square().mean().backward()
+        # One rank per group: SyncBN's statistics are the batch's, as BatchNorm's.
+        torch.testing.assert_close(outs[1], outs[0])
+        for p, q in zip(synced.parameters(), plain.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+        torch.testing.assert_close(synced[1].running_var, plain[1].running_var)
+    finally:
+        dist.destroy_process_group()

@@ -1,12 +1,9 @@
 """The LargeDet recipe: linear scaling, warm-up and step decay, param groups, grouped SyncBN."""
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import run_ranks
 
 from largedet_kernels import PMDLAMB
 from largedet_kernels.recipe import WarmupMultiStepLR, convert_sync_batchnorm, param_groups, scaled_lr
@@ -54,35 +51,21 @@ def test_param_groups_exempt_biases_and_norms():
     decay, exempt = groups
     assert decay["weight_decay"] == 5e-4 and exempt["weight_decay"] == 0.0
     assert {id(p) for p in decay["params"]} == {id(model[3].weight)}
-    assert {id(p) for p in exempt["params"]} == {id(p) for p in (model[0].bias, model[1].weight, model[1].bias,
-                                                                  model[3].bias, model[4].weight, model[4].bias)}
+    assert {id(p) for p in exempt["params"]} == {
+        id(p) for p in (model[0].bias, model[1].weight, model[1].bias, model[3].bias, model[4].weight, model[4].bias)
+    }
     PMDLAMB(groups)  # usable as is
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _syncbn_worker(rank, world, port, group_size, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        model = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2)),
-                                       group_size)  # fmt: skip
-        bn = model[1]
-        group = bn.process_group
-        ranks = list(range(world)) if group is None else dist.get_process_group_ranks(group)
-        out[rank] = (type(bn).__name__, tuple(ranks))
-    finally:
-        dist.destroy_process_group()
+def _syncbn_worker(rank, world, group_size):
+    model = convert_sync_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1), torch.nn.BatchNorm2d(2)), group_size)
+    bn = model[1]
+    group = bn.process_group
+    ranks = list(range(world)) if group is None else dist.get_process_group_ranks(group)
+    return type(bn).__name__, tuple(ranks)
 
 
 @pytest.mark.parametrize("group_size,expected", [(2, [(0, 1), (0, 1), (2, 3), (2, 3)]), (None, [(0, 1, 2, 3)] * 4)])
 def test_sync_batchnorm_groups(group_size, expected):
     # torch's SyncBatchNorm refuses CPU tensors in forward: here the conversion and which ranks share statistics.
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_syncbn_worker, args=(4, _free_port(), group_size, out), nprocs=4)
-        assert [out[r] for r in range(4)] == [("SyncBatchNorm", e) for e in expected]
+    assert run_ranks(_syncbn_worker, 4, group_size) == [("SyncBatchNorm", e) for e in expected]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import TRITON_TEST_BLOCK as BLOCK, TRITON_TEST_CHUNK as CHUNK
-from harness import make_params, run_against_reference
+from harness import make_bucket, make_params, run_against_reference
 
 from largedet_kernels import PMDLAMB
 
@@ -84,6 +84,22 @@ def test_two_launches_per_step_and_one_more_for_clipping(triton_backend, monkeyp
         assert len(launches) == expected, launches
 
 
+def test_three_launches_for_shards(triton_backend, monkeypatch):
+    # NOTE [sharded norms]: pass 1, the per-tensor sums, then pass 2 after the all-reduce.
+    from largedet_kernels import triton_kernels
+
+    launches = []
+    for name in ("pmd_lamb_moments_kernel", "tensor_sums_kernel", "pmd_lamb_update_kernel"):
+        monkeypatch.setattr(triton_kernels, name, _Counting(getattr(triton_kernels, name), name, launches))
+    group = PMDLAMB([torch.zeros(1)]).param_groups[0]
+    bucket = make_bucket(make_params([(n,) for n in range(1, 70)], torch.float32), group)
+    pending = triton_backend.begin_step(bucket, None, None)
+    assert launches == ["pmd_lamb_moments_kernel", "tensor_sums_kernel"]
+    assert pending.sums.shape == (69, 2)
+    pending.finish(pending.sums)
+    assert launches[2:] == ["pmd_lamb_update_kernel"]
+
+
 class _Counting:
     def __init__(self, kernel, name, log):
         self.kernel, self.name, self.log = kernel, name, log
@@ -108,12 +124,13 @@ def compiled():
 
 
 # Streams per main loop: (loads, stores) of the kernel, at 16 B per access.
-STREAMS = {"pmd_lamb_moments_kernel": (4, 2), "pmd_lamb_update_kernel": (3, 1), "grad_sumsq_kernel": (1, 0)}
+STREAMS = {"pmd_lamb_moments_kernel": (4, 2), "pmd_lamb_update_kernel": (3, 1), "grad_sumsq_kernel": (1, 0),
+           "tensor_sums_kernel": (0, 0)}  # fmt: skip
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(compiled):
     assert {r["arch"] for r in compiled} == {"sm_80", "sm_90a"}
-    assert len(compiled) == 2 * 4 * 3  # targets × dtypes × kernels
+    assert len(compiled) == 2 * (4 * 3 + 2)  # targets × (dtypes × kernels + the sums for 2 math types)
     for r in compiled:
         assert r["spill_bytes"] == 0, r
 

@@ -40,10 +40,13 @@ def variants():
         math_ = "fp64" if dtype == "fp64" else "fp32"
         common = dict(ptrs="*i64", numels="*i64", chunk_tensor="*i32", chunk_index="*i32", first_chunk="*i32",
                       chunk_count="*i32", hyper=f"*{math_}", grad_factor="*fp32", found_inf="*fp32",
-                      partials=f"*{math_}", t_now=f"*{math_}")  # fmt: skip
+                      partials=f"*{math_}", t_now=f"*{math_}", sums=f"*{math_}")  # fmt: skip
         consts = dict(X_DTYPE=tl_dtype, G_DTYPE=tl_dtype, MATH=DTYPES[math_], ALIGNED=True, CHUNK=backend.CHUNK,
                       BLOCK=backend.BLOCK, REDUCE_BLOCK=backend.REDUCE_BLOCK)  # fmt: skip
-        for fn in (k.pmd_lamb_moments_kernel, k.pmd_lamb_update_kernel, k.grad_sumsq_kernel):
+        kernels = [k.pmd_lamb_moments_kernel, k.pmd_lamb_update_kernel, k.grad_sumsq_kernel]
+        if dtype in ("fp32", "fp64"):  # it sees only the math type
+            kernels.append(k.tensor_sums_kernel)
+        for fn in kernels:
             c = {name: v for name, v in consts.items() if name in fn.arg_names}
             yield f"{fn.__name__}[{dtype}]", fn, _signature(fn, common, {"n_tensors": "i32"}, c), c
 

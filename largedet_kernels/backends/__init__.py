@@ -15,11 +15,17 @@ per tensor). A backend module provides:
     ``grad_factor`` (0-d tensor or None) multiplies every gradient first (it holds
     the GradScaler's 1/scale and the clipping factor). When ``found_inf`` (0-d
     tensor or None) is non-zero, nothing changes: not params, moments nor steps.
-    Neither call may synchronise with the host.
+``begin_step(bucket, grad_factor, found_inf) -> PendingStep``
+    The same step split around a collective, for tensors that are shards of larger
+    ones (NOTE [sharded norms] in largedet_kernels/optimizer.py): pass 1 (steps,
+    moments) now, and each tensor's local Σx², Σu²; ``finish(sums)`` later runs
+    pass 2 with those sums taken over every shard.
+
+    No call may synchronise with the host.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 import torch
 
@@ -42,3 +48,13 @@ class Bucket:
     def hyper(self, name: str) -> List[Any]:
         """One hyper-parameter for every tensor of the bucket, in order."""
         return [g[name] for g in self.groups]
+
+
+@dataclass
+class PendingStep:
+    """A step between its passes: local norms known, parameters not yet written."""
+
+    # [n_tensors, 2] in the math dtype, tensors in bucket order: Σx², Σu² of the local tensors.
+    sums: torch.Tensor
+    # Pass 2, given the same layout of sums reduced over all shards.
+    finish: Callable[[torch.Tensor], None]

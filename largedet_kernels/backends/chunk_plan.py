@@ -17,11 +17,11 @@ NOTE [pointer tables] (also in triton_kernels.py and csrc/multi_tensor_apply.cuh
 
 import itertools
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Protocol, Tuple
 
 import torch
 
-from . import Bucket, torch_foreach
+from . import Bucket, PendingStep, torch_foreach
 
 # Columns of the per-tensor hyper-parameter table. The kernels index it by
 # position: triton_kernels.py and csrc/pmd_lamb.cuh name the same columns.
@@ -83,6 +83,11 @@ class ChunkPlan:
         self.t_now = torch.empty(self.n_tensors, dtype=math_dtype, device=device)
         self.one = torch.ones((), dtype=math_dtype, device=device)
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
+        # NOTE [sharded norms]: each tensor's local Σx², Σu², and first_chunk/chunk_count
+        # tables under which pass 2 reads one reduced pair per tensor instead of partials.
+        self.sums = torch.empty(2 * self.n_tensors, dtype=math_dtype, device=device)
+        self.pair_first = torch.arange(self.n_tensors, dtype=torch.int32, device=device)
+        self.pair_count = torch.ones(self.n_tensors, dtype=torch.int32, device=device)
         self.address_key: Tuple[int, ...] = ()
         self.hyper_key: Tuple[float, ...] = ()
 
@@ -141,29 +146,84 @@ def plan_for(bucket: Bucket, chunk: int) -> ChunkPlan:
     return plan
 
 
-# A backend's launches: (kernel part of the bucket, its plan, grad_factor, found_inf) -> result.
-Launch = Callable[[Bucket, ChunkPlan, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]
+class Kernels(Protocol):
+    """A fused backend's launches on the kernel part of a bucket and its plan."""
+
+    def step(self, bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """Both passes (NOTE [two passes])."""
+
+    def moments(self, bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
+        """Pass 1, then each tensor's local Σx², Σu² into plan.sums (NOTE [sharded norms])."""
+
+    def update(self, bucket: Bucket, plan: ChunkPlan, found_inf: torch.Tensor, sums: torch.Tensor) -> None:
+        """Pass 2 reading the norms from sums through plan.pair_first/pair_count."""
+
+    def grad_sumsq(self, bucket: Bucket, plan: ChunkPlan) -> torch.Tensor:
+        """Σg² over the bucket."""
 
 
-def fused_step(bucket: Bucket, grad_factor, found_inf, chunk: int, launch: Launch) -> None:
+def _scalars(plan: ChunkPlan, grad_factor, found_inf) -> Tuple[torch.Tensor, torch.Tensor]:
+    # The factor in the math dtype: a float64 bucket must not be scaled by a rounded one.
+    factor = plan.one if grad_factor is None else grad_factor.to(plan.math_dtype)
+    return factor, plan.zero if found_inf is None else found_inf
+
+
+def fused_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels: Kernels) -> None:
     """A fused backend's step: its kernels on the kernel-friendly tensors, foreach on the rest."""
     kernel_part, rest = split(bucket)
     if rest is not None:
         torch_foreach.step(rest, grad_factor, found_inf)
     if kernel_part.params:
         plan = plan_for(kernel_part, chunk)
-        # The factor in the math dtype: a float64 bucket must not be scaled by a rounded one.
-        launch(kernel_part, plan, plan.one if grad_factor is None else grad_factor.to(plan.math_dtype),
-               plan.zero if found_inf is None else found_inf)  # fmt: skip
+        kernels.step(kernel_part, plan, *_scalars(plan, grad_factor, found_inf))
 
 
-def fused_grad_sumsq(bucket: Bucket, chunk: int, launch: Launch) -> torch.Tensor:
+def fused_begin_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels: Kernels) -> PendingStep:
+    """A fused backend's ``begin_step``: pass 1 and the per-tensor sums, pass 2 left to ``finish``."""
+    kernel_part, rest = split(bucket)
+    pending_rest = None if rest is None else torch_foreach.begin_step(rest, grad_factor, found_inf)
+    if not kernel_part.params:
+        return pending_rest
+    plan = plan_for(kernel_part, chunk)
+    factor, found_inf = _scalars(plan, grad_factor, found_inf)
+    kernels.moments(kernel_part, plan, factor, found_inf)
+    kernel_sums = plan.sums.view(-1, 2)
+
+    def finish_kernel_part(sums: torch.Tensor) -> None:
+        kernels.update(kernel_part, plan, found_inf, sums.to(plan.math_dtype).contiguous())
+
+    if pending_rest is None:
+        return PendingStep(kernel_sums, finish_kernel_part)
+    # Sums in bucket order whichever tensors the kernels took: ranks must agree on the layout.
+    order = _split_order(bucket, kernel_part)
+    n_kernel = len(kernel_part.params)
+
+    def finish(sums: torch.Tensor) -> None:
+        in_split_order = sums[order]
+        finish_kernel_part(in_split_order[:n_kernel])
+        pending_rest.finish(in_split_order[n_kernel:])
+
+    split_sums = torch.cat([kernel_sums, pending_rest.sums.to(kernel_sums.dtype)])
+    return PendingStep(torch.empty_like(split_sums).index_copy_(0, order, split_sums), finish)
+
+
+def _split_order(bucket: Bucket, kernel_part: Bucket) -> torch.Tensor:
+    """Bucket positions of the kernel part's tensors, then of the rest's (a device index, cached)."""
+    kernel_ids = {id(p) for p in kernel_part.params}
+    positions = [i for i, p in enumerate(bucket.params) if id(p) in kernel_ids]
+    positions += [i for i, p in enumerate(bucket.params) if id(p) not in kernel_ids]
+    cached = bucket.cache.get("split_order")
+    if cached is None or cached[0] != positions:
+        cached = bucket.cache["split_order"] = (positions, to_device(positions, torch.int64, bucket.device))
+    return cached[1]
+
+
+def fused_grad_sumsq(bucket: Bucket, chunk: int, kernels: Kernels) -> torch.Tensor:
     """Σg² of a bucket: the backend's kernel on the kernel-friendly tensors, foreach on the rest."""
     kernel_part, rest = split(bucket)
     total = torch.zeros((), dtype=torch_foreach.compute_dtype(bucket.grads[0].dtype), device=bucket.device)
     if kernel_part.params:
-        plan = plan_for(kernel_part, chunk)
-        total = launch(kernel_part, plan, plan.one, plan.zero)
+        total = kernels.grad_sumsq(kernel_part, plan_for(kernel_part, chunk))
     if rest is not None:
         total = total + torch_foreach.grad_sumsq(rest)
     return total

@@ -1,7 +1,8 @@
 """The ``cuda`` backend: the hand-written kernels of csrc/, built into largedet_kernels._C.
 
-The extension registers two custom ops (csrc/binding.cpp): ``largedet::pmd_lamb_step_``
-(both passes of NOTE [two passes], two launches) and ``largedet::grad_sumsq``. Their
+The extension registers custom ops (csrc/binding.cpp): ``largedet::pmd_lamb_step_``
+(both passes of NOTE [two passes], two launches), its halves ``pmd_lamb_moments_`` and
+``pmd_lamb_update_`` for shards (NOTE [sharded norms]), and ``largedet::grad_sumsq``. Their
 fake implementations below let ``torch.compile`` trace through ``step()``. The device
 tables are chunk_plan.py's, shared with the Triton backend.
 """
@@ -10,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from . import Bucket, chunk_plan, torch_foreach
+from . import Bucket, PendingStep, chunk_plan, torch_foreach
 from .chunk_plan import ChunkPlan
 
 # Elements per block (a multiple of csrc/tables.h's kILP).
@@ -40,6 +41,14 @@ if _IMPORT_ERROR is None:
     def _pmd_lamb_step_fake(*args) -> None:
         return None
 
+    @torch.library.register_fake("largedet::pmd_lamb_moments_")
+    def _pmd_lamb_moments_fake(*args) -> None:
+        return None
+
+    @torch.library.register_fake("largedet::pmd_lamb_update_")
+    def _pmd_lamb_update_fake(*args) -> None:
+        return None
+
     @torch.library.register_fake("largedet::grad_sumsq")
     def _grad_sumsq_fake(grads, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, partials,
                          chunk_size, aligned) -> torch.Tensor:  # fmt: skip
@@ -52,32 +61,54 @@ def has_kernels(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
     return grad_dtype == param_dtype or (grad_dtype == torch.float32 and low_precision)
 
 
-def _tables(plan: ChunkPlan, bucket: Bucket):
-    return (plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.first_chunk,
-            plan.chunk_count)  # fmt: skip
+class _CudaKernels:
+    """chunk_plan.Kernels for the ops of csrc/binding.cpp."""
+
+    @staticmethod
+    def _args(bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf, partials, first_chunk, chunk_count):
+        return (
+            bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps, plan.pointers(bucket),
+            plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk, chunk_count, plan.hyper(bucket),
+            grad_factor, found_inf, partials, plan.t_now, plan.chunk, plan.aligned,
+        )  # fmt: skip
+
+    def step(self, bucket, plan, grad_factor, found_inf) -> None:
+        args = self._args(bucket, plan, grad_factor, found_inf, plan.partials, plan.first_chunk, plan.chunk_count)
+        torch.ops.largedet.pmd_lamb_step_(*args)
+
+    def moments(self, bucket, plan, grad_factor, found_inf) -> None:
+        args = self._args(bucket, plan, grad_factor, found_inf, plan.partials, plan.first_chunk, plan.chunk_count)
+        torch.ops.largedet.pmd_lamb_moments_(*args, plan.sums)
+
+    def update(self, bucket, plan, found_inf, sums) -> None:
+        # Pass 2 does not read the factor; plan.one stands in for it.
+        args = self._args(bucket, plan, plan.one, found_inf, sums, plan.pair_first, plan.pair_count)
+        torch.ops.largedet.pmd_lamb_update_(*args)
+
+    def grad_sumsq(self, bucket, plan) -> torch.Tensor:
+        return torch.ops.largedet.grad_sumsq(
+            bucket.grads, plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.first_chunk,
+            plan.chunk_count, plan.partials, plan.chunk, plan.aligned,
+        )  # fmt: skip
 
 
-def _launch_step(bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
-    tables = _tables(plan, bucket)
-    torch.ops.largedet.pmd_lamb_step_(
-        bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps, *tables,
-        plan.hyper(bucket), grad_factor, found_inf, plan.partials, plan.t_now, plan.chunk, plan.aligned,
-    )  # fmt: skip
-
-
-def _launch_grad_sumsq(bucket: Bucket, plan: ChunkPlan, *_) -> torch.Tensor:
-    tables = _tables(plan, bucket)
-    return torch.ops.largedet.grad_sumsq(bucket.grads, *tables, plan.partials, plan.chunk, plan.aligned)
+_KERNELS = _CudaKernels()
 
 
 def grad_sumsq(bucket: Bucket) -> torch.Tensor:
     if not has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
         return torch_foreach.grad_sumsq(bucket)
-    return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _launch_grad_sumsq)
+    return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _KERNELS)
 
 
 def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
     if not has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
         torch_foreach.step(bucket, grad_factor, found_inf)
         return
-    chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _launch_step)
+    chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
+
+
+def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
+    if not has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+        return torch_foreach.begin_step(bucket, grad_factor, found_inf)
+    return chunk_plan.fused_begin_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)

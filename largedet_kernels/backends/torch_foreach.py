@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from . import Bucket
+from . import Bucket, PendingStep
 
 # Elements per slice on CPU: x, g, m, v and two temporaries of 4 B stay within ~6 MiB.
 _CPU_SLICE_NUMEL = 1 << 18
@@ -98,7 +98,8 @@ def _slices(bucket: Bucket) -> Iterator[Tuple[int, int]]:
             lo, numel = i + 1, 0
 
 
-def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+def _prepare(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]):
+    """Advance the steps; the math dtype, the per-tensor coefficients, the factor, keep."""
     if bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # Its per-step host-to-device copies would replay from freed host memory.
         raise RuntimeError("the torch backend cannot be captured in a CUDA graph: use backend='triton' or 'cuda'")
@@ -110,15 +111,37 @@ def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optiona
         grad_factor = torch.where(keep, 1.0 if grad_factor is None else grad_factor, 0.0)
     if grad_factor is not None:
         grad_factor = grad_factor.to(dtype)
+    return dtype, coeff, grad_factor, keep
+
+
+def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    dtype, coeff, grad_factor, keep = _prepare(bucket, grad_factor, found_inf)
     for lo, hi in _slices(bucket):
-        _update(
-            bucket.params[lo:hi], bucket.grads[lo:hi], bucket.exp_avgs[lo:hi], bucket.exp_avg_sqs[lo:hi],
-            {k: v[lo:hi] for k, v in coeff.items()}, dtype, grad_factor, keep,
-        )  # fmt: skip
+        c = {k: v[lo:hi] for k, v in coeff.items()}
+        x, u = _moments(bucket, lo, hi, c, dtype, grad_factor, keep)
+        _apply(bucket.params[lo:hi], x, u, _sums(x, u), c, keep)
 
 
-def _update(xs, grads, m, v, c, dtype, grad_factor, keep) -> None:
-    """The update of Algorithm 1 on lists of tensors (see reference.pmd_lamb_step)."""
+def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
+    dtype, coeff, grad_factor, keep = _prepare(bucket, grad_factor, found_inf)
+    slices = []
+    for lo, hi in _slices(bucket):
+        c = {k: v[lo:hi] for k, v in coeff.items()}
+        x, u = _moments(bucket, lo, hi, c, dtype, grad_factor, keep)
+        slices.append((lo, hi, c, x, u))
+
+    def finish(sums: torch.Tensor) -> None:
+        for lo, hi, c, x, u in slices:
+            _apply(bucket.params[lo:hi], x, u, sums[lo:hi], c, keep)
+
+    # u is kept between the passes: this path is for shards, and recomputing u costs more.
+    return PendingStep(torch.cat([_sums(x, u) for *_, x, u in slices]), finish)
+
+
+def _moments(bucket: Bucket, lo: int, hi: int, c, dtype, grad_factor, keep):
+    """Pass 1 of Algorithm 1 on tensors [lo, hi) of the bucket (see reference.pmd_lamb_step):
+    m and v in place; returns x in the math dtype and u = r + λx."""
+    xs, grads, m, v = bucket.params[lo:hi], bucket.grads[lo:hi], bucket.exp_avgs[lo:hi], bucket.exp_avg_sqs[lo:hi]
     # Working copies in the compute dtype: grads are never written.
     x = xs if xs[0].dtype == dtype else [p.to(dtype) for p in xs]
     g = [gi.to(dtype) for gi in grads] if grads[0].dtype != dtype else list(grads)
@@ -157,9 +180,17 @@ def _update(xs, grads, m, v, c, dtype, grad_factor, keep) -> None:
         torch._foreach_addcdiv_(u, m, denom)
     else:
         u = torch._foreach_div(m, denom)
+    return x, u
 
-    # x ← x − η·α·(‖x‖/‖u‖)·u, the ratio taken as 1 when a norm is 0
-    x_norm, u_norm = torch.stack(torch._foreach_norm(x)), torch.stack(torch._foreach_norm(u))
+
+def _sums(x: List[torch.Tensor], u: List[torch.Tensor]) -> torch.Tensor:
+    """[n, 2]: Σx², Σu² per tensor."""
+    return torch.stack([torch.stack(torch._foreach_norm(x)), torch.stack(torch._foreach_norm(u))], 1).square()
+
+
+def _apply(xs, x, u, sums: torch.Tensor, c, keep) -> None:
+    """Pass 2: x ← x − η·α·(‖x‖/‖u‖)·u, the ratio taken as 1 when a norm is 0."""
+    x_norm, u_norm = sums.sqrt().unbind(1)
     trusted = c["use_trust"] & (x_norm > 0) & (u_norm > 0)
     ratio = c["lr_alpha"] * torch.where(trusted, x_norm / u_norm, 1.0)
     if keep is not None:

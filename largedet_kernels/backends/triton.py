@@ -17,7 +17,7 @@ import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is mi
 import triton.language as tl
 
 from .. import triton_kernels as k
-from . import Bucket, chunk_plan
+from . import Bucket, PendingStep, chunk_plan
 from .chunk_plan import ChunkPlan
 
 # Elements per program and per loop iteration. 16 KiB-element chunks keep the
@@ -52,42 +52,67 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _launch_step(bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
-    with _on(bucket.device):
-        _launch_step_here(bucket, plan, grad_factor, found_inf)
+class _TritonKernels:
+    """chunk_plan.Kernels for the kernels of triton_kernels.py."""
 
-
-def _launch_step_here(bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
-    ptrs, hyper = plan.pointers(bucket), plan.hyper(bucket)
-    dtypes = dict(
-        X_DTYPE=_TL_DTYPES[bucket.params[0].dtype], G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype],
-        MATH=_TL_DTYPES[plan.math_dtype], ALIGNED=plan.aligned, CHUNK=plan.chunk, BLOCK=BLOCK,
-    )  # fmt: skip
-    k.pmd_lamb_moments_kernel[(plan.n_chunks,)](
-        ptrs, plan.numels, plan.chunk_tensor, plan.chunk_index, hyper, grad_factor, found_inf, plan.partials,
-        plan.t_now, plan.n_tensors, **dtypes, num_warps=NUM_WARPS,
-    )  # fmt: skip
-    k.pmd_lamb_update_kernel[(plan.n_chunks,)](
-        ptrs, plan.numels, plan.chunk_tensor, plan.chunk_index, plan.first_chunk, plan.chunk_count, hyper,
-        found_inf, plan.partials, plan.t_now, plan.n_tensors, **dtypes, REDUCE_BLOCK=REDUCE_BLOCK,
-        num_warps=NUM_WARPS,
-    )  # fmt: skip
-
-
-def _launch_grad_sumsq(bucket: Bucket, plan: ChunkPlan, *_) -> torch.Tensor:
-    partials = plan.partials[: plan.n_chunks]
-    with _on(bucket.device):
-        k.grad_sumsq_kernel[(plan.n_chunks,)](
-            plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, partials, plan.n_tensors,
-            G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], ALIGNED=plan.aligned,
-            CHUNK=plan.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS,
+    @staticmethod
+    def _dtypes(bucket: Bucket, plan: ChunkPlan) -> dict:
+        return dict(
+            X_DTYPE=_TL_DTYPES[bucket.params[0].dtype], G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype],
+            MATH=_TL_DTYPES[plan.math_dtype], ALIGNED=plan.aligned, CHUNK=plan.chunk, BLOCK=BLOCK,
         )  # fmt: skip
-    return partials.sum()
+
+    def _moments(self, bucket, plan, grad_factor, found_inf) -> None:
+        k.pmd_lamb_moments_kernel[(plan.n_chunks,)](
+            plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.hyper(bucket), grad_factor,
+            found_inf, plan.partials, plan.t_now, plan.n_tensors, **self._dtypes(bucket, plan), num_warps=NUM_WARPS,
+        )  # fmt: skip
+
+    def _update(self, bucket, plan, found_inf, partials, first_chunk, chunk_count) -> None:
+        k.pmd_lamb_update_kernel[(plan.n_chunks,)](
+            plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk, chunk_count,
+            plan.hyper(bucket), found_inf, partials, plan.t_now, plan.n_tensors, **self._dtypes(bucket, plan),
+            REDUCE_BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
+        )  # fmt: skip
+
+    def step(self, bucket, plan, grad_factor, found_inf) -> None:
+        with _on(bucket.device):
+            self._moments(bucket, plan, grad_factor, found_inf)
+            self._update(bucket, plan, found_inf, plan.partials, plan.first_chunk, plan.chunk_count)
+
+    def moments(self, bucket, plan, grad_factor, found_inf) -> None:
+        with _on(bucket.device):
+            self._moments(bucket, plan, grad_factor, found_inf)
+            k.tensor_sums_kernel[(plan.n_tensors,)](
+                plan.partials, plan.first_chunk, plan.chunk_count, plan.sums, MATH=_TL_DTYPES[plan.math_dtype],
+                REDUCE_BLOCK=REDUCE_BLOCK, num_warps=1,
+            )  # fmt: skip
+
+    def update(self, bucket, plan, found_inf, sums) -> None:
+        with _on(bucket.device):
+            self._update(bucket, plan, found_inf, sums, plan.pair_first, plan.pair_count)
+
+    def grad_sumsq(self, bucket, plan) -> torch.Tensor:
+        partials = plan.partials[: plan.n_chunks]
+        with _on(bucket.device):
+            k.grad_sumsq_kernel[(plan.n_chunks,)](
+                plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, partials, plan.n_tensors,
+                G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], ALIGNED=plan.aligned,
+                CHUNK=plan.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            )  # fmt: skip
+        return partials.sum()
+
+
+_KERNELS = _TritonKernels()
 
 
 def grad_sumsq(bucket: Bucket) -> torch.Tensor:
-    return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _launch_grad_sumsq)
+    return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _KERNELS)
 
 
 def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _launch_step)
+    chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
+
+
+def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
+    return chunk_plan.fused_begin_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)

@@ -1,0 +1,236 @@
+"""PMD-LAMB and LAMB on PyTorch's distributed engines, on CPU ranks with gloo.
+
+FSDP2 (``fully_shard``): each rank steps shards, the norms of NOTE [sharded norms] come
+from one all-reduce per step, and the result equals one process stepping the whole
+parameters, uneven and empty shards included. DDP and ZeroRedundancyOptimizer hand
+whole tensors to the optimizer: N ranks equal one process with N× the batch.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import TRITON_TEST_BLOCK, TRITON_TEST_CHUNK
+from ranks import run_ranks
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.optim import ZeroRedundancyOptimizer
+from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from largedet_kernels import LAMB, PMDLAMB
+
+STEPS = 7  # over two ξ cycles of T = 3
+BATCH = 6  # divides among 2 and 3 ranks
+
+
+def _use_backend(backend: str) -> None:
+    if backend == "triton":  # small chunks, as the conftest fixture sets them in the parent
+        from largedet_kernels.backends import triton as triton_backend
+
+        triton_backend.CHUNK, triton_backend.BLOCK = TRITON_TEST_CHUNK, TRITON_TEST_BLOCK
+
+
+def _model() -> torch.nn.Module:
+    # 7 and 2 rows do not divide among 2 or 3 ranks (uneven shards; on 3 ranks the second
+    # layer's last shard is empty); the first bias starts at zero (a zero-norm tensor).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2), torch.nn.Tanh(), torch.nn.Linear(2, 3)
+    )
+    torch.nn.init.zeros_(model[0].bias)
+    return model
+
+
+def _batch(step: int) -> torch.Tensor:
+    return torch.randn(BATCH, 5, generator=torch.Generator().manual_seed(100 + step))
+
+
+# PMDLAMB as the paper runs it, and LAMB with bias correction and clipping that bites.
+OPTIMIZERS = {
+    "PMDLAMB": lambda params, backend: PMDLAMB(params, lr=0.05, weight_decay=0.01, cycle_length=3, backend=backend),
+    "LAMB": lambda params, backend: LAMB(params, lr=0.05, weight_decay=0.01, max_grad_norm=1e-3, backend=backend),
+}
+
+
+class _CountAllReduce:
+    """Counts torch.distributed.all_reduce calls inside the block."""
+
+    def __enter__(self):
+        self.calls, self._orig = 0, dist.all_reduce
+
+        def counting(*args, **kwargs):
+            self.calls += 1
+            return self._orig(*args, **kwargs)
+
+        dist.all_reduce = counting
+        return self
+
+    def __exit__(self, *exc):
+        dist.all_reduce = self._orig
+
+
+def _fsdp_worker(rank, world, backend):
+    _use_backend(backend)
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for name, make in OPTIMIZERS.items():
+        sharded, whole = _model(), _model()
+        fully_shard(sharded, mesh=mesh)
+        opt, ref = make(sharded.parameters(), backend), make(whole.parameters(), backend)
+        worst_x = worst_g = 0.0
+        collectives = []
+        for step in range(STEPS):
+            x = _batch(step)
+            sharded(x.chunk(world)[rank]).square().mean().backward()
+            whole(x).square().mean().backward()  # the mean over ranks of per-rank means: the full-batch mean
+            for p, q in zip(sharded.parameters(), whole.parameters()):
+                worst_g = max(worst_g, (p.grad.full_tensor() - q.grad).abs().max().item())
+            with _CountAllReduce() as count:
+                opt.step()
+            collectives.append(count.calls)
+            ref.step()
+            opt.zero_grad()
+            ref.zero_grad()
+            for p, q in zip(sharded.parameters(), whole.parameters()):
+                scale = q.detach().abs().max().item() or 1.0
+                worst_x = max(worst_x, (p.full_tensor() - q.detach()).abs().max().item() / scale)
+        locals_ = [tuple(p.to_local().shape) for p in sharded.parameters()]
+        state = opt.state[next(sharded.parameters())]
+        results[name] = dict(
+            worst_x=worst_x, worst_g=worst_g, collectives=collectives, local_shapes=locals_,
+            state_is_dtensor=isinstance(state["exp_avg"], DTensor) and isinstance(state["exp_avg_sq"], DTensor),
+            moved=max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(),
+                                                                                _model().parameters())),
+        )  # fmt: skip
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_shards_step_like_one_process(backend, world):
+    results = run_ranks(_fsdp_worker, world, backend)
+    if world == 3:  # the 2-row layer leaves rank 2 an empty shard, which still joins the collective
+        assert results[2]["PMDLAMB"]["local_shapes"][2] == (0, 7)
+    for per_rank in results:
+        for name, r in per_rank.items():
+            assert r["moved"] > 1e-3, name  # the parameters did train
+            assert r["worst_g"] < 1e-6, (name, r)
+            assert r["worst_x"] < 1e-5, (name, r)
+            assert r["state_is_dtensor"], name
+            # One all-reduce per step for the trust-ratio norms; LAMB clips: one more for ‖g‖.
+            assert r["collectives"] == [1 if name == "PMDLAMB" else 2] * STEPS, (name, r["collectives"])
+
+
+def _state_dict_worker(rank, world, backend):
+    _use_backend(backend)
+    mesh = init_device_mesh("cpu", (world,))
+    model = _model()
+    fully_shard(model, mesh=mesh)
+    opt = PMDLAMB(model.parameters(), lr=0.05, cycle_length=3, backend=backend)
+    for step in range(2):
+        model(_batch(step).chunk(world)[rank]).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    saved = copy.deepcopy(opt.state_dict())
+    # As saved (sharded state), and as a whole-tensor checkpoint each rank loads in full.
+    whole = copy.deepcopy(saved)
+    for s in whole["state"].values():
+        s["exp_avg"], s["exp_avg_sq"] = s["exp_avg"].full_tensor(), s["exp_avg_sq"].full_tensor()
+    same = []
+    for state_dict in (saved, whole):
+        fresh = PMDLAMB(model.parameters(), lr=0.05, cycle_length=3, backend=backend)
+        fresh.load_state_dict(state_dict)
+        for p in model.parameters():
+            a, b = opt.state[p], fresh.state[p]
+            same.append(
+                isinstance(b["exp_avg"], DTensor)
+                and b["exp_avg"].placements == p.placements
+                and torch.equal(a["exp_avg"].to_local(), b["exp_avg"].to_local())
+                and torch.equal(a["exp_avg_sq"].to_local(), b["exp_avg_sq"].to_local())
+                and torch.equal(a["step"], b["step"])
+            )
+    return same
+
+
+def test_fsdp2_state_dict_loads_sharded_and_whole(backend):
+    for same in run_ranks(_state_dict_worker, 3, backend):
+        assert same and all(same)
+
+
+def _replicated_worker(rank, world, backend):
+    _use_backend(backend)
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    x = torch.randn(4, 3)
+    p = torch.nn.Parameter(distribute_tensor(x, mesh, [Replicate()]))
+    p.grad = distribute_tensor(torch.randn(4, 3), mesh, [Replicate()])
+    q = torch.nn.Parameter(x.clone())
+    q.grad = p.grad.to_local().clone()
+    opt, ref = PMDLAMB([p], lr=0.1, backend=backend), PMDLAMB([q], lr=0.1, backend=backend)
+    with _CountAllReduce() as count:
+        opt.step()
+    ref.step()
+    return count.calls, torch.equal(p.to_local(), q.detach())
+
+
+def test_replicated_dtensors_need_no_collective(backend):
+    assert run_ranks(_replicated_worker, 2, backend) == [(0, True)] * 2
+
+
+def _conv_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5)
+    )
+
+
+def _ddp_worker(rank, world, backend, zero):
+    _use_backend(backend)
+    kwargs = dict(lr=0.05, weight_decay=0.01, cycle_length=3, backend=backend)
+    ddp, whole = DistributedDataParallel(_conv_model()), _conv_model()
+    if zero:
+        opt = ZeroRedundancyOptimizer(ddp.parameters(), optimizer_class=PMDLAMB, **kwargs)
+    else:
+        opt = PMDLAMB(ddp.parameters(), **kwargs)
+    ref = PMDLAMB(whole.parameters(), **kwargs)
+    worst_x = worst_g = 0.0
+    for step in range(STEPS):
+        images = torch.randn(BATCH, 3, 6, 6, generator=torch.Generator().manual_seed(step))
+        ddp(images.chunk(world)[rank]).square().mean().backward()
+        whole(images).square().mean().backward()
+        for p, q in zip(ddp.parameters(), whole.parameters()):
+            worst_g = max(worst_g, (p.grad - q.grad).abs().max().item())
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        for p, q in zip(ddp.parameters(), whole.parameters()):
+            worst_x = max(worst_x, ((p - q).abs().max() / q.abs().max()).item())
+    moved = max((p - q).abs().max().item() for p, q in zip(ddp.parameters(), _conv_model().parameters()))
+    return worst_x, worst_g, moved
+
+
+@pytest.mark.parametrize("zero", [False, True], ids=["ddp", "zero"])
+@pytest.mark.parametrize("world", [2, 3])
+def test_ddp_ranks_equal_one_process_with_the_whole_batch(backend, world, zero):
+    for worst_x, worst_g, moved in run_ranks(_ddp_worker, world, backend, zero):
+        assert moved > 1e-4  # η·α = 6e-4 of ‖x‖ per step
+        assert worst_g < 1e-6
+        assert worst_x < 1e-5
+
+
+def test_a_gradient_without_the_parameters_placements_is_refused():
+    assert run_ranks(_mismatch_worker, 2) == [True, True]
+
+
+def _mismatch_worker(rank, world):
+    mesh = init_device_mesh("cpu", (world,))
+    p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 3), mesh, [Replicate()]))
+    p.grad = torch.randn(4, 3)  # a plain tensor, as code that replaces .grad by hand might leave
+    opt = PMDLAMB([p], backend="torch")
+    try:
+        opt.step()
+    except RuntimeError as err:
+        return "must be a DTensor" in str(err) and not opt.state[p]
+    return False
