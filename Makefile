@@ -12,8 +12,8 @@ bench: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
-$(VENV)/.installed: setup.py requirements-dev.txt
+$(VENV)/.installed: setup.py requirements-dev.txt csrc/cpu/pmd_lamb_cpu.cpp
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements-dev.txt
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-build-isolation -e .
 	touch $@

@@ -1,5 +1,10 @@
 """Build of largedet-kernels.
 
+``LARGEDET_CPU_BUILD`` governs the CPU extension ``largedet_kernels._C_cpu`` (the
+``cpu`` backend, built with the machine's C++ compiler, no nvcc): ``auto``
+(default) builds it when torch is importable at build time and lets the install
+go on without it if it fails, ``1`` builds it or fails, ``0`` skips it.
+
 ``LARGEDET_CUDA_BUILD`` governs the CUDA extension ``largedet_kernels._C``:
 ``auto`` (default) builds it when nvcc and a CUDA build of torch are found,
 ``1`` builds it or fails saying why, ``0`` skips it. Without the extension
@@ -55,10 +60,57 @@ def cuda_build_blocker():
     return None
 
 
-def ext_modules():
-    mode = os.environ.get("LARGEDET_CUDA_BUILD", "auto")
+def build_mode(variable):
+    mode = os.environ.get(variable, "auto")
     if mode not in MODES:
-        raise SystemExit(f"LARGEDET_CUDA_BUILD must be one of {MODES}, got {mode!r}")
+        raise SystemExit(f"{variable} must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def vector_flags():
+    """AVX2 vectors for at::vec::Vectorized when the building machine has them (the
+    extension is built where it runs, like -march=native); ATen's generic vectors otherwise."""
+    try:
+        flags = set(re.findall(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M)[0].split())
+    except (OSError, IndexError):
+        return []
+    if {"avx2", "fma", "f16c"} <= flags:  # what ATen's own AVX2 kernels are built for
+        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
+    return []
+
+
+def cpu_extension():
+    mode = build_mode("LARGEDET_CPU_BUILD")
+    if mode == "0":
+        return []
+    try:
+        import torch
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:
+        if mode == "1":
+            raise SystemExit("LARGEDET_CPU_BUILD=1 but torch is not importable at build time") from None
+        print("largedet-kernels: skipping the CPU extension (torch is not importable at build time)")
+        return []
+    # at::parallel_for is an OpenMP loop in ATen's headers when torch runs on OpenMP.
+    backend = re.search(r"ATen parallel backend: (.*)", torch.__config__.parallel_info())
+    openmp = ["-fopenmp"] if backend and backend.group(1).strip() == "OpenMP" else []
+    return [
+        CppExtension(
+            "largedet_kernels._C_cpu",
+            ["csrc/cpu/pmd_lamb_cpu.cpp"],
+            extra_compile_args=["-O3", *openmp, *vector_flags()],
+            extra_link_args=openmp,
+            optional=mode == "auto",
+        )
+    ]
+
+
+def ext_modules():
+    return cuda_extension() + cpu_extension()
+
+
+def cuda_extension():
+    mode = build_mode("LARGEDET_CUDA_BUILD")
     if mode == "0":
         return []
     blocker = cuda_build_blocker()

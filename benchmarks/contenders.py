@@ -85,7 +85,7 @@ def _pmdlamb(backend: str) -> Contender:
         lambda ps: PMDLAMB(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, alpha=ALPHA,
                            cycle_length=CYCLE, backend=backend).step,  # fmt: skip
         lambda device: dispatch.unavailable_reason(backend, device),
-        capturable=backend != "torch",
+        capturable=backend in ("cuda", "triton"),
     )
 
 
@@ -102,10 +102,14 @@ def _deepspeed(ps):
     return FusedLamb(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, bias_correction=False).step
 
 
-def _timm(ps):
-    from timm.optim import Lamb
+def _timm(foreach: bool):
+    def make(ps):
+        from timm.optim import Lamb
 
-    return Lamb(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, bias_correction=False).step
+        return Lamb(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, bias_correction=False,
+                    foreach=foreach).step  # fmt: skip
+
+    return make
 
 
 def _fused_adamw(ps):
@@ -131,7 +135,8 @@ CONTENDERS: List[Contender] = [
               _cuda_only(_importable("apex.optimizers", "build NVIDIA/apex with --cuda_ext"), "apex FusedLAMB")),
     Contender("deepspeed FusedLamb", _deepspeed,
               _cuda_only(_importable("deepspeed.ops.lamb", "pip install deepspeed"), "DeepSpeed FusedLamb")),
-    Contender("timm Lamb", _timm, _importable("timm.optim", "pip install timm")),
+    Contender("timm Lamb", _timm(False), _importable("timm.optim", "pip install timm"), note="per-tensor loop"),
+    Contender("timm Lamb foreach", _timm(True), _importable("timm.optim", "pip install timm")),
     Contender("torch fused AdamW", _fused_adamw, _fused_adamw_unavailable, capturable=False,
               note="memory-bound yardstick: the same bytes class, no norms"),
 ]  # fmt: skip

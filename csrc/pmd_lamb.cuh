@@ -1,5 +1,5 @@
-// PMD-LAMB in CUDA C++: the update rule (StepCoefficients, direction) and the three
-// kernels built on the harness of csrc/multi_tensor_apply.cuh.
+// PMD-LAMB in CUDA C++: the kernels, built on the harness of csrc/multi_tensor_apply.cuh
+// and the update rule of csrc/pmd_lamb_math.h.
 //
 // NOTE [two passes] (as in largedet_kernels/triton_kernels.py)
 //   pass 1, pmd_lamb_moments_kernel: read x, g, m, v; write m, v; write per-chunk
@@ -18,56 +18,9 @@
 #pragma once
 
 #include "multi_tensor_apply.cuh"
+#include "pmd_lamb_math.h"
 
 namespace largedet {
-
-template <typename M>
-__device__ __forceinline__ M cos_(M a) { return cos(a); }
-template <>
-__device__ __forceinline__ float cos_(float a) { return cosf(a); }
-template <typename M>
-__device__ __forceinline__ M sqrt_(M a) { return sqrt(a); }
-template <>
-__device__ __forceinline__ float sqrt_(float a) { return sqrtf(a); }
-template <typename M>
-__device__ __forceinline__ M pow_(M a, M b) { return pow(a, b); }
-template <>
-__device__ __forceinline__ float pow_(float a, float b) { return powf(a, b); }
-
-// What the update of one tensor needs at step t: ξ and everything derived from its row.
-template <typename M>
-struct StepCoefficients {
-  M decay_m, decay_v;            // ξβ1, ξβ2
-  M weight_g, weight_g2;         // (1−β1) or 1, (1−β2)
-  M correction_m, correction_v;  // 1−β1^t, 1−β2^t, or 1
-  M eps_in, eps_out;             // ε inside or outside the square root
-  M decay_in_grad, decay_in_update;  // λ in g (L2 mode) or in u (decoupled)
-
-  __device__ __forceinline__ StepCoefficients(const M* row, M t) {
-    const M beta1 = row[kBeta1], beta2 = row[kBeta2], eps = row[kEps], lambda = row[kWeightDecay];
-    const M cycle = row[kCycleLength];
-    const M xi = cycle > M(0) ? cos_(M(1.5707963267948966) * fmod(t, cycle) / cycle) : M(1);  // ξ = cos(π/2·(t mod T)/T)
-    const bool bias_correction = row[kBiasCorrection] != M(0), inside = row[kEpsInsideSqrt] != M(0);
-    const bool adam_w = row[kAdamWMode] != M(0);
-    decay_m = xi * beta1;
-    decay_v = xi * beta2;
-    weight_g = row[kGradAveraging] != M(0) ? M(1) - beta1 : M(1);
-    weight_g2 = M(1) - beta2;
-    correction_m = bias_correction ? M(1) - pow_(beta1, t) : M(1);
-    correction_v = bias_correction ? M(1) - pow_(beta2, t) : M(1);
-    eps_in = inside ? eps : M(0);
-    eps_out = inside ? M(0) : eps;
-    decay_in_grad = adam_w ? M(0) : lambda;
-    decay_in_update = adam_w ? lambda : M(0);
-  }
-};
-
-// u = r + λx, r = m̂/√(v̂ + ε) or m̂/(√v̂ + ε): the one place both passes get u from.
-template <typename M>
-__device__ __forceinline__ M direction(M m, M v, M x, const StepCoefficients<M>& c) {
-  const M denom = sqrt_(v / c.correction_v + c.eps_in) + c.eps_out;
-  return m / c.correction_m / denom + c.decay_in_update * x;
-}
 
 // Pass 1 (NOTE [two passes]): m, v, and this chunk's Σx², Σu².
 template <typename X, typename G, typename M, bool kAligned>
@@ -96,9 +49,7 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_moments_kernel(ChunkTable
     load_group<kVector, Read::kWritten>(v, v_ptr + offset, count);
 #pragma unroll
     for (int j = 0; j < kILP; ++j) {
-      const M gj = g[j] * factor + c.decay_in_grad * x[j];
-      m[j] = c.decay_m * m[j] + c.weight_g * gj;
-      v[j] = c.decay_v * v[j] + c.weight_g2 * gj * gj;
+      update_moments(m[j], v[j], g[j], x[j], factor, c);
       const M u = j < count ? direction(m[j], v[j], x[j], c) : M(0);
       sum_x += x[j] * x[j];
       sum_u += u * u;
@@ -166,12 +117,8 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable 
 
   M sum_x, sum_u;
   tensor_sums(table, static_cast<const M*>(s.partials), chunk.tensor, shared, sum_x, sum_u);
-  const M x_norm = sqrt_(sum_x), u_norm = sqrt_(sum_u);
   __shared__ M ratio_shared;
-  if (threadIdx.x == 0) {
-    const bool trusted = row[kUseTrustRatio] != M(0) && x_norm > M(0) && u_norm > M(0);
-    ratio_shared = row[kLrAlpha] * (trusted ? x_norm / u_norm : M(1));
-  }
+  if (threadIdx.x == 0) ratio_shared = trust_ratio(row, sum_x, sum_u);
   __syncthreads();
   const M ratio = ratio_shared;
   if (!keep) return;

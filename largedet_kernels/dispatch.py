@@ -2,20 +2,23 @@
 
 ``backend="auto"`` takes the first available of ``AUTO_ORDER`` for the device's
 type (fastest first; never Triton's interpreter, which runs the kernels on CPU
-tensors for tests, not for speed); an explicit backend that cannot run on the device raises
+tensors for tests, not for speed; on CPU without the C++ extension it warns once
+and takes the torch backend); an explicit backend that cannot run on the device raises
 :class:`BackendUnavailableError` saying why and how to get it, never a silent
 fallback.
 """
 
+import functools
 import importlib
+import warnings
 from types import ModuleType
 from typing import Optional
 
 import torch
 
-BACKEND_NAMES = ("cuda", "triton", "torch")
+BACKEND_NAMES = ("cuda", "triton", "cpu", "torch")
 BACKENDS = ("auto", *BACKEND_NAMES)
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch")}
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 AUTO_ORDER_ELSEWHERE = ("torch",)
 
 # How to get a backend whose module does not import (the cuda module always imports and
@@ -24,6 +27,7 @@ _HOW_TO_GET = {"triton": "install Triton (pip install triton) beside a CUDA buil
 _MODULES = {
     "cuda": "largedet_kernels.backends.cuda",
     "triton": "largedet_kernels.backends.triton",
+    "cpu": "largedet_kernels.backends.cpu",
     "torch": "largedet_kernels.backends.torch_foreach",
 }
 
@@ -61,4 +65,13 @@ def resolve(requested: str, device: torch.device) -> str:
             raise BackendUnavailableError(f"backend={requested!r} is unavailable: {reason}")
         return requested
     order = AUTO_ORDER.get(device.type, AUTO_ORDER_ELSEWHERE)
-    return next(name for name in order if unavailable_reason(name, device) is None)
+    name = next(name for name in order if unavailable_reason(name, device) is None)
+    if device.type == "cpu" and name != "cpu":
+        _warn_slow_cpu_path(unavailable_reason("cpu", device))
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_slow_cpu_path(reason: str) -> None:
+    """Once per process: CPU tensors take the slower torch backend."""
+    warnings.warn(f"largedet_kernels: CPU tensors are stepped by the torch backend because {reason}", stacklevel=4)

@@ -10,6 +10,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 CPU_BACKENDS = ["torch"]
+if importlib.util.find_spec("largedet_kernels._C_cpu") is not None:
+    CPU_BACKENDS.append("cpu")
 if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
     CPU_BACKENDS.append("triton")
 

@@ -197,11 +197,13 @@ def check_sharded_halves(backend: str, dtype: torch.dtype, device: str, rtol: fl
         assert all(s.item() == t for b in shards for s in b.steps)
 
 
-def check_halves_equal_step(backend: str, dtype: torch.dtype, device: str) -> None:
+def check_halves_equal_step(
+    backend: str, dtype: torch.dtype, device: str, shapes: Sequence[Sequence[int]] = SHAPES
+) -> None:
     """begin_step, then finish with the bucket's own sums, is step, bit for bit."""
     module = dispatch.backend_module(backend)
     group = PMDLAMB([torch.zeros(1)], lr=0.05, weight_decay=0.01, cycle_length=3).param_groups[0]
-    params = make_params(SHAPES, dtype, zero=(2,), device=device)
+    params = make_params(shapes, dtype, zero=(2,), device=device)
     a, b = (make_bucket([p.detach().clone() for p in params], group) for _ in range(2))
     gen = torch.Generator().manual_seed(4)
     for _ in range(4):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from conftest import TRITON_TEST_BLOCK, TRITON_TEST_CHUNK
 from ranks import run_ranks
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
 from torch.nn.parallel import DistributedDataParallel
@@ -71,13 +71,15 @@ class _CountAllReduce:
         dist.all_reduce = self._orig
 
 
-def _fsdp_worker(rank, world, backend):
+def _fsdp_worker(rank, world, backend, offload=False):
     _use_backend(backend)
     mesh = init_device_mesh("cpu", (world,))
     results = {}
     for name, make in OPTIMIZERS.items():
         sharded, whole = _model(), _model()
-        fully_shard(sharded, mesh=mesh)
+        fully_shard(
+            sharded, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False) if offload else OffloadPolicy()
+        )
         opt, ref = make(sharded.parameters(), backend), make(whole.parameters(), backend)
         worst_x = worst_g = 0.0
         collectives = []
@@ -107,9 +109,11 @@ def _fsdp_worker(rank, world, backend):
     return results
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_fsdp2_shards_step_like_one_process(backend, world):
-    results = run_ranks(_fsdp_worker, world, backend)
+@pytest.mark.parametrize("world,offload", [(2, False), (3, False), (2, True)], ids=["2", "3", "2-cpu-offload"])
+def test_fsdp2_shards_step_like_one_process(backend, world, offload):
+    # With CPUOffloadPolicy the sharded parameters and the optimizer step live on the host
+    # (what the cpu backend is for); here every tensor is on the host anyway.
+    results = run_ranks(_fsdp_worker, world, backend, offload)
     if world == 3:  # the 2-row layer leaves rank 2 an empty shard, which still joins the collective
         assert results[2]["PMDLAMB"]["local_shapes"][2] == (0, 7)
     for per_rank in results:

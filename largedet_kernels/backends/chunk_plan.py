@@ -116,6 +116,13 @@ class ChunkPlan:
         return self.table
 
 
+def has_kernels(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+    """The (parameter, gradient) dtype pairs the C++ kernels instantiate, on the GPU
+    (csrc/pmd_lamb_launch.cu's supported_dtypes) and on the CPU (csrc/cpu/)."""
+    low_precision = param_dtype in (torch.float16, torch.bfloat16)
+    return grad_dtype == param_dtype or (grad_dtype == torch.float32 and low_precision)
+
+
 def kernel_friendly(p: torch.Tensor, others: Tuple[torch.Tensor, ...]) -> bool:
     """x, g, m, v dense with equal strides: element i is at offset i in all four."""
     dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))

@@ -55,12 +55,6 @@ if _IMPORT_ERROR is None:
         return partials.new_empty(())
 
 
-def has_kernels(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
-    """The dtype pairs csrc/pmd_lamb_launch.cu instantiates (its supported_dtypes)."""
-    low_precision = param_dtype in (torch.float16, torch.bfloat16)
-    return grad_dtype == param_dtype or (grad_dtype == torch.float32 and low_precision)
-
-
 class _CudaKernels:
     """chunk_plan.Kernels for the ops of csrc/binding.cpp."""
 
@@ -96,19 +90,19 @@ _KERNELS = _CudaKernels()
 
 
 def grad_sumsq(bucket: Bucket) -> torch.Tensor:
-    if not has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
         return torch_foreach.grad_sumsq(bucket)
     return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _KERNELS)
 
 
 def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    if not has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
         torch_foreach.step(bucket, grad_factor, found_inf)
         return
     chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
 
 
 def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
-    if not has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
         return torch_foreach.begin_step(bucket, grad_factor, found_inf)
     return chunk_plan.fused_begin_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)

@@ -1,0 +1,399 @@
+// The CPU backend: PMD-LAMB over a bucket's tensors in two passes, vectorised with
+// at::vec::Vectorized and parallel with at::parallel_for, for optimizer offload (FSDP2's
+// CPUOffloadPolicy) where step() runs on the host over the whole model. The update rule
+// is csrc/pmd_lamb_math.h's, shared with the CUDA kernels.
+//
+// NOTE [cpu passes]
+//   As on the GPU (NOTE [two passes] in csrc/pmd_lamb.cuh) the trust ratio needs a whole-
+//   tensor reduction before x may change. Tensors are cut into chunks of kChunk elements
+//   whatever the thread count, and a chunk sums x² and u² in a fixed order (vector lanes
+//   over a tile, then the lanes in order into a double), the chunks of a tensor in order:
+//   results are the same for 1 and N threads. A tensor of one chunk is one work item: one
+//   thread runs both passes back to back while its x, m and v are still in cache (fp32:
+//   28 B/elem from memory instead of 40). Larger tensors run pass 1 over all their chunks
+//   in parallel, then pass 2.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <Python.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../pmd_lamb_math.h"
+
+namespace largedet {
+
+template <typename M>
+struct Ops<at::vec::Vectorized<M>> {
+  static at::vec::Vectorized<M> sqrt(at::vec::Vectorized<M> a) { return a.sqrt(); }
+};
+
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+
+constexpr int64_t kChunk = 1 << 16;  // elements per work item: x, g, m, v of fp32 fit a core's L2
+constexpr int64_t kTile = 512;       // elements summed in vector lanes before the lanes go to a double
+
+// Math in float32, or float64 for float64 parameters (as on the GPU).
+template <typename X>
+using MathOf = std::conditional_t<std::is_same_v<X, double>, double, float>;
+
+template <typename M, typename T>
+at::vec::Vectorized<M> load(const T* p, int64_t n) {
+  using Vec = at::vec::Vectorized<M>;
+  if constexpr (std::is_same_v<T, M>) {
+    return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
+  } else {
+    M buf[Vec::size()] = {};
+    for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<M>(p[j]);
+    return Vec::loadu(buf);
+  }
+}
+
+template <typename M, typename T>
+void store(const at::vec::Vectorized<M>& v, T* p, int64_t n) {
+  using Vec = at::vec::Vectorized<M>;
+  if constexpr (std::is_same_v<T, M>) {
+    n == Vec::size() ? v.store(p) : v.store(p, n);
+  } else {
+    M buf[Vec::size()];
+    v.store(buf);
+    for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
+  }
+}
+
+template <typename M>
+double lanes_sum(const at::vec::Vectorized<M>& v) {
+  M lanes[at::vec::Vectorized<M>::size()];
+  v.store(lanes);
+  double sum = 0;
+  for (M lane : lanes) sum += lane;
+  return sum;
+}
+
+// One tensor of a bucket: where it lives and what its update needs this step.
+template <typename X, typename G>
+struct TensorStep {
+  using M = MathOf<X>;
+  X* x;
+  const G* g;
+  M* m;
+  M* v;
+  int64_t numel;
+  const M* row;  // its row of the hyper-parameter table
+  M t;           // the step being taken
+};
+
+struct Sums {
+  double x = 0, u = 0;
+};
+
+// Pass 1 over [begin, end) of one tensor: m, v in place; returns Σx², Σu² of the range.
+template <typename X, typename G>
+Sums moments_range(const TensorStep<X, G>& s, MathOf<X> factor, int64_t begin, int64_t end) {
+  using M = MathOf<X>;
+  using Vec = at::vec::Vectorized<M>;
+  const StepCoefficients<Vec> c{StepCoefficients<M>(s.row, s.t)};
+  const Vec f(factor);
+  Sums sums;
+  for (int64_t tile = begin; tile < end; tile += kTile) {
+    const int64_t tile_end = std::min(tile + kTile, end);
+    Vec acc_x(0), acc_u(0);
+    for (int64_t i = tile; i < tile_end; i += Vec::size()) {
+      const int64_t n = std::min<int64_t>(Vec::size(), tile_end - i);
+      const Vec x = load<M>(s.x + i, n);
+      Vec m = load<M>(s.m + i, n), v = load<M>(s.v + i, n);
+      update_moments(m, v, load<M>(s.g + i, n), x, f, c);
+      store(m, s.m + i, n);
+      store(v, s.v + i, n);
+      const Vec u = Vec::set(Vec(0), direction(m, v, x, c), n);  // lanes past the end add nothing
+      acc_x = acc_x + x * x;
+      acc_u = acc_u + u * u;
+    }
+    sums.x += lanes_sum(acc_x);
+    sums.u += lanes_sum(acc_u);
+  }
+  return sums;
+}
+
+// Pass 2 over [begin, end) of one tensor: x ← x − ratio·u, u recomputed from the new m, v.
+template <typename X, typename G>
+void update_range(const TensorStep<X, G>& s, MathOf<X> ratio, int64_t begin, int64_t end) {
+  using M = MathOf<X>;
+  using Vec = at::vec::Vectorized<M>;
+  const StepCoefficients<Vec> c{StepCoefficients<M>(s.row, s.t)};
+  const Vec r(ratio);
+  for (int64_t i = begin; i < end; i += Vec::size()) {
+    const int64_t n = std::min<int64_t>(Vec::size(), end - i);
+    const Vec x = load<M>(s.x + i, n);
+    store(x - r * direction(load<M>(s.m + i, n), load<M>(s.v + i, n), x, c), s.x + i, n);
+  }
+}
+
+template <typename X, typename G>
+MathOf<X> ratio_of(const TensorStep<X, G>& s, const Sums& sums) {
+  using M = MathOf<X>;
+  return trust_ratio<M>(s.row, static_cast<M>(sums.x), static_cast<M>(sums.u));
+}
+
+struct Item {
+  int64_t tensor, begin, end;
+};
+
+// NOTE [cpu passes]: the chunks of the tensors larger than one chunk, in tensor order.
+std::vector<Item> chunks_of(const std::vector<int64_t>& numels, bool large) {
+  std::vector<Item> items;
+  for (int64_t i = 0; i < static_cast<int64_t>(numels.size()); ++i) {
+    if ((numels[i] > kChunk) != large) continue;
+    for (int64_t b = 0; b < numels[i] || b == 0; b += kChunk) items.push_back({i, b, std::min(b + kChunk, numels[i])});
+  }
+  return items;
+}
+
+// Each tensor's Σx², Σu²: its chunks' sums in order.
+std::vector<Sums> per_tensor(const std::vector<Item>& items, const std::vector<Sums>& partials, size_t n) {
+  std::vector<Sums> sums(n);
+  for (size_t k = 0; k < items.size(); ++k) {
+    sums[items[k].tensor].x += partials[k].x;
+    sums[items[k].tensor].u += partials[k].u;
+  }
+  return sums;
+}
+
+template <typename X, typename G>
+struct BucketStep {
+  using M = MathOf<X>;
+  std::vector<TensorStep<X, G>> tensors;
+  std::vector<int64_t> numels;
+  M factor = 1;
+
+  // Advances (or, when `advance` is false, only reads) every step count.
+  BucketStep(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+             const Tensor& hyper, const c10::optional<Tensor>& grad_factor, bool advance) {
+    const M* table = hyper.data_ptr<M>();
+    if (grad_factor) factor = static_cast<M>(grad_factor->item<double>());
+    for (size_t i = 0; i < params.size(); ++i) {
+      float* step = steps[i].data_ptr<float>();
+      if (advance) *step += 1.0f;
+      tensors.push_back({params[i].data_ptr<X>(), grads.empty() ? nullptr : grads[i].data_ptr<G>(),
+                         exp_avgs[i].data_ptr<M>(), exp_avg_sqs[i].data_ptr<M>(), params[i].numel(),
+                         table + i * kHyperColumns, static_cast<M>(*step)});
+      numels.push_back(params[i].numel());
+    }
+  }
+
+  std::vector<Sums> moments(const std::vector<Item>& items) const {
+    std::vector<Sums> partials(items.size());
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k)
+        partials[k] = moments_range(tensors[items[k].tensor], factor, items[k].begin, items[k].end);
+    });
+    return partials;
+  }
+
+  void update(const std::vector<Item>& items, const std::vector<M>& ratios) const {
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k)
+        update_range(tensors[items[k].tensor], ratios[items[k].tensor], items[k].begin, items[k].end);
+    });
+  }
+
+  std::vector<M> ratios(const std::vector<Sums>& sums) const {
+    std::vector<M> out(tensors.size());
+    for (size_t i = 0; i < tensors.size(); ++i) out[i] = ratio_of(tensors[i], sums[i]);
+    return out;
+  }
+};
+
+bool skipped(const c10::optional<Tensor>& found_inf) { return found_inf && found_inf->item<float>() != 0.0f; }
+
+// Calls f(X{}, G{}) for the bucket's (parameter, gradient) dtypes.
+template <typename F>
+void dispatch(at::ScalarType x, at::ScalarType g, F&& f) {
+  using at::BFloat16;
+  using at::Half;
+  if (x == at::kFloat && g == at::kFloat) return f(float{}, float{});
+  if (x == at::kDouble && g == at::kDouble) return f(double{}, double{});
+  if (x == at::kHalf && g == at::kHalf) return f(Half{}, Half{});
+  if (x == at::kHalf && g == at::kFloat) return f(Half{}, float{});
+  if (x == at::kBFloat16 && g == at::kBFloat16) return f(BFloat16{}, BFloat16{});
+  if (x == at::kBFloat16 && g == at::kFloat) return f(BFloat16{}, float{});
+  TORCH_CHECK(false, "largedet_cpu: no kernel for ", x, " parameters with ", g, " gradients");
+}
+
+void check_bucket(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                  TensorList steps, const Tensor& hyper) {
+  const size_t n = params.size();
+  TORCH_CHECK(n > 0, "largedet_cpu: no tensors to step");
+  TORCH_CHECK((grads.empty() || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  steps.size() == n,
+              "largedet_cpu: params, grads, exp_avgs, exp_avg_sqs and steps must have one tensor each per parameter");
+  const at::ScalarType math = params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == math && hyper.is_contiguous() &&
+                  hyper.numel() == static_cast<int64_t>(n) * kHyperColumns,
+              "largedet_cpu: hyper must be a contiguous CPU ", math, " tensor of ", n, " x ", kHyperColumns,
+              " values, got ", hyper.scalar_type(), " ", hyper.sizes());
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor& p = params[i];
+    TORCH_CHECK(p.device().is_cpu() && p.is_non_overlapping_and_dense(), "largedet_cpu: parameter ", i,
+                " must be a dense CPU tensor");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "largedet_cpu: parameters of one bucket share a dtype");
+    for (const Tensor* t : {&exp_avgs[i], &exp_avg_sqs[i]}) {
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == math && t->strides() == p.strides() &&
+                      t->sizes() == p.sizes(),
+                  "largedet_cpu: the moments of parameter ", i, " must be ", math, " CPU tensors laid out like it");
+    }
+    if (!grads.empty()) {
+      TORCH_CHECK(grads[i].device().is_cpu() && grads[i].strides() == p.strides() && grads[i].sizes() == p.sizes() &&
+                      grads[i].scalar_type() == grads[0].scalar_type(),
+                  "largedet_cpu: the gradient of parameter ", i, " must be a CPU tensor laid out like it");
+    }
+    TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
+                "largedet_cpu: steps must be float32 CPU scalars");
+  }
+}
+
+// Both passes (NOTE [cpu passes]).
+void step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+           const Tensor& hyper, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
+  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, hyper);
+  if (skipped(found_inf)) return;  // NOTE [skipped steps]: nothing changes
+  dispatch(params[0].scalar_type(), grads[0].scalar_type(), [&](auto x_tag, auto g_tag) {
+    using X = decltype(x_tag);
+    using G = decltype(g_tag);
+    const BucketStep<X, G> b(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_factor, true);
+    // Tensors of one chunk: both passes in one work item, while the tensor is in cache.
+    const std::vector<Item> small = chunks_of(b.numels, false);
+    at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const auto& s = b.tensors[small[k].tensor];
+        const Sums sums = moments_range(s, b.factor, 0, s.numel);
+        update_range(s, ratio_of(s, sums), 0, s.numel);
+      }
+    });
+    const std::vector<Item> large = chunks_of(b.numels, true);
+    b.update(large, b.ratios(per_tensor(large, b.moments(large), b.tensors.size())));
+  });
+}
+
+// Pass 1 and each tensor's local Σx², Σu² into sums [n, 2] (NOTE [sharded norms] in
+// largedet_kernels/optimizer.py); the steps advance here.
+void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+              const Tensor& hyper, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf,
+              Tensor& sums) {
+  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, hyper);
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == hyper.scalar_type() && sums.is_contiguous() &&
+                  sums.numel() == 2 * n,
+              "largedet_cpu: sums must be a contiguous CPU tensor of the math dtype with 2 values per tensor");
+  sums.zero_();
+  if (skipped(found_inf)) return;
+  dispatch(params[0].scalar_type(), grads[0].scalar_type(), [&](auto x_tag, auto g_tag) {
+    using X = decltype(x_tag);
+    using G = decltype(g_tag);
+    using M = MathOf<X>;
+    const BucketStep<X, G> b(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_factor, true);
+    const std::vector<Item> small = chunks_of(b.numels, false), large = chunks_of(b.numels, true);
+    const std::vector<Sums> of_small = per_tensor(small, b.moments(small), n);
+    const std::vector<Sums> of_large = per_tensor(large, b.moments(large), n);
+    M* out = sums.data_ptr<M>();
+    for (int64_t i = 0; i < n; ++i) {
+      out[2 * i] = static_cast<M>(of_small[i].x + of_large[i].x);
+      out[2 * i + 1] = static_cast<M>(of_small[i].u + of_large[i].u);
+    }
+  });
+}
+
+// Pass 2 with the norms of sums [n, 2] (summed over the shards of each tensor).
+void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps, const Tensor& hyper,
+             const c10::optional<Tensor>& found_inf, const Tensor& sums) {
+  check_bucket(params, {}, exp_avgs, exp_avg_sqs, steps, hyper);
+  const int64_t n = static_cast<int64_t>(params.size());
+  TORCH_CHECK(sums.device().is_cpu() && sums.numel() == 2 * n, "largedet_cpu: sums must hold 2 values per tensor");
+  if (skipped(found_inf)) return;
+  const Tensor sums64 = sums.to(at::kDouble).contiguous();
+  const double* s = sums64.data_ptr<double>();
+  dispatch(params[0].scalar_type(), params[0].scalar_type(), [&](auto x_tag, auto) {
+    using X = decltype(x_tag);
+    using M = MathOf<X>;
+    // The gradient type does not matter to pass 2.
+    const BucketStep<X, X> b(params, {}, exp_avgs, exp_avg_sqs, steps, hyper, c10::nullopt, false);
+    std::vector<M> ratios(n);
+    for (int64_t i = 0; i < n; ++i) {
+      ratios[i] = trust_ratio<M>(b.tensors[i].row, static_cast<M>(s[2 * i]), static_cast<M>(s[2 * i + 1]));
+    }
+    std::vector<Item> items = chunks_of(b.numels, false), large = chunks_of(b.numels, true);
+    items.insert(items.end(), large.begin(), large.end());
+    b.update(items, ratios);
+  });
+}
+
+// Σg² over the gradients, for global-norm clipping: float64 for float64 gradients, else float32.
+Tensor grad_sumsq(TensorList grads) {
+  TORCH_CHECK(!grads.empty(), "largedet_cpu: no gradients");
+  std::vector<int64_t> numels;
+  for (const Tensor& g : grads) {
+    TORCH_CHECK(g.device().is_cpu() && g.is_non_overlapping_and_dense() && g.scalar_type() == grads[0].scalar_type(),
+                "largedet_cpu: gradients must be dense CPU tensors of one dtype");
+    numels.push_back(g.numel());
+  }
+  std::vector<Item> items = chunks_of(numels, false), large = chunks_of(numels, true);
+  items.insert(items.end(), large.begin(), large.end());
+  std::vector<double> partials(items.size());
+  double total = 0;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "largedet_cpu_grad_sumsq", [&] {
+    using M = MathOf<scalar_t>;
+    using Vec = at::vec::Vectorized<M>;
+    at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t k = lo; k < hi; ++k) {
+        const scalar_t* g = grads[items[k].tensor].data_ptr<scalar_t>();
+        for (int64_t tile = items[k].begin; tile < items[k].end; tile += kTile) {
+          Vec acc(0);
+          for (int64_t i = tile; i < std::min(tile + kTile, items[k].end); i += Vec::size()) {
+            const Vec v = load<M>(g + i, std::min<int64_t>(Vec::size(), items[k].end - i));
+            acc = acc + v * v;
+          }
+          partials[k] += lanes_sum(acc);
+        }
+      }
+    });
+  });
+  for (double p : partials) total += p;
+  const at::ScalarType out = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return at::scalar_tensor(total, at::TensorOptions().dtype(out));
+}
+
+}  // namespace
+
+TORCH_LIBRARY(largedet_cpu, m) {
+  m.def(
+      "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] steps, Tensor hyper, Tensor? grad_factor, Tensor? found_inf) -> ()");
+  m.def(
+      "moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+      "Tensor(c!)[] steps, Tensor hyper, Tensor? grad_factor, Tensor? found_inf, Tensor(d!) sums) -> ()");
+  m.def(
+      "update_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] steps, Tensor hyper, "
+      "Tensor? found_inf, Tensor sums) -> ()");
+  m.def("grad_sumsq(Tensor[] grads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(largedet_cpu, CPU, m) {
+  m.impl("step_", &step_);
+  m.impl("moments_", &moments_);
+  m.impl("update_", &update_);
+  m.impl("grad_sumsq", &grad_sumsq);
+}
+
+}  // namespace largedet
+
+// Importing largedet_kernels._C_cpu runs the registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C_cpu(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

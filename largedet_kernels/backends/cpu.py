@@ -1,0 +1,76 @@
+"""The ``cpu`` backend: the C++ kernels of csrc/cpu/, built into largedet_kernels._C_cpu.
+
+For optimizer offload (FSDP2's CPUOffloadPolicy), where step() runs on the host over
+the whole model. Two passes as on the GPU, vectorised and parallel over chunks of a
+fixed size, so results do not depend on the thread count (NOTE [cpu passes] in
+csrc/cpu/pmd_lamb_cpu.cpp). The hyper-parameter table is chunk_plan.py's, the same
+columns the GPU kernels read.
+"""
+
+from typing import Optional
+
+import torch
+
+from . import Bucket, PendingStep, chunk_plan, torch_foreach
+from .chunk_plan import ChunkPlan
+
+HOW_TO_BUILD = "pip install --no-build-isolation -e . with a C++ compiler (LARGEDET_CPU_BUILD=1 fails loudly)"
+
+# Elements per chunk of csrc/cpu/pmd_lamb_cpu.cpp's kChunk; here it only sizes the plan's tables.
+CHUNK = 1 << 16
+
+try:
+    from .. import _C_cpu  # noqa: F401  (registers the ops)
+
+    _IMPORT_ERROR: Optional[ImportError] = None
+except ImportError as err:
+    _IMPORT_ERROR = err
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the cpu backend runs on CPU tensors, and these parameters are on {device}"
+    if _IMPORT_ERROR is not None:
+        return f"the CPU extension largedet_kernels._C_cpu is not built ({_IMPORT_ERROR}); build it with {HOW_TO_BUILD}"
+    return None
+
+
+class _CpuKernels:
+    """chunk_plan.Kernels for the ops of csrc/cpu/pmd_lamb_cpu.cpp."""
+
+    def step(self, bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf) -> None:
+        torch.ops.largedet_cpu.step_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps,
+                                     plan.hyper(bucket), grad_factor, found_inf)  # fmt: skip
+
+    def moments(self, bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf) -> None:
+        torch.ops.largedet_cpu.moments_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+                                        bucket.steps, plan.hyper(bucket), grad_factor, found_inf, plan.sums)  # fmt: skip
+
+    def update(self, bucket: Bucket, plan: ChunkPlan, found_inf, sums: torch.Tensor) -> None:
+        torch.ops.largedet_cpu.update_(bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps,
+                                       plan.hyper(bucket), found_inf, sums)  # fmt: skip
+
+    def grad_sumsq(self, bucket: Bucket, plan: ChunkPlan) -> torch.Tensor:
+        return torch.ops.largedet_cpu.grad_sumsq(bucket.grads)
+
+
+_KERNELS = _CpuKernels()
+
+
+def grad_sumsq(bucket: Bucket) -> torch.Tensor:
+    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+        return torch_foreach.grad_sumsq(bucket)
+    return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _KERNELS)
+
+
+def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
+    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+        torch_foreach.step(bucket, grad_factor, found_inf)
+        return
+    chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
+
+
+def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
+    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
+        return torch_foreach.begin_step(bucket, grad_factor, found_inf)
+    return chunk_plan.fused_begin_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
