@@ -33,14 +33,16 @@ def built(tmp_path_factory):
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("needs nvcc")
     out = tmp_path_factory.mktemp("build")
-    env = dict(os.environ, LARGEDET_CUDA_BUILD="1", TORCH_CUDA_ARCH_LIST="8.0;9.0", MAX_JOBS="2")
+    env = dict(
+        os.environ, LARGEDET_CUDA_BUILD="1", LARGEDET_CPU_BUILD="0", TORCH_CUDA_ARCH_LIST="8.0;9.0", MAX_JOBS="2"
+    )
     proc = subprocess.run(
         [sys.executable, "setup.py", "build_ext", "--build-lib", str(out / "lib"), "--build-temp", str(out / "tmp")],
         cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
-    (so,) = (out / "lib" / "largedet_kernels").glob("_C*.so")
+    (so,) = (out / "lib" / "largedet_kernels").glob("_C.*.so")
     return log, so
 
 
