@@ -8,6 +8,8 @@
 #             (tests/test_gpu.py: also GradScaler skips, no host sync, CUDA-graph replay)
 #   sanitize  compute-sanitizer memcheck and racecheck over a few steps of each fused backend
 #   bench     the main job (python -m benchmarks.step_time): every set, fp32 and bf16
+#   convergence  the convergence study's gpu config, 4 runs at a time (not in the default
+#             list: it is a separate call; it writes its JSON and PNG to benchmarks/results/)
 # Everything printed is the raw record.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +41,8 @@ for stage in "${stages[@]}"; do
       done ;;
     bench)
       $PY -m benchmarks.step_time || status=1 ;;
+    convergence)
+      $PY -m benchmarks.convergence --config gpu --device cuda --jobs 4 || status=1 ;;
     *)
       echo "unknown stage $stage"; status=2 ;;
   esac

@@ -1,0 +1,202 @@
+"""The convergence study: its metric is pycocotools' COCO AP on known boxes, its data is
+deterministic and well formed, and its sweep runs end to end (the seconds-long smoke config)."""
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+pytest.importorskip("pycocotools")
+
+from benchmarks import convergence  # noqa: E402
+from benchmarks.detection_task import CLASSES, coco_map, make_dataset  # noqa: E402
+from largedet_kernels.recipe import scaled_lr  # noqa: E402
+
+
+def _targets():
+    # Three images, every class, boxes of several sizes.
+    return [
+        {"boxes": torch.tensor([[10.0, 10, 53, 53], [60, 4, 90, 40]]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[0.0, 50, 43, 93]]), "labels": torch.tensor([3])},
+        {"boxes": torch.tensor([[20.0, 20, 63, 63], [5, 70, 48, 113]]), "labels": torch.tensor([4, 1])},
+    ]
+
+
+def _predict(targets, shift=0.0, label_offset=0):
+    return [{"boxes": t["boxes"] + torch.tensor([shift, 0, shift, 0]),
+             "labels": (t["labels"] - 1 + label_offset) % len(CLASSES) + 1,
+             "scores": torch.linspace(0.9, 0.5, len(t["labels"]))} for t in targets]  # fmt: skip
+
+
+def test_perfect_prediction_scores_one():
+    targets = _targets()
+    assert coco_map(targets, _predict(targets)) == {"mAP": 1.0, "AP50": 1.0}
+
+
+def test_iou_072_matches_half_of_the_thresholds():
+    # A 43-wide box shifted by 7 px overlaps 36 of a 50-wide union: IoU 0.72 matches at
+    # thresholds .50, .55, .60, .65, .70 and misses .75 ... .95, so AP@[.5:.95] = 5/10.
+    targets = [t for t in _targets() if (t["boxes"][:, 2] - t["boxes"][:, 0] == 43).all()]
+    assert len(targets) == 2
+    result = coco_map(targets, _predict(targets, shift=7.0))
+    assert result["AP50"] == pytest.approx(1.0)
+    assert result["mAP"] == pytest.approx(0.5)
+
+
+def test_wrong_class_scores_zero():
+    targets = _targets()
+    assert coco_map(targets, _predict(targets, label_offset=1)) == {"mAP": 0.0, "AP50": 0.0}
+    assert coco_map(targets, [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                               "scores": torch.zeros(0)} for _ in targets]) == {"mAP": 0.0, "AP50": 0.0}  # fmt: skip
+
+
+def test_half_recall_is_the_101_point_interpolation():
+    # Class 1 has two ground-truth boxes, one found: precision 1 up to recall 0.5, none
+    # after, so 51 of COCO's 101 recall points have precision 1; classes 2..4 are perfect.
+    targets = _targets()
+    predictions = _predict(targets)
+    keep = torch.tensor([True, False])  # drop image 2's class-1 detection
+    predictions[2] = {k: v[keep] for k, v in predictions[2].items()}
+    assert predictions[2]["labels"].tolist() == [4]
+    expected = (51 / 101 + 3) / 4
+    result = coco_map(targets, predictions)
+    assert result["mAP"] == pytest.approx(expected) and result["AP50"] == pytest.approx(expected)
+
+
+def test_coco_map_checks_lengths():
+    with pytest.raises(ValueError, match="3 targets but 2 predictions"):
+        coco_map(_targets(), _predict(_targets())[:2])
+
+
+def test_dataset_is_deterministic_and_well_formed():
+    size = 64
+    data = make_dataset(48, size, seed=3)
+    again = make_dataset(48, size, seed=3)
+    other = make_dataset(48, size, seed=4)
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1]["boxes"], b[1]["boxes"]) for a, b in zip(data, again))
+    assert not torch.equal(data[0][0], other[0][0])
+    seen = set()
+    for image, target in data:
+        assert image.shape == (3, size, size) and image.dtype == torch.float32
+        assert 0 <= image.min() and image.max() <= 1 and image.std() > 0.05
+        boxes, labels = target["boxes"], target["labels"]
+        assert 1 <= len(labels) == len(boxes) <= 4
+        assert ((labels >= 1) & (labels <= len(CLASSES))).all()
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2:] <= size).all()
+        sides = boxes[:, 2:] - boxes[:, :2]
+        assert (sides >= 3).all() and (sides <= size // 2 + 1).all()
+        for i in range(len(boxes)):  # objects never overlap, so every box is fully visible
+            for j in range(i):
+                a, b = boxes[i], boxes[j]
+                assert min(a[2], b[2]) <= max(a[0], b[0]) or min(a[3], b[3]) <= max(a[1], b[1])
+        seen.update(labels.tolist())
+    assert seen == set(range(1, len(CLASSES) + 1))
+
+
+def test_plans_cover_the_issue():
+    for name in ("cpu", "gpu"):
+        config = convergence.CONFIGS[name]
+        runs = convergence.plan(config)
+        assert max(config.batch_sizes) >= 16 * min(config.batch_sizes)
+        for batch in config.batch_sizes:  # every optimizer at every batch size
+            assert {r["optimizer"] for r in runs if r["batch"] == batch} == set(convergence.OPTIMIZERS)
+        ablation = [r for r in runs if r["batch"] == config.ablation_batch and r["optimizer"] != "sgd"]
+        assert {r["cycle_length"] for r in ablation if r["alpha"] == config.alpha} >= set(
+            config.ablation_cycle_lengths
+        ) | {None}
+        assert {r["alpha"] for r in ablation if r["cycle_length"] == config.cycle_length} >= set(config.ablation_alphas)
+        assert len(runs) == len({json.dumps(r, sort_keys=True) for r in runs})
+        assert all((r["optimizer"] == "lamb") == (r["cycle_length"] is None and r["optimizer"] != "sgd") for r in runs)
+
+
+def test_smoke_sweep_end_to_end(tmp_path):
+    doc = convergence.main(["--config", "smoke", "--device", "cpu", "--out", str(tmp_path)])
+    (written,) = tmp_path.glob("*.json")
+    assert written.name.startswith("convergence-smoke-seed0-")
+    assert json.loads(written.read_text()) == json.loads(json.dumps(doc))
+    assert list(tmp_path.glob("*.png")) == [written.with_suffix(".png")]
+    config = convergence.CONFIGS["smoke"]
+    assert doc["meta"]["pycocotools"] and doc["meta"]["device"] == "cpu" and doc["meta"]["seconds"] > 0
+    assert [
+        {k: r[k] for k in ("optimizer", "batch", "alpha", "cycle_length")} for r in doc["runs"]
+    ] == convergence.plan(config)
+    for run in doc["runs"]:
+        assert run["batch"] == run["micro_batch"] * run["accumulation"]
+        assert run["micro_batch"] == min(run["batch"], config.micro_batch)
+        assert run["steps"] == config.epochs * (config.train_images // run["batch"]) == len(run["loss"])
+        base = config.sgd_lr if run["optimizer"] == "sgd" else config.lamb_lr
+        assert run["lr"] == pytest.approx(scaled_lr(base, config.batch_sizes[0], run["batch"]))
+        assert not run["diverged"] and all(math.isfinite(v) and v > 0 for v in run["loss"])
+        assert 0 <= run["mAP"] <= run["AP50"] <= 1
+
+
+def test_gradient_accumulation_is_the_large_batch(monkeypatch):
+    # One step of batch 4 as 2 micro-batches of 2 equals one step of batch 4 in one piece,
+    # once the RPN and box head sample their anchors and proposals without randomness (the
+    # random draws' order differs between the two). Faster R-CNN samples a fixed count per
+    # image and averages over all of them, so the mean over micro-batches is the batch mean.
+    real_randperm = torch.randperm
+
+    def randperm(n, *, generator=None, **kw):
+        return (
+            real_randperm(n, generator=generator, **kw)
+            if generator is not None
+            else torch.arange(n, device=kw.get("device"))
+        )
+
+    monkeypatch.setattr(torch, "randperm", randperm)
+    config = dataclasses.replace(convergence.CONFIGS["smoke"], epochs=1, train_images=4, batch_sizes=(4,))
+    data = make_dataset(4, config.image_size, seed=0)
+    run = dict(optimizer="sgd", batch=4, alpha=None, cycle_length=None)
+    models = []
+    real_build = convergence.build_detector
+    monkeypatch.setattr(convergence, "build_detector", lambda *a: models.append(real_build(*a)) or models[-1])
+    monkeypatch.setattr(convergence, "evaluate", lambda model, data: {"mAP": 0.0, "AP50": 0.0})
+    split = convergence.train(config, run, data, data, torch.device("cpu"))
+    whole = convergence.train(dataclasses.replace(config, micro_batch=4), run, data, data, torch.device("cpu"))
+    assert (split["accumulation"], whole["accumulation"]) == (2, 1)
+    assert split["loss"] == pytest.approx(whole["loss"], rel=1e-5)
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(models[0].parameters(), real_build(config.image_size, config.seed).parameters())
+    )
+
+
+def test_divergence_is_reported():
+    config = dataclasses.replace(convergence.CONFIGS["smoke"], epochs=3, sgd_lr=1e8, warmup_epochs=0)
+    data = make_dataset(config.train_images, config.image_size, seed=0)
+    result = convergence.train(config, dict(optimizer="sgd", batch=2, alpha=None, cycle_length=None), data, data[:2],
+                               torch.device("cpu"))  # fmt: skip
+    assert result["diverged"] and (result["mAP"], result["AP50"]) == (0.0, 0.0)
+    assert not math.isfinite(result["loss"][-1]) and len(result["loss"]) < result["steps"]
+
+
+def test_parallel_jobs_train_the_same_runs():
+    # Seed 1 in both, so the workers must receive the seed, not only the config's name.
+    sequential = convergence.main(["--config", "smoke", "--device", "cpu", "--no-files", "--seed", "1"])
+    parallel = convergence.main(["--config", "smoke", "--device", "cpu", "--no-files", "--seed", "1", "--jobs", "2"])
+    assert parallel["meta"]["jobs"] == 2 and parallel["config"]["seed"] == sequential["config"]["seed"] == 1
+    assert len(parallel["runs"]) == len(sequential["runs"])
+    for a, b in zip(parallel["runs"], sequential["runs"]):
+        assert {k: v for k, v in a.items() if k not in ("loss", "seconds", "mAP", "AP50")} == {
+            k: v for k, v in b.items() if k not in ("loss", "seconds", "mAP", "AP50")
+        }
+        # The first loss depends only on the fresh weights and the first batch; later ones
+        # may differ in rounding, as the workers use fewer threads each.
+        assert a["loss"][0] == pytest.approx(b["loss"][0], rel=1e-4)
+    with pytest.raises(SystemExit):
+        convergence.main(["--config", "smoke", "--jobs", "0"])
+
+
+def test_seed_makes_a_replicate():
+    # Another seed draws other data, weights and image order: every run's first loss differs.
+    seed0 = convergence.main(["--config", "smoke", "--device", "cpu", "--no-files"])
+    seed1 = convergence.main(["--config", "smoke", "--device", "cpu", "--no-files", "--seed", "1"])
+    assert (seed0["config"]["seed"], seed1["config"]["seed"]) == (0, 1)
+    for a, b in zip(seed0["runs"], seed1["runs"]):
+        assert a["loss"][0] != pytest.approx(b["loss"][0], rel=1e-3)
