@@ -3,8 +3,9 @@ trained from fresh weights, and COCO mAP through pycocotools.
 
 The dataset needs no download: every image is drawn from a seed. Four classes differ
 by shape (disc, box, triangle, ring); colour, texture (solid, stripes, checks, noise),
-size and aspect vary within each class, on backgrounds of colour gradients, noise and
-line clutter, so neither colour nor texture gives the class away.
+size and aspect vary within each class, on backgrounds of colour gradients and line
+clutter, with faint noise over the whole image, so neither colour nor texture gives the
+class away.
 """
 
 import contextlib

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check of the fused backends, for a machine with a CUDA GPU and nvcc:
 #   bash benchmarks/gpu_check.sh [stage ...] 2>&1 | tee benchmarks/results/<device>-<date>-gpu-check.txt
-# Stages (default: all of them, in this order; each fits a 10-minute command on an H100):
+# Stages (default: all but convergence, in this order; each sized for a 10-minute command):
 #   versions  the device, driver, toolkit, torch and Triton
 #   build     LARGEDET_CUDA_BUILD=1 pip install --no-build-isolation --no-deps -e .
 #   test      every backend, dtype and option against the float64 reference on the GPU
@@ -9,11 +9,14 @@
 #   sanitize  compute-sanitizer memcheck and racecheck over a few steps of each fused backend
 #   bench     the main job (python -m benchmarks.step_time): every set, fp32 and bf16
 #   convergence  the convergence study's gpu config, 4 runs at a time (not in the default
-#             list: it is a separate call; it writes its JSON and PNG to benchmarks/results/)
+#             list: a separate call, whose time is estimated, not yet measured)
+# JSON and PNG files go to $OUT when it is set (the device tool brings back only that
+# folder), else to benchmarks/results/.
 # Everything printed is the raw record.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+RESULTS=${OUT:-benchmarks/results}
 status=0
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(versions build test sanitize bench)
@@ -40,9 +43,9 @@ for stage in "${stages[@]}"; do
         compute-sanitizer --tool "$tool" --error-exitcode 1 $PY -m benchmarks.sanitize_step || status=1
       done ;;
     bench)
-      $PY -m benchmarks.step_time || status=1 ;;
+      $PY -m benchmarks.step_time --out "$RESULTS" || status=1 ;;
     convergence)
-      $PY -m benchmarks.convergence --config gpu --device cuda --jobs 4 || status=1 ;;
+      $PY -m benchmarks.convergence --config gpu --device cuda --jobs 4 --out "$RESULTS" || status=1 ;;
     *)
       echo "unknown stage $stage"; status=2 ;;
   esac

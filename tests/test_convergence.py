@@ -8,12 +8,9 @@ import math
 import pytest
 import torch
 
-pytest.importorskip("torchvision")
-pytest.importorskip("pycocotools")
-
-from benchmarks import convergence  # noqa: E402
-from benchmarks.detection_task import CLASSES, coco_map, make_dataset  # noqa: E402
-from largedet_kernels.recipe import scaled_lr  # noqa: E402
+from benchmarks import convergence
+from benchmarks.detection_task import CLASSES, coco_map, evaluate, make_dataset
+from largedet_kernels.recipe import scaled_lr
 
 
 def _targets():
@@ -33,7 +30,34 @@ def _predict(targets, shift=0.0, label_offset=0):
 
 def test_perfect_prediction_scores_one():
     targets = _targets()
-    assert coco_map(targets, _predict(targets)) == {"mAP": 1.0, "AP50": 1.0}
+    assert coco_map(targets, _predict(targets)) == pytest.approx({"mAP": 1.0, "AP50": 1.0}, abs=1e-12)
+
+
+class _Oracle(torch.nn.Module):
+    """A "detector" that looks each image up in the dataset and returns its true boxes,
+    ``shift`` images later in the dataset when asked to be wrong."""
+
+    def __init__(self, data, shift=0):
+        super().__init__()
+        self.data, self.shift = data, shift
+        self.unused = torch.nn.Parameter(torch.zeros(()))
+        self.calls = []
+
+    def forward(self, images):
+        assert not self.training
+        self.calls.append(len(images))
+        found = [next(i for i, (x, _) in enumerate(self.data) if torch.equal(x, image)) for image in images]
+        targets = [self.data[(i + self.shift) % len(self.data)][1] for i in found]
+        return [dict(t, scores=torch.ones(len(t["labels"]))) for t in targets]
+
+
+def test_evaluate_scores_true_boxes_one_over_several_batches():
+    data = make_dataset(21, 48, seed=5)
+    oracle = _Oracle(data)
+    assert evaluate(oracle, data, batch=8) == pytest.approx({"mAP": 1.0, "AP50": 1.0}, abs=1e-12)
+    assert oracle.calls == [8, 8, 5] and oracle.training
+    # Every prediction one image off: if evaluate paired predictions with the wrong images, it would look like this.
+    assert evaluate(_Oracle(data, shift=1), data, batch=8)["AP50"] < 0.2
 
 
 def test_iou_072_matches_half_of_the_thresholds():
@@ -112,6 +136,14 @@ def test_plans_cover_the_issue():
         assert all((r["optimizer"] == "lamb") == (r["cycle_length"] is None and r["optimizer"] != "sgd") for r in runs)
 
 
+def test_config_refuses_a_cycle_that_is_lamb():
+    # ξ = cos(π/2 · (t mod T)/T) is 1 at every step when T = 1: such a run would be LAMB.
+    for field in ("cycle_length", "ablation_cycle_lengths"):
+        value = 1 if field == "cycle_length" else (5, 1)
+        with pytest.raises(ValueError, match="T = 1"):
+            dataclasses.replace(convergence.CONFIGS["smoke"], **{field: value})
+
+
 def test_smoke_sweep_end_to_end(tmp_path):
     doc = convergence.main(["--config", "smoke", "--device", "cpu", "--out", str(tmp_path)])
     (written,) = tmp_path.glob("*.json")
@@ -130,6 +162,8 @@ def test_smoke_sweep_end_to_end(tmp_path):
         base = config.sgd_lr if run["optimizer"] == "sgd" else config.lamb_lr
         assert run["lr"] == pytest.approx(scaled_lr(base, config.batch_sizes[0], run["batch"]))
         assert not run["diverged"] and all(math.isfinite(v) and v > 0 for v in run["loss"])
+        last_epoch = run["loss"][-(config.train_images // run["batch"]) :]
+        assert run["last_epoch_loss"] == pytest.approx(sum(last_epoch) / len(last_epoch))
         assert 0 <= run["mAP"] <= run["AP50"] <= 1
 
 
@@ -173,7 +207,9 @@ def test_divergence_is_reported():
     result = convergence.train(config, dict(optimizer="sgd", batch=2, alpha=None, cycle_length=None), data, data[:2],
                                torch.device("cpu"))  # fmt: skip
     assert result["diverged"] and (result["mAP"], result["AP50"]) == (0.0, 0.0)
-    assert not math.isfinite(result["loss"][-1]) and len(result["loss"]) < result["steps"]
+    assert result["last_epoch_loss"] is None and len(result["loss"]) < result["steps"]
+    assert all(math.isfinite(v) for v in result["loss"])
+    json.dumps(result, allow_nan=False)
 
 
 def test_parallel_jobs_train_the_same_runs():
@@ -183,9 +219,8 @@ def test_parallel_jobs_train_the_same_runs():
     assert parallel["meta"]["jobs"] == 2 and parallel["config"]["seed"] == sequential["config"]["seed"] == 1
     assert len(parallel["runs"]) == len(sequential["runs"])
     for a, b in zip(parallel["runs"], sequential["runs"]):
-        assert {k: v for k, v in a.items() if k not in ("loss", "seconds", "mAP", "AP50")} == {
-            k: v for k, v in b.items() if k not in ("loss", "seconds", "mAP", "AP50")
-        }
+        measured = ("loss", "last_epoch_loss", "seconds", "mAP", "AP50")
+        assert {k: v for k, v in a.items() if k not in measured} == {k: v for k, v in b.items() if k not in measured}
         # The first loss depends only on the fresh weights and the first batch; later ones
         # may differ in rounding, as the workers use fewer threads each.
         assert a["loss"][0] == pytest.approx(b["loss"][0], rel=1e-4)
