@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import convergence
+from benchmarks import convergence, convergence_summary
 from benchmarks.detection_task import CLASSES, coco_map, evaluate, make_dataset
 from largedet_kernels.recipe import scaled_lr
 
@@ -167,6 +167,29 @@ def test_smoke_sweep_end_to_end(tmp_path):
         assert 0 <= run["mAP"] <= run["AP50"] <= 1
 
 
+def test_overrides_change_the_runs_and_name_the_files(tmp_path):
+    doc = convergence.main(["--config", "smoke", "--device", "cpu", "--out", str(tmp_path),
+                            "--lamb-lr", "0.03", "--ablation-batch", "2"])  # fmt: skip
+    (written,) = tmp_path.glob("*.json")
+    assert written.name.startswith("convergence-smoke-lamb_lr0.03-ablation_batch2-seed0-")
+    assert (doc["config"]["lamb_lr"], doc["config"]["ablation_batch"]) == (0.03, 2)
+    assert "--lamb-lr 0.03" in doc["meta"]["command"]
+    smoke = convergence.CONFIGS["smoke"]
+    for run in doc["runs"]:
+        base = smoke.sgd_lr if run["optimizer"] == "sgd" else 0.03
+        assert run["lr"] == pytest.approx(scaled_lr(base, smoke.batch_sizes[0], run["batch"]))
+    ablation = [r for r in doc["runs"]
+                if r["cycle_length"] in smoke.ablation_cycle_lengths or r["alpha"] in smoke.ablation_alphas]  # fmt: skip
+    assert ablation and {r["batch"] for r in ablation} == {2}
+
+
+@pytest.mark.parametrize("flag, value", [("--lamb-lr", "0"), ("--lamb-lr", "-0.1"), ("--ablation-batch", "0")])
+def test_overrides_are_checked(flag, value, capsys):
+    with pytest.raises(SystemExit):
+        convergence.main(["--config", "smoke", "--no-files", flag, value])
+    assert "must be positive" in capsys.readouterr().err
+
+
 def test_gradient_accumulation_is_the_large_batch(monkeypatch):
     # One step of batch 4 as 2 micro-batches of 2 equals one step of batch 4 in one piece,
     # once the RPN and box head sample their anchors and proposals without randomness (the
@@ -235,3 +258,57 @@ def test_seed_makes_a_replicate():
     assert (seed0["config"]["seed"], seed1["config"]["seed"]) == (0, 1)
     for a, b in zip(seed0["runs"], seed1["runs"]):
         assert a["loss"][0] != pytest.approx(b["loss"][0], rel=1e-3)
+
+
+def _doc(seed, maps, lamb_lr=0.1):
+    """A study's JSON as benchmarks.convergence writes it, with the given mAP per run."""
+    smoke = convergence.CONFIGS["smoke"]
+    config = dataclasses.asdict(dataclasses.replace(smoke, seed=seed, lamb_lr=lamb_lr))
+    runs = [
+        dict(run, mAP=m or 0.0, diverged=m is None, steps=smoke.epochs * smoke.train_images // run["batch"])
+        for run, m in zip(convergence.plan(smoke), maps)
+    ]
+    return {"config": config, "runs": runs}
+
+
+def test_summary_tables_every_seed_and_the_mean():
+    plan = convergence.plan(convergence.CONFIGS["smoke"])
+    # smoke: batches (2, 4) x (sgd, lamb, pmd-lamb), then PMD-LAMB at batch 4 with T = 3 and with α = 0.02.
+    assert [(r["optimizer"], r["batch"], r["cycle_length"], r["alpha"]) for r in plan] == [
+        ("sgd", 2, None, None), ("lamb", 2, None, 0.012), ("pmd-lamb", 2, 2, 0.012),
+        ("sgd", 4, None, None), ("lamb", 4, None, 0.012), ("pmd-lamb", 4, 2, 0.012),
+        ("pmd-lamb", 4, 3, 0.012), ("pmd-lamb", 4, 2, 0.02)]  # fmt: skip
+    seed0 = _doc(0, [0.30, 0.10, 0.20, None, 0.15, 0.25, 0.05, 0.35])
+    seed1 = _doc(1, [0.40, 0.20, 0.10, 0.02, 0.25, 0.15, 0.15, 0.45])
+    text = convergence_summary.tables([seed1, seed0])
+    assert "seeds 0 / 1 (**mean**)" in text and "| | batch 2 (4 steps) | batch 4 (2 steps) |" in text
+    assert "| SGD + LSR + warm-up, η 0.01 | 30.0 / 40.0 (**35.0**) | div. / 2.0 (**1.0**) |" in text
+    assert "| LAMB (T = ∞), η 0.1 | 10.0 / 20.0 (**15.0**) | 15.0 / 25.0 (**20.0**) |" in text
+    assert "| PMD-LAMB (T = 2), η 0.1 | 20.0 / 10.0 (**15.0**) | 25.0 / 15.0 (**20.0**) |" in text
+    assert "Ablation at batch 4, η 0.1" in text
+    ablation = text.split("Ablation at batch 4")[1]
+    assert ablation.index("| T = 2 |") < ablation.index("| T = 3 |") < ablation.index("| T = ∞ |")
+    assert "| T = 3 | 5.0 / 15.0 (**10.0**) |" in ablation and "| α = 0.02 | 35.0 / 45.0 (**40.0**) |" in ablation
+    # A study with another η adds rows; its SGD runs are the same runs and must agree.
+    other = _doc(0, [0.30, 0.50, 0.60, None, 0.55, 0.65, 0.05, 0.35], lamb_lr=0.4)
+    text = convergence_summary.tables([seed0, seed1, other])
+    assert "| LAMB (T = ∞), η 0.4 | 50.0 / — | 55.0 / — |" in text and text.count("| SGD") == 1
+    other["runs"][0]["mAP"] = 0.31
+    with pytest.raises(ValueError, match="trained twice with different results"):
+        convergence_summary.tables([seed0, other])
+    other["config"]["epochs"] = 2
+    with pytest.raises(ValueError, match="different configs"):
+        convergence_summary.tables([seed0, other])
+
+
+def test_summary_of_real_runs(tmp_path, capsys):
+    docs = [convergence.main(["--config", "smoke", "--device", "cpu", "--out", str(tmp_path), "--seed", str(s)])
+            for s in (0, 1)]  # fmt: skip
+    capsys.readouterr()
+    files = sorted(tmp_path.glob("*.json"))
+    text = convergence_summary.main([*map(str, files), "--png", str(tmp_path / "summary.png")])
+    assert capsys.readouterr().out.strip() == text
+    assert (tmp_path / "summary.png").stat().st_size > 0
+    lamb = [next(r for r in d["runs"] if r["optimizer"] == "lamb" and r["batch"] == 4)["mAP"] for d in docs]
+    row = next(line for line in text.splitlines() if line.startswith("| LAMB (T = ∞), η 0.01 | "))
+    assert row.endswith(f" / {100 * lamb[1]:.1f} (**{50 * (lamb[0] + lamb[1]):.1f}**) |")

@@ -1,0 +1,157 @@
+"""The convergence study across seeds: the README's tables, from the JSON files.
+
+    python -m benchmarks.convergence_summary benchmarks/results/convergence-cpu-*seed*.json
+
+Groups the runs of several ``benchmarks.convergence`` files (replicate seeds, and studies
+of one config with another η) by what was trained: optimizer, batch, T, α and η at the
+smallest batch. Prints two markdown tables of COCO mAP@[.5:.95] in %, every seed and the
+mean (the batch-size sweep, then the T/α ablation), and writes a PNG of the sweep's mean
+with the seeds' range. The same run found twice for one seed (SGD in two studies that
+differ only in LAMB's η) must agree, or the summary refuses: training is deterministic on
+one machine, but not across CPUs, so the files of one table must come from one machine.
+"""
+
+import argparse
+import json
+import math
+import sys
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from benchmarks.convergence import OPTIMIZERS
+
+NAMES = {"sgd": "SGD + LSR + warm-up", "lamb": "LAMB (T = ∞)", "pmd-lamb": "PMD-LAMB"}
+Key = Tuple[str, int, Optional[int], Optional[float], float]  # optimizer, batch, T, α, η at the smallest batch
+
+
+def _key(config: Dict, run: Dict) -> Key:
+    eta = config["sgd_lr"] if run["optimizer"] == "sgd" else config["lamb_lr"]
+    return run["optimizer"], run["batch"], run["cycle_length"], run["alpha"], eta
+
+
+def _in_sweep(config: Dict, run: Dict) -> bool:
+    return run["optimizer"] == "sgd" or (
+        run["alpha"] == config["alpha"] and run["cycle_length"] in (None, config["cycle_length"])
+    )
+
+
+def collect(docs: Sequence[Dict]) -> Tuple[Dict[Key, Dict[int, Dict]], Dict[Key, Dict[int, Dict]], List[int]]:
+    """The sweep's and the ablation's runs, each as {key: {seed: run}}, and the seeds."""
+    if not docs:
+        raise ValueError("no convergence files given")
+    configs = {json.dumps({k: v for k, v in d["config"].items() if k not in ("seed", "lamb_lr", "ablation_batch")},
+                          sort_keys=True) for d in docs}  # fmt: skip
+    if len(configs) > 1:
+        raise ValueError("the files come from different configs (other than seed, lamb_lr and ablation_batch)")
+    sweep: Dict[Key, Dict[int, Dict]] = defaultdict(dict)
+    ablation: Dict[Key, Dict[int, Dict]] = defaultdict(dict)
+    for doc in docs:
+        config, seed = doc["config"], doc["config"]["seed"]
+        for run in doc["runs"]:
+            key = _key(config, run)
+            table = sweep if _in_sweep(config, run) else ablation
+            if seed in table[key] and table[key][seed]["mAP"] != run["mAP"]:
+                raise ValueError(f"{key} seed {seed} was trained twice with different results: mAP "
+                                 f"{table[key][seed]['mAP']} and {run['mAP']} (files from two machines? another "
+                                 "CPU rounds differently, and thousands of steps amplify it)")  # fmt: skip
+            table[key][seed] = run
+    seeds = sorted({d["config"]["seed"] for d in docs})
+    return dict(sweep), dict(ablation), seeds
+
+
+def _cell(runs: Dict[int, Dict], seeds: Sequence[int]) -> str:
+    values = ["—" if s not in runs else "div." if runs[s]["diverged"] else f"{100 * runs[s]['mAP']:.1f}" for s in seeds]
+    found = [100 * runs[s]["mAP"] for s in seeds if s in runs]  # a diverged run counts as mAP 0
+    return " / ".join(values) + (f" (**{sum(found) / len(found):.1f}**)" if len(found) > 1 else "")
+
+
+def _row_name(optimizer: str, t: Optional[int], eta: float) -> str:
+    if optimizer == "sgd":
+        return f"{NAMES['sgd']}, η {eta:g}"
+    name = NAMES["lamb"] if optimizer == "lamb" else f"PMD-LAMB (T = {t})"
+    return f"{name}, η {eta:g}"
+
+
+def _rows(sweep: Dict[Key, Dict[int, Dict]]) -> List[Tuple[str, Optional[int], Optional[float], float]]:
+    """The sweep's lines: (optimizer, T, α, η), in OPTIMIZERS' order, then by η."""
+    return sorted({(k[0], k[2], k[3], k[4]) for k in sweep}, key=lambda r: (OPTIMIZERS.index(r[0]), r[3]))
+
+
+def tables(docs: Sequence[Dict]) -> str:
+    sweep, ablation, seeds = collect(docs)
+    config = docs[0]["config"]
+    steps = {k[1]: run["steps"] for k, runs in sweep.items() for run in runs.values()}  # one epoch budget: per batch
+    batches = sorted(steps)
+    rows, base = _rows(sweep), config["batch_sizes"][0]  # η is given at the config's smallest batch
+    lines = [f"mAP@[.5:.95] in %, seeds {' / '.join(map(str, seeds))} (**mean**); η at batch {base}",
+             "", "| | " + " | ".join(f"batch {b} ({steps[b]} steps)" for b in batches) + " |",
+             "|---" * (len(batches) + 1) + "|"]  # fmt: skip
+    for optimizer, t, a, eta in rows:
+        cells = [_cell(sweep.get((optimizer, b, t, a, eta), {}), seeds) for b in batches]
+        lines.append(f"| {_row_name(optimizer, t, eta)} | " + " | ".join(cells) + " |")
+    # The ablation beside its references from the sweep: T = config's and T = ∞ at the ablation's batch.
+    studies = sorted({(k[1], k[4]) for k in ablation})
+    for batch, eta in studies:
+        at = {k: v for k, v in {**sweep, **ablation}.items() if k[1] == batch and k[4] == eta and k[0] != "sgd"}
+        by_t = sorted((k for k in at if k[3] == config["alpha"]), key=lambda k: k[2] or math.inf)
+        by_a = sorted((k for k in at if k[2] == config["cycle_length"] and k[0] == "pmd-lamb"), key=lambda k: k[3])
+        lines += ["", f"Ablation at batch {batch}, η {eta:g} (α = {config['alpha']} | T = {config['cycle_length']})",
+                  "", "| | mAP |", "|---|---|"]  # fmt: skip
+        lines += [f"| T = {k[2] or '∞'} | {_cell(at[k], seeds)} |" for k in by_t]
+        lines += [f"| α = {k[3]} | {_cell(at[k], seeds)} |" for k in by_a]
+    return "\n".join(lines)
+
+
+def plot(docs: Sequence[Dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep, _, seeds = collect(docs)
+    config = docs[0]["config"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    rows = _rows(sweep)
+    etas = sorted({r[3] for r in rows if r[0] != "sgd"})  # one line style per η of LAMB and PMD-LAMB
+    for optimizer, t, a, eta in rows:
+        points = sorted((k[1], [100 * r["mAP"] for r in runs.values()]) for k, runs in sweep.items()
+                        if (k[0], k[2], k[3], k[4]) == (optimizer, t, a, eta))  # fmt: skip
+        batches = [b for b, _ in points]
+        mean = [sum(v) / len(v) for _, v in points]
+        low = [m - min(v) for m, (_, v) in zip(mean, points)]
+        high = [max(v) - m for m, (_, v) in zip(mean, points)]
+        style = "-" if optimizer == "sgd" else ["-", "--", ":", "-."][etas.index(eta) % 4]
+        index = OPTIMIZERS.index(optimizer)
+        ax.errorbar(batches, mean, yerr=[low, high], capsize=3, marker="osD"[index], color=f"C{index}",
+                    linestyle=style, label=_row_name(optimizer, t, eta))  # fmt: skip
+    devices = sorted({d["meta"]["device_name"] for d in docs if "meta" in d})
+    ax.set(xscale="log", xlabel="batch size (images per step)", ylabel="COCO mAP@[.5:.95] (%)",
+           title=f"{config['epochs']} epochs, seeds {', '.join(map(str, seeds))}: mean and range"
+                 + "".join(f", on {d}" for d in devices))  # fmt: skip
+    ax.minorticks_off()
+    ax.set_xticks(config["batch_sizes"], [str(b) for b in config["batch_sizes"]])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("files", nargs="+", type=Path, help="JSON files of benchmarks.convergence")
+    parser.add_argument("--png", type=Path, help="where the plot goes (default: no plot)")
+    args = parser.parse_args(argv)
+    docs = [json.loads(f.read_text()) for f in args.files]
+    try:
+        text = tables(docs)
+    except ValueError as error:
+        parser.error(str(error))
+    print(text)
+    if args.png:
+        plot(docs, args.png)
+    return text
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
