@@ -69,6 +69,10 @@ class Config:
         for name in ("sgd_lr", "lamb_lr", "micro_batch", "ablation_batch", "epochs"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for batch in (*self.batch_sizes, self.ablation_batch):  # refused before the sweep, not at its end
+            if not 0 < batch <= self.train_images or batch % min(batch, self.micro_batch):
+                raise ValueError(f"batch {batch} must be a multiple of the micro-batch {self.micro_batch} (or below "
+                                 f"it) and at most the {self.train_images} training images")  # fmt: skip
         for t in (self.cycle_length, *self.ablation_cycle_lengths):
             if t is not None and t < 2:
                 raise ValueError(f"cycle length T = {t}: T = 1 makes ξ ≡ 1, which is LAMB (T = ∞); use T ≥ 2")
@@ -99,11 +103,12 @@ CONFIGS: Dict[str, Config] = {
 
 
 def plan(config: Config) -> List[Dict]:
-    """Every run of the study: the batch-size sweep, then the ablation runs it lacks."""
+    """Every run of the study: the batch-size sweep, then the ablation runs it lacks (with
+    T = cycle_length and T = ∞, its references, when the ablation's batch is not in the sweep)."""
     runs = [dict(optimizer=o, batch=b, alpha=config.alpha, cycle_length=config.cycle_length)
             for b in config.batch_sizes for o in OPTIMIZERS]  # fmt: skip
     runs += [dict(optimizer="pmd-lamb", batch=config.ablation_batch, alpha=config.alpha, cycle_length=t)
-             for t in config.ablation_cycle_lengths]  # fmt: skip
+             for t in (config.cycle_length, None, *config.ablation_cycle_lengths)]  # fmt: skip
     runs += [dict(optimizer="pmd-lamb", batch=config.ablation_batch, alpha=a, cycle_length=config.cycle_length)
              for a in config.ablation_alphas]  # fmt: skip
     unique: List[Dict] = []

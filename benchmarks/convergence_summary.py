@@ -1,14 +1,18 @@
 """The convergence study across seeds: the README's tables, from the JSON files.
 
-    python -m benchmarks.convergence_summary benchmarks/results/convergence-cpu-*seed*.json
+    python -m benchmarks.convergence_summary benchmarks/results/convergence-cpu-*AMD-EPYC-2026-11-25.json
 
 Groups the runs of several ``benchmarks.convergence`` files (replicate seeds, and studies
 of one config with another η) by what was trained: optimizer, batch, T, α and η at the
-smallest batch. Prints two markdown tables of COCO mAP@[.5:.95] in %, every seed and the
-mean (the batch-size sweep, then the T/α ablation), and writes a PNG of the sweep's mean
-with the seeds' range. The same run found twice for one seed (SGD in two studies that
-differ only in LAMB's η) must agree, or the summary refuses: training is deterministic on
-one machine, but not across CPUs, so the files of one table must come from one machine.
+smallest batch. Prints markdown tables of COCO mAP@[.5:.95] in %, every seed and the mean
+(the batch-size sweep, then each T/α ablation), and writes a PNG of the sweep's mean with
+the seeds' range. A cell reads "div." where the loss became non-finite, and its mAP has a
+"↑" where the loss stayed finite but rose above BLOW_UP times its first value.
+
+Training is deterministic on one machine but not across CPUs (rounding differs, and
+thousands of steps amplify it), so the files must come from one machine, and the same run
+found twice for one seed (SGD in two studies that differ only in LAMB's η) must agree in
+its every loss and its mAP, or the summary refuses.
 """
 
 import argparse
@@ -21,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from benchmarks.convergence import OPTIMIZERS
 
+BLOW_UP = 10.0
 NAMES = {"sgd": "SGD + LSR + warm-up", "lamb": "LAMB (T = ∞)", "pmd-lamb": "PMD-LAMB"}
 Key = Tuple[str, int, Optional[int], Optional[float], float]  # optimizer, batch, T, α, η at the smallest batch
 
@@ -31,8 +36,9 @@ def _key(config: Dict, run: Dict) -> Key:
 
 
 def _in_sweep(config: Dict, run: Dict) -> bool:
-    return run["optimizer"] == "sgd" or (
-        run["alpha"] == config["alpha"] and run["cycle_length"] in (None, config["cycle_length"])
+    return run["batch"] in config["batch_sizes"] and (
+        run["optimizer"] == "sgd"
+        or (run["alpha"] == config["alpha"] and run["cycle_length"] in (None, config["cycle_length"]))
     )
 
 
@@ -44,6 +50,10 @@ def collect(docs: Sequence[Dict]) -> Tuple[Dict[Key, Dict[int, Dict]], Dict[Key,
                           sort_keys=True) for d in docs}  # fmt: skip
     if len(configs) > 1:
         raise ValueError("the files come from different configs (other than seed, lamb_lr and ablation_batch)")
+    devices = {d["meta"]["device_name"] for d in docs}
+    if len(devices) > 1:
+        raise ValueError(f"the files come from {len(devices)} machines ({', '.join(sorted(devices))}): "
+                         "another CPU rounds differently, and thousands of steps amplify it")  # fmt: skip
     sweep: Dict[Key, Dict[int, Dict]] = defaultdict(dict)
     ablation: Dict[Key, Dict[int, Dict]] = defaultdict(dict)
     for doc in docs:
@@ -51,19 +61,26 @@ def collect(docs: Sequence[Dict]) -> Tuple[Dict[Key, Dict[int, Dict]], Dict[Key,
         for run in doc["runs"]:
             key = _key(config, run)
             table = sweep if _in_sweep(config, run) else ablation
-            if seed in table[key] and table[key][seed]["mAP"] != run["mAP"]:
-                raise ValueError(f"{key} seed {seed} was trained twice with different results: mAP "
-                                 f"{table[key][seed]['mAP']} and {run['mAP']} (files from two machines? another "
-                                 "CPU rounds differently, and thousands of steps amplify it)")  # fmt: skip
+            same = table[key].get(seed, run)
+            if (same["mAP"], same["loss"]) != (run["mAP"], run["loss"]):
+                raise ValueError(f"{key} seed {seed} was trained twice with different results: mAP {same['mAP']} "
+                                 f"and {run['mAP']}, losses {'equal' if same['loss'] == run['loss'] else 'not'}")  # fmt: skip
             table[key][seed] = run
     seeds = sorted({d["config"]["seed"] for d in docs})
     return dict(sweep), dict(ablation), seeds
 
 
+def _value(run: Dict) -> str:
+    if run["diverged"]:
+        return "div."
+    return f"{100 * run['mAP']:.1f}" + ("↑" if max(run["loss"]) > BLOW_UP * run["loss"][0] else "")
+
+
 def _cell(runs: Dict[int, Dict], seeds: Sequence[int]) -> str:
-    values = ["—" if s not in runs else "div." if runs[s]["diverged"] else f"{100 * runs[s]['mAP']:.1f}" for s in seeds]
-    found = [100 * runs[s]["mAP"] for s in seeds if s in runs]  # a diverged run counts as mAP 0
-    return " / ".join(values) + (f" (**{sum(found) / len(found):.1f}**)" if len(found) > 1 else "")
+    """Every seed's mAP and, when every seed has one, the mean (a diverged run counts as 0)."""
+    values = ["—" if s not in runs else _value(runs[s]) for s in seeds]
+    found = [100 * runs[s]["mAP"] for s in seeds if s in runs]
+    return " / ".join(values) + (f" (**{sum(found) / len(found):.1f}**)" if len(seeds) == len(found) > 1 else "")
 
 
 def _row_name(optimizer: str, t: Optional[int], eta: float) -> str:
@@ -84,7 +101,8 @@ def tables(docs: Sequence[Dict]) -> str:
     steps = {k[1]: run["steps"] for k, runs in sweep.items() for run in runs.values()}  # one epoch budget: per batch
     batches = sorted(steps)
     rows, base = _rows(sweep), config["batch_sizes"][0]  # η is given at the config's smallest batch
-    lines = [f"mAP@[.5:.95] in %, seeds {' / '.join(map(str, seeds))} (**mean**); η at batch {base}",
+    lines = [f"mAP@[.5:.95] in %, seeds {' / '.join(map(str, seeds))} (**mean**); η at batch {base}; "
+             f"div.: non-finite loss; ↑: loss above {BLOW_UP:g}× its first value at some step",
              "", "| | " + " | ".join(f"batch {b} ({steps[b]} steps)" for b in batches) + " |",
              "|---" * (len(batches) + 1) + "|"]  # fmt: skip
     for optimizer, t, a, eta in rows:
@@ -125,7 +143,7 @@ def plot(docs: Sequence[Dict], path: Path) -> None:
         index = OPTIMIZERS.index(optimizer)
         ax.errorbar(batches, mean, yerr=[low, high], capsize=3, marker="osD"[index], color=f"C{index}",
                     linestyle=style, label=_row_name(optimizer, t, eta))  # fmt: skip
-    devices = sorted({d["meta"]["device_name"] for d in docs if "meta" in d})
+    devices = sorted({d["meta"]["device_name"] for d in docs})
     ax.set(xscale="log", xlabel="batch size (images per step)", ylabel="COCO mAP@[.5:.95] (%)",
            title=f"{config['epochs']} epochs, seeds {', '.join(map(str, seeds))}: mean and range"
                  + "".join(f", on {d}" for d in devices))  # fmt: skip

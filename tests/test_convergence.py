@@ -168,26 +168,34 @@ def test_smoke_sweep_end_to_end(tmp_path):
 
 
 def test_overrides_change_the_runs_and_name_the_files(tmp_path):
+    # Batch 8 is not in the smoke sweep (2, 4): the ablation brings its references, T = 2 and T = ∞.
     doc = convergence.main(["--config", "smoke", "--device", "cpu", "--out", str(tmp_path),
-                            "--lamb-lr", "0.03", "--ablation-batch", "2"])  # fmt: skip
+                            "--lamb-lr", "0.03", "--ablation-batch", "8"])  # fmt: skip
     (written,) = tmp_path.glob("*.json")
-    assert written.name.startswith("convergence-smoke-lamb_lr0.03-ablation_batch2-seed0-")
-    assert (doc["config"]["lamb_lr"], doc["config"]["ablation_batch"]) == (0.03, 2)
+    assert written.name.startswith("convergence-smoke-lamb_lr0.03-ablation_batch8-seed0-")
+    assert (doc["config"]["lamb_lr"], doc["config"]["ablation_batch"]) == (0.03, 8)
+    at_8 = [(r["optimizer"], r["cycle_length"], r["alpha"]) for r in doc["runs"] if r["batch"] == 8]
+    assert at_8 == [("pmd-lamb", 2, 0.012), ("lamb", None, 0.012), ("pmd-lamb", 3, 0.012), ("pmd-lamb", 2, 0.02)]
     assert "--lamb-lr 0.03" in doc["meta"]["command"]
     smoke = convergence.CONFIGS["smoke"]
     for run in doc["runs"]:
         base = smoke.sgd_lr if run["optimizer"] == "sgd" else 0.03
         assert run["lr"] == pytest.approx(scaled_lr(base, smoke.batch_sizes[0], run["batch"]))
-    ablation = [r for r in doc["runs"]
-                if r["cycle_length"] in smoke.ablation_cycle_lengths or r["alpha"] in smoke.ablation_alphas]  # fmt: skip
-    assert ablation and {r["batch"] for r in ablation} == {2}
+    assert {r["batch"] for r in doc["runs"]} == {2, 4, 8}
+    text = convergence_summary.tables([doc])  # the sweep's table has no batch-8 column; the ablation has T = ∞
+    assert "batch 8 (1 steps)" not in text and "| T = ∞ |" in text.split("Ablation at batch 8, η 0.03")[1]
 
 
-@pytest.mark.parametrize("flag, value", [("--lamb-lr", "0"), ("--lamb-lr", "-0.1"), ("--ablation-batch", "0")])
-def test_overrides_are_checked(flag, value, capsys):
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [("--lamb-lr", "0", "must be positive"), ("--lamb-lr", "-0.1", "must be positive"),
+     ("--ablation-batch", "0", "must be positive"), ("--ablation-batch", "3", "multiple of the micro-batch 2"),
+     ("--ablation-batch", "10", "at most the 8 training images")],
+)  # fmt: skip
+def test_overrides_are_checked(flag, value, message, capsys):
     with pytest.raises(SystemExit):
         convergence.main(["--config", "smoke", "--no-files", flag, value])
-    assert "must be positive" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
 
 
 def test_gradient_accumulation_is_the_large_batch(monkeypatch):
@@ -260,15 +268,16 @@ def test_seed_makes_a_replicate():
         assert a["loss"][0] != pytest.approx(b["loss"][0], rel=1e-3)
 
 
-def _doc(seed, maps, lamb_lr=0.1):
-    """A study's JSON as benchmarks.convergence writes it, with the given mAP per run."""
+def _doc(seed, maps, lamb_lr=0.1, device="a machine"):
+    """A study's JSON as benchmarks.convergence writes it, with the given mAP per run (None: diverged)."""
     smoke = convergence.CONFIGS["smoke"]
     config = dataclasses.asdict(dataclasses.replace(smoke, seed=seed, lamb_lr=lamb_lr))
     runs = [
-        dict(run, mAP=m or 0.0, diverged=m is None, steps=smoke.epochs * smoke.train_images // run["batch"])
+        dict(run, mAP=m or 0.0, diverged=m is None, steps=smoke.epochs * smoke.train_images // run["batch"],
+             loss=[2.0, 1.5, 1.0])
         for run, m in zip(convergence.plan(smoke), maps)
-    ]
-    return {"config": config, "runs": runs}
+    ]  # fmt: skip
+    return {"meta": {"device_name": device}, "config": config, "runs": runs}
 
 
 def test_summary_tables_every_seed_and_the_mean():
@@ -289,13 +298,26 @@ def test_summary_tables_every_seed_and_the_mean():
     ablation = text.split("Ablation at batch 4")[1]
     assert ablation.index("| T = 2 |") < ablation.index("| T = 3 |") < ablation.index("| T = ∞ |")
     assert "| T = 3 | 5.0 / 15.0 (**10.0**) |" in ablation and "| α = 0.02 | 35.0 / 45.0 (**40.0**) |" in ablation
+    # Its references come from the sweep at batch 4: T = 2 (= α 0.012) is PMD-LAMB's, T = ∞ is LAMB's.
+    assert "| T = 2 | 25.0 / 15.0 (**20.0**) |" in ablation and "| α = 0.012 | 25.0 / 15.0 (**20.0**) |" in ablation
+    assert "| T = ∞ | 15.0 / 25.0 (**20.0**) |" in ablation
+    # A finite loss that rose above 10× its first value marks the mAP.
+    seed1["runs"][1]["loss"] = [2.0, 20.1, 1.0]
+    seed0["runs"][1]["loss"] = [2.0, 19.9, 1.0]
+    assert "| LAMB (T = ∞), η 0.1 | 10.0 / 20.0↑ (**15.0**) |" in convergence_summary.tables([seed0, seed1])
     # A study with another η adds rows; its SGD runs are the same runs and must agree.
     other = _doc(0, [0.30, 0.50, 0.60, None, 0.55, 0.65, 0.05, 0.35], lamb_lr=0.4)
     text = convergence_summary.tables([seed0, seed1, other])
     assert "| LAMB (T = ∞), η 0.4 | 50.0 / — | 55.0 / — |" in text and text.count("| SGD") == 1
+    other["runs"][0]["loss"] = [2.0, 1.5, 1.01]  # same mAP, another loss: not the same training
+    with pytest.raises(ValueError, match="trained twice with different results: mAP 0.3 and 0.3, losses not"):
+        convergence_summary.tables([seed0, other])
+    other["runs"][0]["loss"] = seed0["runs"][0]["loss"]
     other["runs"][0]["mAP"] = 0.31
     with pytest.raises(ValueError, match="trained twice with different results"):
         convergence_summary.tables([seed0, other])
+    with pytest.raises(ValueError, match="2 machines"):
+        convergence_summary.tables([seed0, _doc(1, [0.4] * 8, device="another machine")])
     other["config"]["epochs"] = 2
     with pytest.raises(ValueError, match="different configs"):
         convergence_summary.tables([seed0, other])
@@ -311,4 +333,6 @@ def test_summary_of_real_runs(tmp_path, capsys):
     assert (tmp_path / "summary.png").stat().st_size > 0
     lamb = [next(r for r in d["runs"] if r["optimizer"] == "lamb" and r["batch"] == 4)["mAP"] for d in docs]
     row = next(line for line in text.splitlines() if line.startswith("| LAMB (T = ∞), η 0.01 | "))
-    assert row.endswith(f" / {100 * lamb[1]:.1f} (**{50 * (lamb[0] + lamb[1]):.1f}**) |")
+    cell = row.split(" | ")[-1]  # batch 4: "seed 0 / seed 1 (**mean**) |"
+    assert cell.startswith(f"{100 * lamb[0]:.1f}") and f" / {100 * lamb[1]:.1f}" in cell
+    assert float(cell.split("**")[1]) == pytest.approx(50 * (lamb[0] + lamb[1]), abs=0.051)
