@@ -35,7 +35,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -122,6 +122,23 @@ def plan(config: Config) -> List[Dict]:
     return unique
 
 
+def in_sweep(config: Dict, run: Dict) -> bool:
+    """Whether a run is a point of the batch-size sweep (the rest is ablation)."""
+    return run["batch"] in config["batch_sizes"] and (
+        run["optimizer"] == "sgd"
+        or (run["alpha"] == config["alpha"] and run["cycle_length"] in (None, config["cycle_length"]))
+    )
+
+
+def ablation_bars(config: Dict, runs: Iterable[Dict]) -> List[Tuple[str, Dict]]:
+    """The T/α ablation at ``config["ablation_batch"]`` as shown: T ascending (∞ last) at the
+    config's α, then α ascending at the config's T, each with its name."""
+    at = [r for r in runs if r["optimizer"] != "sgd" and r["batch"] == config["ablation_batch"]]
+    by_t = sorted((r for r in at if r["alpha"] == config["alpha"]), key=lambda r: r["cycle_length"] or math.inf)
+    by_a = sorted((r for r in at if r["cycle_length"] == config["cycle_length"]), key=lambda r: r["alpha"])
+    return [(f"T = {r['cycle_length'] or '∞'}", r) for r in by_t] + [(f"α = {r['alpha']}", r) for r in by_a]
+
+
 def make_optimizer(model: torch.nn.Module, run: Dict, lr: float) -> torch.optim.Optimizer:
     if run["optimizer"] == "sgd":  # maskrcnn-benchmark's defaults, as the paper's SGD baseline
         return torch.optim.SGD(param_groups(model, weight_decay=1e-4), lr=lr, momentum=0.9)
@@ -132,9 +149,7 @@ def train(config: Config, run: Dict, train_data, val_data, device: torch.device)
     """One run: fixed epochs, LSR lr with linear warm-up and the paper's ×0.1 steps at 2/3
     and 8/9 of training; stops at the first non-finite loss (reported as diverged, ``loss``
     holds the finite ones before it)."""
-    batch, micro = run["batch"], min(run["batch"], config.micro_batch)
-    if batch % micro:
-        raise ValueError(f"batch {batch} is not a multiple of the micro-batch {micro}")
+    batch, micro = run["batch"], min(run["batch"], config.micro_batch)  # Config checked that micro divides batch
     accumulation = batch // micro
     base = config.sgd_lr if run["optimizer"] == "sgd" else config.lamb_lr
     lr = scaled_lr(base, config.batch_sizes[0], batch)
@@ -229,9 +244,7 @@ def plot(doc: Dict, path: Path) -> None:
         "pmd-lamb": f"PMD-LAMB (T = {config['cycle_length']})",
     }
     for optimizer, marker in zip(OPTIMIZERS, "osD"):
-        sweep = [r for r in runs if r["optimizer"] == optimizer and r["batch"] in config["batch_sizes"]
-                 and (optimizer == "sgd" or r["alpha"] == config["alpha"])
-                 and (optimizer != "pmd-lamb" or r["cycle_length"] == config["cycle_length"])]  # fmt: skip
+        sweep = [r for r in runs if r["optimizer"] == optimizer and in_sweep(config, r)]
         ax_batch.plot(
             [r["batch"] for r in sweep], [100 * r["mAP"] for r in sweep], marker=marker, label=names[optimizer]
         )
@@ -244,12 +257,9 @@ def plot(doc: Dict, path: Path) -> None:
     ax_batch.set_xticks(config["batch_sizes"], [str(b) for b in config["batch_sizes"]])
     ax_batch.legend()
 
-    at = [r for r in runs if r["optimizer"] != "sgd" and r["batch"] == config["ablation_batch"]]
-    by_t = sorted((r for r in at if r["alpha"] == config["alpha"]), key=lambda r: r["cycle_length"] or math.inf)
-    by_a = sorted((r for r in at if r["cycle_length"] == config["cycle_length"]), key=lambda r: r["alpha"])
-    bars = [(f"T={r['cycle_length'] or '∞'}", r) for r in by_t] + [(f"α={r['alpha']}", r) for r in by_a]
+    bars = ablation_bars(config, runs)
     drawn = ax_ablation.bar(range(len(bars)), [100 * r["mAP"] for _, r in bars],
-                            color=["C2"] * len(by_t) + ["C4"] * len(by_a))  # fmt: skip
+                            color=["C2" if name.startswith("T") else "C4" for name, _ in bars])  # fmt: skip
     ax_ablation.bar_label(drawn, fmt="%.1f", fontsize=8)  # a 0.0 bar is otherwise invisible
     ax_ablation.set_xticks(range(len(bars)), [name for name, _ in bars], rotation=30)
     ax_ablation.set(ylabel="COCO mAP@[.5:.95] (%)", title=f"PMD-LAMB ablation, batch {config['ablation_batch']} "

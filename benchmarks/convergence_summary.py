@@ -17,13 +17,12 @@ its every loss and its mAP, or the summary refuses.
 
 import argparse
 import json
-import math
 import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from benchmarks.convergence import OPTIMIZERS
+from benchmarks.convergence import OPTIMIZERS, ablation_bars, in_sweep
 
 BLOW_UP = 10.0
 NAMES = {"sgd": "SGD + LSR + warm-up", "lamb": "LAMB (T = ∞)", "pmd-lamb": "PMD-LAMB"}
@@ -33,13 +32,6 @@ Key = Tuple[str, int, Optional[int], Optional[float], float]  # optimizer, batch
 def _key(config: Dict, run: Dict) -> Key:
     eta = config["sgd_lr"] if run["optimizer"] == "sgd" else config["lamb_lr"]
     return run["optimizer"], run["batch"], run["cycle_length"], run["alpha"], eta
-
-
-def _in_sweep(config: Dict, run: Dict) -> bool:
-    return run["batch"] in config["batch_sizes"] and (
-        run["optimizer"] == "sgd"
-        or (run["alpha"] == config["alpha"] and run["cycle_length"] in (None, config["cycle_length"]))
-    )
 
 
 def collect(docs: Sequence[Dict]) -> Tuple[Dict[Key, Dict[int, Dict]], Dict[Key, Dict[int, Dict]], List[int]]:
@@ -60,7 +52,7 @@ def collect(docs: Sequence[Dict]) -> Tuple[Dict[Key, Dict[int, Dict]], Dict[Key,
         config, seed = doc["config"], doc["config"]["seed"]
         for run in doc["runs"]:
             key = _key(config, run)
-            table = sweep if _in_sweep(config, run) else ablation
+            table = sweep if in_sweep(config, run) else ablation
             same = table[key].get(seed, run)
             if (same["mAP"], same["loss"]) != (run["mAP"], run["loss"]):
                 raise ValueError(f"{key} seed {seed} was trained twice with different results: mAP {same['mAP']} "
@@ -110,14 +102,14 @@ def tables(docs: Sequence[Dict]) -> str:
         lines.append(f"| {_row_name(optimizer, t, eta)} | " + " | ".join(cells) + " |")
     # The ablation beside its references from the sweep: T = config's and T = ∞ at the ablation's batch.
     studies = sorted({(k[1], k[4]) for k in ablation})
+    every = {**sweep, **ablation}
     for batch, eta in studies:
-        at = {k: v for k, v in {**sweep, **ablation}.items() if k[1] == batch and k[4] == eta and k[0] != "sgd"}
-        by_t = sorted((k for k in at if k[3] == config["alpha"]), key=lambda k: k[2] or math.inf)
-        by_a = sorted((k for k in at if k[2] == config["cycle_length"] and k[0] == "pmd-lamb"), key=lambda k: k[3])
+        # One run of each key stands for its seeds in the choice and order of the bars.
+        runs = [dict(next(iter(v.values())), key=k) for k, v in every.items() if k[4] == eta]
         lines += ["", f"Ablation at batch {batch}, η {eta:g} (α = {config['alpha']} | T = {config['cycle_length']})",
                   "", "| | mAP |", "|---|---|"]  # fmt: skip
-        lines += [f"| T = {k[2] or '∞'} | {_cell(at[k], seeds)} |" for k in by_t]
-        lines += [f"| α = {k[3]} | {_cell(at[k], seeds)} |" for k in by_a]
+        lines += [f"| {name} | {_cell(every[r['key']], seeds)} |"
+                  for name, r in ablation_bars(dict(config, ablation_batch=batch), runs)]  # fmt: skip
     return "\n".join(lines)
 
 
