@@ -35,6 +35,13 @@ __device__ __forceinline__ T* tensor_address(const ChunkTable& table, PointerRow
 // addresses are 16-byte aligned move as 128-bit accesses (kILP·sizeof(T) is a multiple
 // of 16 for every supported T); the last, partial group of an odd-sized tensor, and
 // every group of a misaligned one, move element by element.
+//
+// NOTE [bit copies]
+//   A pack is moved between its uint4 and its T values with a bit copy, never by reading
+//   one through a pointer to the other: that breaks strict aliasing, and g++ -O2 compiles
+//   such a pun of these very functions to a vector path that returns zeros (the emulator
+//   of tests/cuda_emulator showed it). nvcc turns the copy into register moves: the SASS
+//   keeps its 128-bit LDG/STG (tests/test_cuda_kernels.py).
 // Conversions spelt out: torch's build defines __CUDA_NO_HALF_CONVERSIONS__ and friends.
 template <typename To, typename From>
 __device__ __forceinline__ To convert(From v) {
@@ -91,9 +98,11 @@ __device__ __forceinline__ void load_group(R (&r)[kILP], const T* p, int count) 
     static_assert(kILP % kPer == 0, "a group must be whole 128-bit packs");
 #pragma unroll
     for (int k = 0; k < kILP / kPer; ++k) {
-      // Through uint4, the one 16-byte type every compiler moves in one instruction.
+      // Through uint4, the one 16-byte type every compiler moves in one instruction, then
+      // bit-copied (NOTE [bit copies]).
       const uint4 pack = load16<kRead>(reinterpret_cast<const uint4*>(p) + k);
-      const T* values = reinterpret_cast<const T*>(&pack);
+      T values[kPer];
+      __builtin_memcpy(values, &pack, sizeof pack);
 #pragma unroll
       for (int j = 0; j < kPer; ++j) r[k * kPer + j] = convert<R>(values[j]);
     }
@@ -109,10 +118,11 @@ __device__ __forceinline__ void store_group(T* p, const R (&r)[kILP], int count)
     constexpr int kPer = 16 / sizeof(T);
 #pragma unroll
     for (int k = 0; k < kILP / kPer; ++k) {
-      uint4 pack;
-      T* values = reinterpret_cast<T*>(&pack);
+      T values[kPer];
 #pragma unroll
       for (int j = 0; j < kPer; ++j) values[j] = convert<T>(r[k * kPer + j]);
+      uint4 pack;
+      __builtin_memcpy(&pack, values, sizeof pack);
       store16(reinterpret_cast<uint4*>(p) + k, pack);
     }
   } else {

@@ -47,3 +47,29 @@ def triton_backend(monkeypatch):
     if "triton" not in CPU_BACKENDS:
         pytest.skip("needs Triton and TRITON_INTERPRET=1")
     return _small_triton_chunks(monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator():
+    """The CUDA C++ kernels of csrc/ on the CPU (tests/cuda_emulator), built on first use."""
+    import cuda_emulator as emulator
+
+    emulator.load()
+    return emulator
+
+
+@pytest.fixture
+def emulated_cuda(cuda_emulator, monkeypatch):
+    """The cuda backend on CPU tensors through the emulator; yields the emulator module.
+
+    torch runs on one thread meanwhile: the emulator keeps one core busy, and idle OpenMP
+    workers spinning on the other would only slow it down."""
+    from largedet_kernels.backends import cuda
+
+    on_gpus = cuda.unavailable_reason
+    monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None if device.type == "cpu" else on_gpus(device))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield cuda_emulator
+    torch.set_num_threads(threads)
+    cuda_emulator.configure(cuda_emulator.DEFAULT_SCHEDULE)

@@ -27,8 +27,11 @@ def make_params(
     return params
 
 
-def random_grads(params: Sequence[torch.Tensor], gen: torch.Generator, scale: float = 1.0) -> List[torch.Tensor]:
-    return [(scale * torch.randn(p.shape, generator=gen)).to(device=p.device, dtype=p.dtype) for p in params]
+def random_grads(
+    params: Sequence[torch.Tensor], gen: torch.Generator, scale: float = 1.0, dtype: Optional[torch.dtype] = None
+) -> List[torch.Tensor]:
+    """Fresh gradients of each parameter's dtype, or of ``dtype``."""
+    return [(scale * torch.randn(p.shape, generator=gen)).to(device=p.device, dtype=dtype or p.dtype) for p in params]
 
 
 def reference_kwargs(group: Dict) -> Dict:
@@ -117,18 +120,24 @@ def run_against_reference(
     seed: int = 1,
     grad_scale: float = 1.0,
     skip_grad: Callable[[int, int], bool] = lambda step, i: False,
+    grad_dtype: Optional[torch.dtype] = None,
 ) -> ReferenceRun:
     """Step ``opt`` and the reference ``steps`` times on fresh random gradients.
 
     With ``resync`` every reference step starts from the optimizer's values, so
     each comparison measures one step's error (the way to judge low precision).
+    ``grad_dtype`` gives the gradients another dtype than their parameters (float32
+    gradients of bf16 parameters); the reference sees the same values.
     """
     ref = ReferenceRun(opt)
     gen = torch.Generator().manual_seed(seed)
+    if grad_dtype is not None:
+        for p in ref.params:
+            p.grad_dtype = grad_dtype
     for s in range(steps):
         if resync:
             ref.resync()
-        grads = random_grads(ref.params, gen, grad_scale)
+        grads = random_grads(ref.params, gen, grad_scale, grad_dtype)
         grads = [None if skip_grad(s, i) else g for i, g in enumerate(grads)]
         for p, g in zip(ref.params, grads):
             p.grad = None if g is None else g.clone()

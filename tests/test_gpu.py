@@ -1,8 +1,11 @@
-"""The fused backends on a real GPU (skipped without one): against the float64 reference,
-in halves as shards are, in a CUDA graph, without host synchronisation; and grouped SyncBN.
-benchmarks/gpu_check.sh runs these."""
+"""The fused backends against the float64 reference, in halves as shards are, and through
+GradScaler's skipped steps: every fused backend on a real GPU (skipped without one), and the
+CUDA C++ kernels also on the CPU in every run, through the emulator of tests/cuda_emulator
+under both of its fiber schedules (marked ``emulator``). On a GPU only: a CUDA graph, no host
+synchronisation, grouped SyncBN. benchmarks/gpu_check.sh runs the GPU ones."""
 
 import copy
+from typing import NamedTuple, Optional
 
 import pytest
 import torch
@@ -11,12 +14,31 @@ from harness import SHAPES, check_halves_equal_step, check_sharded_halves, make_
 
 from largedet_kernels import LAMB, PMDLAMB, dispatch
 
-GPU_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(
-        not torch.cuda.is_available() or dispatch.unavailable_reason(name, torch.device("cuda")) is not None,
-        reason=f"needs a CUDA GPU and the {name} backend"))
-    for name in ("cuda", "triton", "torch")
-]  # fmt: skip
+
+class Target(NamedTuple):
+    backend: str
+    device: str
+    schedule: Optional[str] = None  # the emulator's (NOTE [emulated execution] in tests/cuda_emulator/runtime.cpp)
+
+
+def _on_the_gpu(name: str):
+    reason = f"needs a CUDA GPU and the {name} backend"
+    missing = not torch.cuda.is_available() or dispatch.unavailable_reason(name, torch.device("cuda")) is not None
+    return pytest.param(name, marks=pytest.mark.skipif(missing, reason=reason), id=name)
+
+
+GPU_BACKENDS = [_on_the_gpu(name) for name in ("cuda", "triton", "torch")]
+TARGETS = [pytest.param(Target(p.values[0], "cuda"), marks=p.marks, id=p.id) for p in GPU_BACKENDS] + [
+    pytest.param(Target("cuda", "cpu", schedule), marks=pytest.mark.emulator, id=f"cuda-emulated-{schedule}")
+    for schedule in ("forward", "reverse")
+]
+
+
+@pytest.fixture(params=TARGETS)
+def target(request) -> Target:
+    if request.param.schedule is not None:
+        request.getfixturevalue("emulated_cuda").configure(request.param.schedule)
+    return request.param
 
 
 def _shapes():
@@ -24,7 +46,6 @@ def _shapes():
     return SHAPES + [(16383,), (16384,), (16385,), (3 * 16384 + 5,), (256, 64, 3, 3)] + [(n,) for n in range(1, 60)]
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize(
     "dtype,rtol,ulps",
     [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1), (torch.float16, 2e-5, 1), (torch.bfloat16, 2e-5, 1)],
@@ -35,33 +56,39 @@ def _shapes():
     [dict(), dict(max_grad_norm=1.0, bias_correction=True), dict(eps_inside_sqrt=False, grad_averaging=False)],
     ids=["paper", "clip+bias-correction", "eps-outside+no-averaging"],
 )
-def test_against_reference_on_the_gpu(backend, dtype, rtol, ulps, options):
-    params = make_params(_shapes(), dtype, zero=(2, 6), device="cuda")
-    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, backend=backend, **options)
+def test_against_reference(target, dtype, rtol, ulps, options):
+    params = make_params(_shapes(), dtype, zero=(2, 6), device=target.device)
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, backend=target.backend, **options)
     run_against_reference(opt, steps=7, rtol=rtol, ulps=ulps, resync=dtype != torch.float64)
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_lamb_on_the_gpu(backend):
-    params = make_params(_shapes(), torch.float32, zero=(2,), device="cuda")
-    opt = LAMB([dict(params=params[:5], weight_decay=0.0), dict(params=params[5:])], lr=0.01, backend=backend)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_float32_gradients_of_low_precision_parameters(target, dtype):
+    params = make_params(_shapes(), dtype, zero=(2,), device=target.device)
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0,
+                  backend=target.backend)  # fmt: skip
+    run_against_reference(opt, steps=4, rtol=2e-5, ulps=1, resync=True, grad_dtype=torch.float32)
+
+
+def test_lamb(target):
+    params = make_params(_shapes(), torch.float32, zero=(2,), device=target.device)
+    opt = LAMB([dict(params=params[:5], weight_decay=0.0), dict(params=params[5:])], lr=0.01, backend=target.backend)
     run_against_reference(opt, steps=5, rtol=2e-5, ulps=1, resync=True)
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize(
     "dtype,rtol,ulps", [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1), (torch.bfloat16, 2e-5, 1)],
     ids=["fp64", "fp32", "bf16"],
 )
-def test_sharded_halves_on_the_gpu(backend, dtype, rtol, ulps):
+def test_sharded_halves(target, dtype, rtol, ulps):
     # NOTE [sharded norms]: pass 1, per-tensor sums, pass 2 from summed norms.
-    check_sharded_halves(backend, dtype, "cuda", rtol, ulps, shapes=_shapes())
-    check_halves_equal_step(backend, dtype, "cuda")
+    check_sharded_halves(target.backend, dtype, target.device, rtol, ulps, shapes=_shapes())
+    check_halves_equal_step(target.backend, dtype, target.device)
 
 
-def _stepped_once(backend):
-    """fp32 params on the GPU and an optimizer that has taken one step (tables built)."""
-    params = make_params(_shapes(), torch.float32, device="cuda")
+def _stepped_once(backend, device="cuda"):
+    """fp32 params and an optimizer that has taken one step (tables built)."""
+    params = make_params(_shapes(), torch.float32, device=device)
     opt = PMDLAMB(params, backend=backend, max_grad_norm=1.0)
     for p in params:
         p.grad = torch.randn_like(p)
@@ -69,18 +96,22 @@ def _stepped_once(backend):
     return params, opt
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_grad_scaler_skip_on_the_gpu(backend):
-    params, opt = _stepped_once(backend)
-    before = [p.detach().clone() for p in params], [opt.state[p]["exp_avg"].clone() for p in params]
-    scaler = torch.amp.GradScaler("cuda", init_scale=8.0)
+def test_grad_scaler_skip(target):
+    # NOTE [skipped steps]: a step with a non-finite gradient changes no parameter, moment or step count.
+    params, opt = _stepped_once(target.backend, target.device)
+    before = [[p.detach().clone() for p in params]] + [
+        [opt.state[p][name].clone() for p in params] for name in ("exp_avg", "exp_avg_sq", "step")
+    ]
+    scaler = torch.amp.GradScaler(target.device, init_scale=8.0)
     scaler.scale(sum(p.sum() for p in params)).backward()
     params[-1].grad[0] = float("inf")
     scaler.step(opt)
     scaler.update()
-    assert all(torch.equal(a, p) for a, p in zip(before[0], params))
-    assert all(torch.equal(m, opt.state[p]["exp_avg"]) for m, p in zip(before[1], params))
+    after = [list(params)] + [[opt.state[p][name] for p in params] for name in ("exp_avg", "exp_avg_sq", "step")]
+    for was, now in zip(before, after):
+        assert all(torch.equal(a, b) for a, b in zip(was, now))
     assert all(opt.state[p]["step"].item() == 1 for p in params)
+    assert scaler.get_scale() == 4.0  # the scaler saw the inf
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -1,0 +1,3 @@
+// <cuda_bf16.h> of host C++: everything device code needs comes from the emulator's shim.
+#pragma once
+#include "cuda_shim.h"

@@ -1,0 +1,60 @@
+// Kernels that break CUDA's rules on purpose: tests/test_cuda_emulator.py shows that the
+// emulator reports each, so that its silence about csrc/'s kernels means something.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include "cuda_shim.h"
+
+namespace largedet_emu {
+namespace {
+
+constexpr int kThreads = 64;
+
+__global__ void divergent_barrier_kernel(float*, float) {
+  if (threadIdx.x % 2 == 0) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+}
+
+__global__ void early_exit_kernel(float*, float) {
+  if (threadIdx.x == 0) return;
+  __syncthreads();
+}
+
+__global__ void half_warp_shuffle_kernel(float* out, float value) {
+  if (threadIdx.x % 32 < 16) out[threadIdx.x] = __shfl_down_sync(0xffffffffu, value, 1);
+}
+
+// Thread 0 publishes `value` through shared memory and every thread reads it back.
+template <bool kBarrier>
+__global__ void broadcast_kernel(float* out, float value) {
+  __shared__ float published;
+  if (threadIdx.x == 0) published = value;
+  if (kBarrier) __syncthreads();
+  out[threadIdx.x] = published;
+}
+
+// One block of kThreads threads running `kernel`; what each thread wrote, or the launch's error.
+at::Tensor selftest(c10::string_view kernel, double value) {
+  at::Tensor out = at::zeros({kThreads}, at::kFloat);
+  void (*chosen)(float*, float) = kernel == "divergent_barrier"    ? &divergent_barrier_kernel
+                                  : kernel == "early_exit"         ? &early_exit_kernel
+                                  : kernel == "half_warp_shuffle"  ? &half_warp_shuffle_kernel
+                                  : kernel == "broadcast"          ? &broadcast_kernel<true>
+                                  : kernel == "broadcast_unsynced" ? &broadcast_kernel<false>
+                                                                   : nullptr;
+  TORCH_CHECK_VALUE(chosen != nullptr, "largedet_emulator: no self-test kernel ", kernel);
+  launch(1, kThreads, 0, nullptr, chosen, out.data_ptr<float>(), static_cast<float>(value));
+  const cudaError_t error = cudaGetLastError();
+  TORCH_CHECK(error == cudaSuccess, "largedet_emulator: ", cudaGetErrorString(error));
+  return out;
+}
+
+}  // namespace
+}  // namespace largedet_emu
+
+TORCH_LIBRARY_FRAGMENT(largedet_emulator, m) {
+  m.def("selftest(str kernel, float value) -> Tensor", &largedet_emu::selftest);
+}

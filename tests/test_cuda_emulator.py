@@ -1,0 +1,173 @@
+"""The emulator of tests/cuda_emulator: it runs the CUDA C++ kernels as a GPU would and reports
+what a GPU would get wrong, so that csrc/'s kernels passing on it (tests/test_gpu.py) means
+something; and the kernels' chunk walk, vector path and schedules that only it can show on CPU."""
+
+import re
+
+import pytest
+import torch
+
+import cuda_emulator
+from harness import SHAPES, make_bucket, make_params, run_against_reference
+
+from largedet_kernels import PMDLAMB
+from largedet_kernels.backends import chunk_plan, cuda
+
+pytestmark = pytest.mark.emulator
+
+# --- The emulator itself.
+
+
+def _bit_equal(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal bits, but any NaN for a NaN (a GPU makes its own canonical NaN)."""
+    nan = want.isnan()
+    width = torch.int16 if want.element_size() == 2 else torch.int32
+    same = torch.equal(got[~nan].view(width), want[~nan].view(width))
+    return same and bool(got[nan].isnan().all())
+
+
+def test_16_bit_conversions_match_torch_bit_for_bit(cuda_emulator):
+    every_pattern = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    # float32 patterns across every exponent, the halfway cases of both formats, and the edges.
+    sweep = torch.arange(0, 2**32, 4093, dtype=torch.int64).to(torch.int32).view(torch.float32)
+    halfway = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 1 + 2**-8, 1 + 3 * 2**-8, 65504, 65519.99, 65520, 2**-24,
+                            2**-25, 1.5 * 2**-25, 2**-14 - 2**-25, 3e38, 1e-40, 0.0, -0.0],
+                           dtype=torch.float32)  # fmt: skip
+    floats = torch.cat([sweep, halfway, -halfway, torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    for dtype in (torch.float16, torch.bfloat16):
+        values = every_pattern.view(dtype)
+        assert _bit_equal(torch.ops.largedet_emulator.widen_float(values), values.float())
+        assert _bit_equal(torch.ops.largedet_emulator.narrow_float(floats, dtype), floats.to(dtype))
+
+
+def test_the_launch_rewrite_knows_every_launch():
+    source = (cuda_emulator.CSRC / "pmd_lamb_launch.cu").read_text()
+    assert cuda_emulator.emulated_launch_source(source).count("::largedet_emu::launch(") == 4
+    extra = source + "\nvoid more() { another_kernel<float><<<1, 32, 0, nullptr>>>(nullptr); }\n"
+    with pytest.raises(RuntimeError, match="expected 4 <<<>>> launches to rewrite, rewrote 5"):
+        cuda_emulator.emulated_launch_source(extra)
+    binding = (cuda_emulator.CSRC / "binding.cpp").read_text()
+    with pytest.raises(RuntimeError, match="expected 1 of 'device.is_cuda\\(\\)', found 0"):
+        cuda_emulator.emulated_binding_source(binding.replace("device.is_cuda()", "device.is_cuda_like()"))
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "threads"])
+@pytest.mark.parametrize(
+    "kernel,error",
+    [
+        ("divergent_barrier", r"divergent __syncthreads: this thread is at .*selftest.cpp:\d+, \d+ wait at .*selftest"),
+        ("early_exit", r"(after 1 of the threads it waits for exited|exited while 63 threads wait at __syncthreads)"),
+        ("half_warp_shuffle", r"(exited while 16 lanes of its warp wait|of the threads it waits for exited)"),
+    ],
+    ids=["divergent-barrier", "early-exit", "half-warp-shuffle"],
+)
+def test_broken_kernels_are_reported(cuda_emulator, schedule, kernel, error):
+    cuda_emulator.configure(schedule)
+    try:
+        with pytest.raises(RuntimeError, match=f"kernel failed in block 0 of 1, thread \\d+: .*{error}"):
+            torch.ops.largedet_emulator.selftest(kernel, 1.0)
+        assert torch.equal(torch.ops.largedet_emulator.selftest("broadcast", 2.0), torch.full((64,), 2.0))
+    finally:
+        cuda_emulator.configure(cuda_emulator.DEFAULT_SCHEDULE)
+
+
+def test_a_missing_barrier_shows_under_one_of_the_schedules(cuda_emulator):
+    # Thread 0 writes shared memory that the others read: without the barrier, the reverse
+    # schedule lets them read first and see what the previous launch left there.
+    try:
+        for schedule in ("forward", "reverse"):
+            cuda_emulator.configure(schedule)
+            torch.ops.largedet_emulator.selftest("broadcast", 1.0)
+            assert torch.equal(torch.ops.largedet_emulator.selftest("broadcast", 2.0), torch.full((64,), 2.0))
+        cuda_emulator.configure("forward")
+        assert torch.equal(torch.ops.largedet_emulator.selftest("broadcast_unsynced", 3.0), torch.full((64,), 3.0))
+        cuda_emulator.configure("reverse")
+        stale = torch.ops.largedet_emulator.selftest("broadcast_unsynced", 4.0)
+        assert stale[0] == 4.0 and bool((stale[1:] == 3.0).all())
+    finally:
+        cuda_emulator.configure(cuda_emulator.DEFAULT_SCHEDULE)
+
+
+def _bucket_and_plan(xs):
+    group = PMDLAMB([torch.zeros(1)]).param_groups[0]
+    bucket = make_bucket(xs, group)
+    for g in bucket.grads:
+        g.normal_()
+    return bucket, chunk_plan.plan_for(bucket, cuda.CHUNK)
+
+
+def test_a_vector_access_past_a_tensor_is_reported(emulated_cuda):
+    bucket, plan = _bucket_and_plan([torch.randn(16)])
+    plan.pointers(bucket)
+    bucket.grads[0] = torch.randn(8)  # the tables still say 16 elements: the second group lies past its end
+    plan.address_key = ()
+    with pytest.raises(RuntimeError, match=r"grad_sumsq launch failed: kernel failed in block 0 of 1, thread 1: "
+                                           r"16-byte load at 0x[0-9a-f]+ outside every live allocation"):  # fmt: skip
+        cuda._KERNELS.grad_sumsq(bucket, plan)
+
+
+def test_a_misaligned_vector_access_is_reported(emulated_cuda):
+    bucket, plan = _bucket_and_plan([torch.randn(16)])
+    bucket.grads[0] = torch.randn(17)[1:]
+    plan.pointers(bucket)
+    assert not plan.aligned
+    plan.aligned = True  # what a GPU would fault on
+    with pytest.raises(RuntimeError, match=r"thread 0: 16-byte load at 0x[0-9a-f]+ is misaligned \(a GPU faults\)"):
+        cuda._KERNELS.grad_sumsq(bucket, plan)
+
+
+# --- What only the emulator shows of the kernels on CPU.
+
+# 16-byte accesses per whole group of kILP = 8 elements: (loads, stores) of pass 1 (x, g, m, v in,
+# m, v out) and pass 2 (x, m, v in, x out); fp32 moments take two 16-byte packs, bf16 x and g one.
+ACCESSES_PER_GROUP = {torch.float32: (8 + 6, 4 + 2), torch.bfloat16: (1 + 1 + 2 + 2 + 1 + 2 + 2, 2 + 2 + 1)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_aligned_buckets_take_the_vector_path_and_misaligned_ones_do_not(emulated_cuda, dtype):
+    shapes = [(1,), (7,), (8,), (15,), (16385,), (64, 3, 3, 3)]
+    aligned = make_params(shapes, dtype)
+    opt = PMDLAMB(aligned, backend="cuda")
+    for p in aligned:
+        p.grad = torch.randn_like(p)
+    emulated_cuda.reset_counters()
+    opt.step()
+    loads, stores = ACCESSES_PER_GROUP[dtype]
+    groups = sum(p.numel() // 8 for p in aligned)  # the partial group of each tensor takes the scalar path
+    assert emulated_cuda.counters() == dict(launches=2, blocks=2 * 7, vector_loads=groups * loads,
+                                            vector_stores=groups * stores)  # fmt: skip
+
+    # One misaligned tensor makes the bucket's plan scalar (NOTE [vector and scalar paths]).
+    misaligned = make_params(shapes, dtype) + [torch.nn.Parameter(torch.randn(4097, dtype=dtype)[1:])]
+    opt = PMDLAMB(misaligned, backend="cuda")
+    for p in misaligned:
+        p.grad = torch.randn_like(p)
+    emulated_cuda.reset_counters()
+    run_against_reference(opt, steps=2, rtol=2e-5, ulps=1, resync=True)
+    assert emulated_cuda.counters()["vector_loads"] == 0
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_many_chunks_per_tensor(emulated_cuda, monkeypatch, schedule, dtype):
+    # 64-element chunks: eight groups per block, most threads idle, tensors of up to 65 chunks.
+    monkeypatch.setattr(cuda, "CHUNK", 64)
+    emulated_cuda.configure(schedule)
+    params = make_params(SHAPES + [(4099,), (64 * 7 + 3,), (63,), (65,)], dtype, zero=(2,))
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0, backend="cuda")
+    emulated_cuda.reset_counters()
+    run_against_reference(opt, steps=4, rtol=2e-5, ulps=1, resync=True)
+    chunks = sum(max(1, -(-p.numel() // 64)) for p in params)
+    assert emulated_cuda.counters()["blocks"] == 4 * 3 * chunks  # Σg², pass 1, pass 2 of each step
+
+
+def test_a_random_schedule(emulated_cuda):
+    emulated_cuda.configure("random", seed=7)
+    params = make_params(SHAPES + [(16385,)], torch.float32, zero=(2,))
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0, backend="cuda")
+    run_against_reference(opt, steps=3, rtol=2e-5, ulps=1, resync=True)
+
+
+def test_the_unknown_schedule_is_refused(cuda_emulator):
+    with pytest.raises(ValueError, match=re.escape("schedule must be forward, reverse, random or threads, got sideways")):
+        cuda_emulator.configure("sideways")
