@@ -30,7 +30,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
 SCHEDULES = ("forward", "reverse", "random", "threads")
-DEFAULT_SCHEDULE = "threads" if os.environ.get("LARGEDET_EMULATOR_SANITIZER") else "forward"
+SANITIZER = os.environ.get("LARGEDET_EMULATOR_SANITIZER") or None
+# What the tests run the kernels under: both fiber orders, or std::threads for a sanitizer.
+TEST_SCHEDULES = ("forward", "reverse") if SANITIZER is None else ("threads",)
+DEFAULT_SCHEDULE = TEST_SCHEDULES[0]
 SANITIZERS = ("thread", "address")
 COUNTERS = ("launches", "blocks", "vector_loads", "vector_stores")
 
@@ -127,15 +130,14 @@ _loaded: Optional[str] = None
 def load() -> None:
     """Build and load the emulator once per process; LARGEDET_EMULATOR_SANITIZER picks the variant."""
     global _loaded
-    sanitizer = os.environ.get("LARGEDET_EMULATOR_SANITIZER") or None
-    variant = sanitizer or "fibers"
+    variant = SANITIZER or "fibers"
     if _loaded is not None:
         if _loaded != variant:
             raise RuntimeError(f"the {_loaded} emulator is loaded; one process takes one variant")
         return
     from largedet_kernels.backends import cuda  # noqa: F401  (imports _C when built: its schemas then exist)
 
-    library = build(sanitizer)
+    library = build(SANITIZER)
     torch.ops.load_library(str(library))
     if not hasattr(torch.ops.largedet, "pmd_lamb_step_"):
         torch.ops.largedet_emulator.define_schemas()

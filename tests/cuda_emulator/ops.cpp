@@ -84,7 +84,9 @@ at::Tensor narrow_float(const at::Tensor& x, at::ScalarType dtype) {
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(dtype));
   const float* in = x.data_ptr<float>();
   auto* bits = static_cast<std::uint16_t*>(out.data_ptr());
-  for (int64_t i = 0; i < x.numel(); ++i) bits[i] = dtype == at::kHalf ? float_to_half(in[i]) : float_to_bfloat16(in[i]);
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    bits[i] = dtype == at::kHalf ? float_to_half(in[i]) : float_to_bfloat16(in[i]);
+  }
   return out;
 }
 
@@ -95,7 +97,9 @@ at::Tensor widen_float(const at::Tensor& x) {
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(at::kFloat));
   const auto* bits = static_cast<const std::uint16_t*>(x.data_ptr());
   float* values = out.data_ptr<float>();
-  for (int64_t i = 0; i < x.numel(); ++i) values[i] = dtype == at::kHalf ? half_to_float(bits[i]) : bfloat16_to_float(bits[i]);
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    values[i] = dtype == at::kHalf ? half_to_float(bits[i]) : bfloat16_to_float(bits[i]);
+  }
   return out;
 }
 

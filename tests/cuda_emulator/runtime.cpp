@@ -301,8 +301,8 @@ void on_exit(Block& b, unsigned thread) {
     record(b, thread, "exited while " + std::to_string(b.block_barrier.arrived) + " threads wait at __syncthreads at " +
                           where(b.block_barrier.site));
   } else if (warp.arrived != 0) {
-    record(b, thread, "exited while " + std::to_string(warp.arrived) + " lanes of its warp wait at __shfl_down_sync at " +
-                          where(warp.site));
+    record(b, thread, "exited while " + std::to_string(warp.arrived) +
+                          " lanes of its warp wait at __shfl_down_sync at " + where(warp.site));
   }
 }
 
@@ -365,22 +365,66 @@ void run_fibers(Block& b, Schedule order, std::mt19937_64& rng) {
   }
 }
 
-void run_threads(Block& b) {
-  std::vector<std::thread> threads;
-  threads.reserve(b.size);
-  for (unsigned t = 0; t < b.size; ++t) {
-    threads.emplace_back([&b, t, block = blockIdx, dim = blockDim, grid = gridDim] {
-      current = &b;
-      threadIdx = {t, 0, 0};
-      blockIdx = block;
-      blockDim = dim;
-      gridDim = grid;
-      run_thread(b);
-      const std::lock_guard<std::mutex> lock(b.mutex);
-      on_exit(b, t);
-    });
+// The std::threads of the threads schedule, started once and kept: thread t of every block
+// runs on worker t, so a block costs no thread creation.
+class Workers {
+ public:
+  // Runs every thread of b, whose launch sets the built-in variables of the calling thread.
+  void run(Block& b) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    while (workers_.size() < b.size) {
+      const unsigned t = static_cast<unsigned>(workers_.size());
+      workers_.emplace_back([this, t] { work(t); });
+    }
+    block_ = &b;
+    index_ = blockIdx;
+    dim_ = blockDim;
+    grid_ = gridDim;
+    running_ = b.size;
+    ++round_;
+    start_.notify_all();
+    finished_.wait(lock, [&] { return running_ == 0; });
+    block_ = nullptr;
   }
-  for (std::thread& t : threads) t.join();
+
+ private:
+  void work(unsigned t) {
+    for (std::uint64_t seen = 0;;) {
+      Block* b;
+      {
+        std::unique_lock<std::mutex> lock(mutex_);
+        start_.wait(lock, [&] { return round_ != seen && block_ != nullptr; });
+        seen = round_;
+        if (t >= block_->size) continue;
+        b = current = block_;
+        threadIdx = {t, 0, 0};
+        blockIdx = index_;
+        blockDim = dim_;
+        gridDim = grid_;
+      }
+      run_thread(*b);
+      {
+        const std::lock_guard<std::mutex> lock(b->mutex);
+        on_exit(*b, t);
+      }
+      const std::lock_guard<std::mutex> lock(mutex_);
+      if (--running_ == 0) finished_.notify_all();
+    }
+  }
+
+  std::mutex mutex_;
+  std::condition_variable start_, finished_;
+  std::vector<std::thread> workers_;  // never joined: they wait for work until the process ends
+  Block* block_ = nullptr;
+  uint3 index_{};
+  dim3 dim_{}, grid_{};
+  unsigned running_ = 0;
+  std::uint64_t round_ = 0;
+};
+
+void run_threads(Block& b) {
+  static Workers* const workers = new Workers;  // never destroyed: its threads outlive static destruction
+  workers->run(b);
 }
 
 }  // namespace

@@ -93,8 +93,8 @@ void launch(long long grid, long long block, std::size_t shared_bytes, cudaStrea
     void (*kernel)(Params...);
     std::tuple<Params...> params;  // a launch copies its arguments once; each thread gets its own copy
   } call{kernel, std::tuple<Params...>(std::forward<Args>(args)...)};
-  run_grid(grid, block, shared_bytes, [](void* c) { std::apply(static_cast<Call*>(c)->kernel, static_cast<Call*>(c)->params); },
-           &call);
+  auto body = [](void* c) { std::apply(static_cast<Call*>(c)->kernel, static_cast<Call*>(c)->params); };
+  run_grid(grid, block, shared_bytes, body, &call);
 }
 
 // ---- 16-bit floats: storage types with round-to-nearest-even conversions (tests compare them
@@ -128,7 +128,8 @@ inline std::uint16_t float_to_half(float f) {
   if (magnitude > 0x7f800000u) return kCanonicalNaN;
   if (magnitude >= 0x477ff000u) return static_cast<std::uint16_t>(sign | 0x7c00u);  // ≥ 65520 rounds to inf
   if (magnitude < 0x38800000u) {  // below 2^-14: a subnormal half, round(|f| · 2^24) (exact scaling)
-    return static_cast<std::uint16_t>(sign | static_cast<std::uint32_t>(std::nearbyint(bits_float(magnitude) * 0x1p24f)));
+    const float units = std::nearbyint(bits_float(magnitude) * 0x1p24f);
+    return static_cast<std::uint16_t>(sign | static_cast<std::uint32_t>(units));
   }
   const std::uint32_t rebased = magnitude - ((127u - 15u) << 23);  // exponent bias 127 → 15
   return static_cast<std::uint16_t>(sign | (rebased + 0xfffu + ((rebased >> 13) & 1u)) >> 13);
@@ -161,4 +162,5 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {largedet_emu::float_
 inline uint4 __ldg(const uint4* p) { return largedet_emu::read16(p); }
 inline uint4 __ldcs(const uint4* p) { return largedet_emu::read16(p); }
 #define __syncthreads() ::largedet_emu::syncthreads({__FILE__, __LINE__})
-#define __shfl_down_sync(mask, value, delta) ::largedet_emu::shfl_down_sync((mask), (value), (delta), {__FILE__, __LINE__})
+#define __shfl_down_sync(mask, value, delta) \
+  ::largedet_emu::shfl_down_sync((mask), (value), (delta), {__FILE__, __LINE__})

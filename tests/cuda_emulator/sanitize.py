@@ -1,0 +1,55 @@
+"""The emulated CUDA kernels under ThreadSanitizer and AddressSanitizer (not part of CI):
+
+    .venv/bin/python tests/cuda_emulator/sanitize.py [thread] [address] [-- pytest options]
+
+For each sanitizer (default: both) this builds the emulator's variant for it, then runs the
+emulated suite (``pytest -m emulator``) in a process that preloads the sanitizer's runtime,
+with every block's threads as std::threads. It fails if a test fails or the sanitizer reports
+anything (``halt_on_error``)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+RUNTIME = {"thread": "libtsan.so", "address": "libasan.so"}
+OPTIONS = {
+    "thread": ("TSAN_OPTIONS", "halt_on_error=1 second_deadlock_stack=1"),
+    "address": ("ASAN_OPTIONS", "halt_on_error=1 detect_leaks=0"),  # CPython keeps its memory at exit
+}
+
+
+def _library(name: str) -> str:
+    compiler = os.environ.get("CXX", "c++")
+    return subprocess.run([compiler, f"-print-file-name={name}"], capture_output=True, text=True,
+                          check=True).stdout.strip()  # fmt: skip
+
+
+def run(sanitizer: str, pytest_args) -> int:
+    # The C++ runtime too: the sanitizer's exception interceptors need it loaded at their start.
+    preload = f"{_library(RUNTIME[sanitizer])} {_library('libstdc++.so')}"
+    variable, options = OPTIONS[sanitizer]
+    env = dict(os.environ, LD_PRELOAD=preload, LARGEDET_EMULATOR_SANITIZER=sanitizer, OMP_NUM_THREADS="1")
+    env[variable] = options
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "emulator",
+               "tests/test_gpu.py", "tests/test_cuda_emulator.py", *pytest_args]  # fmt: skip
+    start = time.monotonic()
+    code = subprocess.run(command, cwd=ROOT, env=env).returncode
+    print(f"{sanitizer} sanitizer: exit {code} in {time.monotonic() - start:.0f} s", flush=True)
+    return code
+
+
+def main(argv) -> int:
+    pytest_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    chosen = [a for a in (argv[: argv.index("--")] if "--" in argv else argv)] or list(RUNTIME)
+    unknown = set(chosen) - set(RUNTIME)
+    if unknown:
+        raise SystemExit(f"sanitizers are {sorted(RUNTIME)}, got {sorted(unknown)}")
+    codes = [run(s, pytest_args) for s in chosen]
+    return max(codes)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
