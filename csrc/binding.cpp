@@ -91,7 +91,7 @@ StepLaunch checked_step(TensorList params, TensorList grads, TensorList exp_avgs
   check_list(exp_avgs, "exp_avgs", n, device, m_type);
   check_list(exp_avg_sqs, "exp_avg_sqs", n, device, m_type);
   check_list(steps, "steps", n, device, at::kFloat);
-  check_table(hyper, "hyper", m_type, n * kHyperColumns, device);
+  check_table(hyper, "hyper", at::kDouble, n * kHyperColumns, device);  // NOTE [double coefficients]
   check_table(grad_factor, "grad_factor", m_type, 1, device);
   check_table(found_inf, "found_inf", at::kFloat, 1, device);
   check_table(partials, "partials", m_type, 2 * partial_pairs, device);
@@ -99,7 +99,7 @@ StepLaunch checked_step(TensorList params, TensorList grads, TensorList exp_avgs
   const Dtype x_dtype = to_dtype(x_type, "params"), g_dtype = to_dtype(grads[0].scalar_type(), "grads");
   TORCH_CHECK(supported_dtypes(x_dtype, g_dtype), "largedet: no kernel for ", x_type, " parameters with ",
               grads[0].scalar_type(), " gradients");
-  const StepScalars scalars{hyper.data_ptr(), grad_factor.data_ptr(), found_inf.data_ptr<float>(),
+  const StepScalars scalars{hyper.data_ptr<double>(), grad_factor.data_ptr(), found_inf.data_ptr<float>(),
                             partials.data_ptr(), t_now.data_ptr()};
   const LaunchConfig config{x_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream(device.index())};
   return StepLaunch{table, scalars, config, device};

@@ -36,7 +36,7 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_moments_kernel(ChunkTable
   const bool keep = *s.found_inf == 0.0f;  // NOTE [skipped steps]
   const M t = static_cast<M>(*step) + (keep ? M(1) : M(0));
   if (chunk.start == 0 && threadIdx.x == 0) static_cast<M*>(s.t_now)[chunk.tensor] = t;  // pass 2 reads t here
-  const StepCoefficients<M> c(static_cast<const M*>(s.hyper) + chunk.tensor * kHyperColumns, t);
+  const StepCoefficients<M> c(s.hyper + chunk.tensor * kHyperColumns, t);
   const M factor = *static_cast<const M*>(s.grad_factor);
 
   M sum_x = 0, sum_u = 0;
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable 
   const bool keep = *s.found_inf == 0.0f;
   const M t = static_cast<const M*>(s.t_now)[chunk.tensor];
   if (chunk.start == 0 && threadIdx.x == 0) *step = static_cast<float>(t);  // nobody in pass 2 reads step
-  const M* row = static_cast<const M*>(s.hyper) + chunk.tensor * kHyperColumns;
+  const double* row = s.hyper + chunk.tensor * kHyperColumns;
   const StepCoefficients<M> c(row, t);
 
   M sum_x, sum_u;

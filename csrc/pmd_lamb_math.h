@@ -25,17 +25,12 @@ struct Ops<float> {
   static LARGEDET_HOST_DEVICE float sqrt(float a) { return ::sqrtf(a); }
 };
 
-template <typename M>
-LARGEDET_HOST_DEVICE M cos_(M a) { return ::cos(a); }
-template <>
-LARGEDET_HOST_DEVICE float cos_(float a) { return ::cosf(a); }
-template <typename M>
-LARGEDET_HOST_DEVICE M pow_(M a, M b) { return ::pow(a, b); }
-template <>
-LARGEDET_HOST_DEVICE float pow_(float a, float b) { return ::powf(a, b); }
+constexpr double kHalfPi = 1.5707963267948966;
 
 // What the update of one tensor needs at step t: ξ and everything derived from its row of
-// the hyper-parameter table. V = M computes them; V = a vector type broadcasts them.
+// the hyper-parameter table, formed in double and rounded to the scalar math type V once
+// (NOTE [double coefficients] in largedet_kernels/backends/chunk_plan.py). A vector type
+// takes them broadcast from its scalar type's.
 template <typename V>
 struct StepCoefficients {
   V decay_m, decay_v;                // ξβ1, ξβ2
@@ -44,18 +39,18 @@ struct StepCoefficients {
   V eps_in, eps_out;                 // ε inside or outside the square root
   V decay_in_grad, decay_in_update;  // λ in g (L2 mode) or in u (decoupled)
 
-  LARGEDET_HOST_DEVICE StepCoefficients(const V* row, V t) {
-    const V beta1 = row[kBeta1], beta2 = row[kBeta2], eps = row[kEps], lambda = row[kWeightDecay];
-    const V cycle = row[kCycleLength];
-    const V xi = cycle > V(0) ? cos_(V(1.5707963267948966) * fmod(t, cycle) / cycle) : V(1);  // ξ = cos(π/2·(t mod T)/T)
-    const bool bias_correction = row[kBiasCorrection] != V(0), inside = row[kEpsInsideSqrt] != V(0);
-    const bool adam_w = row[kAdamWMode] != V(0);
-    decay_m = xi * beta1;
-    decay_v = xi * beta2;
-    weight_g = row[kGradAveraging] != V(0) ? V(1) - beta1 : V(1);
-    weight_g2 = V(1) - beta2;
-    correction_m = bias_correction ? V(1) - pow_(beta1, t) : V(1);
-    correction_v = bias_correction ? V(1) - pow_(beta2, t) : V(1);
+  LARGEDET_HOST_DEVICE StepCoefficients(const double* row, double t) {
+    const double beta1 = row[kBeta1], beta2 = row[kBeta2], cycle = row[kCycleLength];
+    const double xi = cycle > 0 ? ::cos(kHalfPi * ::fmod(t, cycle) / cycle) : 1.0;  // ξ = cos(π/2·(t mod T)/T)
+    const bool bias_correction = row[kBiasCorrection] != 0, inside = row[kEpsInsideSqrt] != 0;
+    const bool adam_w = row[kAdamWMode] != 0;
+    const V eps = V(row[kEps]), lambda = V(row[kWeightDecay]);
+    decay_m = V(xi * beta1);
+    decay_v = V(xi * beta2);
+    weight_g = V(row[kWeightG]);
+    weight_g2 = V(row[kWeightG2]);
+    correction_m = V(bias_correction ? 1.0 - ::pow(beta1, t) : 1.0);
+    correction_v = V(bias_correction ? 1.0 - ::pow(beta2, t) : 1.0);
     eps_in = inside ? eps : V(0);
     eps_out = inside ? V(0) : eps;
     decay_in_grad = adam_w ? V(0) : lambda;
@@ -89,10 +84,10 @@ LARGEDET_HOST_DEVICE V direction(V m, V v, V x, const StepCoefficients<V>& c) {
 // η·α·‖x‖/‖u‖ from the squared norms; 1 in place of the ratio when a norm is 0 (zero-initialised
 // biases still train) or the tensor takes no trust ratio.
 template <typename M>
-LARGEDET_HOST_DEVICE M trust_ratio(const M* row, M sum_x, M sum_u) {
+LARGEDET_HOST_DEVICE M trust_ratio(const double* row, M sum_x, M sum_u) {
   const M x_norm = Ops<M>::sqrt(sum_x), u_norm = Ops<M>::sqrt(sum_u);
-  const bool trusted = row[kUseTrustRatio] != M(0) && x_norm > M(0) && u_norm > M(0);
-  return row[kLrAlpha] * (trusted ? x_norm / u_norm : M(1));
+  const bool trusted = row[kUseTrustRatio] != 0 && x_norm > M(0) && u_norm > M(0);
+  return M(row[kLrAlpha]) * (trusted ? x_norm / u_norm : M(1));
 }
 
 }  // namespace largedet

@@ -19,20 +19,23 @@ constexpr int kILP = 8;          // elements per thread per step of the walk (NO
 // Rows of the pointer table (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py).
 enum PointerRow : int { kX = 0, kG = 1, kM = 2, kV = 3, kStep = 4, kPointerRows = 5 };
 
-// Columns of the per-tensor hyper-parameter table: chunk_plan.HYPER_COLUMNS, in order.
+// Columns of the per-tensor hyper-parameter table: chunk_plan.HYPER_COLUMNS, in order. The
+// table is double whatever the math type (NOTE [double coefficients] in
+// largedet_kernels/backends/chunk_plan.py).
 enum HyperColumn : int {
   kLrAlpha = 0,  // η·α
   kBeta1 = 1,
   kBeta2 = 2,
-  kEps = 3,
-  kWeightDecay = 4,
-  kCycleLength = 5,     // T; 0 for no cycle (ξ ≡ 1)
-  kBiasCorrection = 6,  // flags are 0 / 1
-  kEpsInsideSqrt = 7,
-  kGradAveraging = 8,
-  kAdamWMode = 9,
-  kUseTrustRatio = 10,
-  kHyperColumns = 11,
+  kWeightG = 3,   // the weight of g in m: 1−β1, or 1 without grad averaging
+  kWeightG2 = 4,  // the weight of g² in v: 1−β2
+  kEps = 5,
+  kWeightDecay = 6,
+  kCycleLength = 7,     // T; 0 for no cycle (ξ ≡ 1)
+  kBiasCorrection = 8,  // flags are 0 / 1
+  kEpsInsideSqrt = 9,
+  kAdamWMode = 10,
+  kUseTrustRatio = 11,
+  kHyperColumns = 12,
 };
 
 // NOTE [pointer tables]: the device tables of one bucket, built by the host once per parameter set.
@@ -49,7 +52,7 @@ struct ChunkTable {
 
 // Per-step values the kernels read from device memory: nothing waits on the host.
 struct StepScalars {
-  const void* hyper;         // [n_tensors, kHyperColumns] of the math type M
+  const double* hyper;       // [n_tensors, kHyperColumns] (NOTE [double coefficients])
   const void* grad_factor;   // of M: GradScaler's 1/scale × the clip factor
   const float* found_inf;
   void* partials;            // [2 · n_chunks] of M: Σx², Σu² per chunk

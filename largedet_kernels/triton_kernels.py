@@ -26,24 +26,31 @@ NOTE [sharded norms] (in largedet_kernels/optimizer.py)
 NOTE [skipped steps]
     With GradScaler's ``found_inf`` non-zero every store is masked off and t
     does not advance, so params, moments and steps stay bit-identical.
+
+NOTE [double coefficients] (in largedet_kernels/backends/chunk_plan.py)
+    The hyper-parameter table is fp64; ξ, ξβ and the bias corrections are
+    formed from it in fp64 once per program and rounded to the math type once.
 """
 
 import triton
 import triton.language as tl
 
-# Columns of the per-tensor hyper-parameter table: chunk_plan.HYPER_COLUMNS, in order.
+# Columns of the per-tensor hyper-parameter table (fp64): chunk_plan.HYPER_COLUMNS, in order.
 LR_ALPHA = tl.constexpr(0)  # η·α
 BETA1 = tl.constexpr(1)
 BETA2 = tl.constexpr(2)
-EPS = tl.constexpr(3)
-WEIGHT_DECAY = tl.constexpr(4)
-CYCLE = tl.constexpr(5)  # T, 0 for no cycle (ξ ≡ 1)
-BIAS_CORRECTION = tl.constexpr(6)  # flags are 0.0 / 1.0
-EPS_INSIDE_SQRT = tl.constexpr(7)
-GRAD_AVERAGING = tl.constexpr(8)
-ADAM_W_MODE = tl.constexpr(9)
-USE_TRUST_RATIO = tl.constexpr(10)
-N_HYPER = tl.constexpr(11)
+WEIGHT_G = tl.constexpr(3)  # the weight of g in m: 1−β1, or 1 without grad averaging
+WEIGHT_G2 = tl.constexpr(4)  # the weight of g² in v: 1−β2
+EPS = tl.constexpr(5)
+WEIGHT_DECAY = tl.constexpr(6)
+CYCLE = tl.constexpr(7)  # T, 0 for no cycle (ξ ≡ 1)
+BIAS_CORRECTION = tl.constexpr(8)  # flags are 0.0 / 1.0
+EPS_INSIDE_SQRT = tl.constexpr(9)
+ADAM_W_MODE = tl.constexpr(10)
+USE_TRUST_RATIO = tl.constexpr(11)
+N_HYPER = tl.constexpr(12)
+
+HALF_PI = tl.constexpr(1.5707963267948966)
 
 # Rows of the pointer table (NOTE [pointer tables]).
 X = tl.constexpr(0)
@@ -55,7 +62,8 @@ STEP = tl.constexpr(4)
 
 @triton.jit
 def _step_coefficients(hyper, tensor, t, MATH: tl.constexpr):
-    """What the update needs of tensor's hyper-parameters at step t (ξ, corrections, ...)."""
+    """What the update needs of tensor's hyper-parameters at step t (ξ, corrections, ...), formed
+    in fp64 and rounded to MATH once (NOTE [double coefficients])."""
     row = hyper + tensor * N_HYPER
     beta1 = tl.load(row + BETA1)
     beta2 = tl.load(row + BETA2)
@@ -66,17 +74,16 @@ def _step_coefficients(hyper, tensor, t, MATH: tl.constexpr):
     eps_inside = tl.load(row + EPS_INSIDE_SQRT) != 0
     adam_w = tl.load(row + ADAM_W_MODE) != 0
 
-    period = tl.where(cycle > 0, cycle, 1.0)
-    xi = tl.where(cycle > 0, tl.cos((t % period) / period * 1.5707963267948966), 1.0).to(MATH)  # π/2
-    decay_m = xi * beta1
-    decay_v = xi * beta2
-    weight_g = tl.where(tl.load(row + GRAD_AVERAGING) != 0, 1.0 - beta1, 1.0).to(MATH)
-    weight_g2 = 1.0 - beta2
-    # β^t = 2^(t·log2 β), in fp64: fp32 exp2 is the approximate ex2.approx, and 1 − β2^t
-    # magnifies its error ~1000× (β2 = 0.999); β = 0 gives 2^-inf = 0.
     t64 = t.to(tl.float64)
-    correction_m = tl.where(bias_correction, 1.0 - tl.exp2(t64 * tl.log2(beta1.to(tl.float64))), 1.0).to(MATH)
-    correction_v = tl.where(bias_correction, 1.0 - tl.exp2(t64 * tl.log2(beta2.to(tl.float64))), 1.0).to(MATH)
+    period = tl.where(cycle > 0, cycle, 1.0)
+    xi = tl.where(cycle > 0, tl.cos((t64 % period) / period * HALF_PI), 1.0)
+    decay_m = (xi * beta1).to(MATH)
+    decay_v = (xi * beta2).to(MATH)
+    weight_g = tl.load(row + WEIGHT_G).to(MATH)
+    weight_g2 = tl.load(row + WEIGHT_G2).to(MATH)
+    # β^t = 2^(t·log2 β); β = 0 gives 2^-inf = 0.
+    correction_m = tl.where(bias_correction, 1.0 - tl.exp2(t64 * tl.log2(beta1)), 1.0).to(MATH)
+    correction_v = tl.where(bias_correction, 1.0 - tl.exp2(t64 * tl.log2(beta2)), 1.0).to(MATH)
     eps_in = tl.where(eps_inside, eps, 0.0).to(MATH)
     eps_out = tl.where(eps_inside, 0.0, eps).to(MATH)
     decay_in_grad = tl.where(adam_w, 0.0, weight_decay).to(MATH)
@@ -268,7 +275,8 @@ def pmd_lamb_update_kernel(
     x_norm = _sqrt(sum_x, MATH)
     u_norm = _sqrt(sum_u, MATH)
     trusted = (tl.load(hyper + tensor * N_HYPER + USE_TRUST_RATIO) != 0) & (x_norm > 0) & (u_norm > 0)
-    ratio = tl.load(hyper + tensor * N_HYPER + LR_ALPHA) * tl.where(trusted, _div(x_norm, u_norm, MATH), 1.0)
+    lr_alpha = tl.load(hyper + tensor * N_HYPER + LR_ALPHA).to(MATH)
+    ratio = lr_alpha * tl.where(trusted, _div(x_norm, u_norm, MATH), 1.0)
 
     full = length // BLOCK * BLOCK
     for off in range(0, full, BLOCK):

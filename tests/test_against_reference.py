@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from harness import SHAPES, make_params, run_against_reference
+from harness import FP32_MATH_RTOL, SHAPES, make_params, run_against_reference
 
 from largedet_kernels import LAMB, PMDLAMB
 
@@ -65,7 +65,7 @@ def test_one_group_per_parameter(backend):
 # Low precision: per step from the optimizer's own state, so the bound is one step's rounding.
 @pytest.mark.parametrize(
     "dtype,rtol,ulps",
-    [(torch.float32, 2e-5, 1), (torch.float16, 2e-5, 1), (torch.bfloat16, 2e-5, 1)],
+    [(torch.float32, FP32_MATH_RTOL, 1), (torch.float16, FP32_MATH_RTOL, 1), (torch.bfloat16, FP32_MATH_RTOL, 1)],
     ids=["fp32", "fp16", "bf16"],
 )
 @pytest.mark.parametrize("options", [OPTIONS["paper"], OPTIONS["everything"]], ids=["paper", "everything"])
@@ -83,7 +83,7 @@ def test_mixed_dtypes_in_one_group(backend):
     dtypes = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     params = [make_params([s], dtypes[i % 4], seed=i)[0] for i, s in enumerate(SHAPES)]
     opt = PMDLAMB(params, lr=0.05, cycle_length=3, max_grad_norm=1.0, backend=backend)
-    run_against_reference(opt, steps=5, rtol=2e-5, ulps=1, resync=True)
+    run_against_reference(opt, steps=5, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
 
 
 def test_tensors_without_grad_are_left_alone(backend):

@@ -36,8 +36,8 @@ def test_sizes_stay_64_bit():
 def test_hyper_columns_agree_across_languages():
     from largedet_kernels import triton_kernels
 
-    triton_names = ["LR_ALPHA", "BETA1", "BETA2", "EPS", "WEIGHT_DECAY", "CYCLE", "BIAS_CORRECTION",
-                    "EPS_INSIDE_SQRT", "GRAD_AVERAGING", "ADAM_W_MODE", "USE_TRUST_RATIO"]  # fmt: skip
+    triton_names = ["LR_ALPHA", "BETA1", "BETA2", "WEIGHT_G", "WEIGHT_G2", "EPS", "WEIGHT_DECAY", "CYCLE",
+                    "BIAS_CORRECTION", "EPS_INSIDE_SQRT", "ADAM_W_MODE", "USE_TRUST_RATIO"]  # fmt: skip
     assert [getattr(triton_kernels, n).value for n in triton_names] == list(range(len(chunk_plan.HYPER_COLUMNS)))
     header = (ROOT / "csrc/tables.h").read_text()
     cuda = dict((name, int(v)) for name, v in re.findall(r"^\s+k(\w+) = (\d+),", header, re.M))
@@ -51,9 +51,22 @@ def test_hyper_row_follows_the_group():
     group = PMDLAMB([torch.nn.Parameter(torch.zeros(1))], lr=0.5, alpha=0.1, weight_decay=0.0).param_groups[0]
     row = dict(zip(chunk_plan.HYPER_COLUMNS, chunk_plan.hyper_row(group)))
     assert row["lr_alpha"] == 0.5 * 0.1 and row["cycle_length"] == 200 and row["use_trust_ratio"]
-    group.update(cycle_length=None, use_nvlamb=False)
+    assert row["weight_g"] == 1 - 0.9 and row["weight_g2"] == 1 - 0.999
+    group.update(cycle_length=None, use_nvlamb=False, grad_averaging=False)
     row = dict(zip(chunk_plan.HYPER_COLUMNS, chunk_plan.hyper_row(group)))
     assert row["cycle_length"] == 0 and not row["use_trust_ratio"]  # LAMB: no trust ratio without decay
+    assert row["weight_g"] == 1.0 and row["weight_g2"] == 1 - 0.999
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_hyper_table_is_float64_whatever_the_parameters(dtype):
+    # NOTE [double coefficients]: β2 = 0.999 in float32 would make 1−β2 off by 1.3e-5.
+    group = PMDLAMB([torch.nn.Parameter(torch.zeros(1))], betas=(0.9, 0.999)).param_groups[0]
+    bucket = Bucket(torch.device("cpu"), params=[torch.randn(5, dtype=dtype)], groups=[group])
+    table = chunk_plan.plan_for(bucket, 16).hyper(bucket)
+    assert table.dtype == torch.float64
+    row = dict(zip(chunk_plan.HYPER_COLUMNS, table[0].tolist()))
+    assert row["beta2"] == 0.999 and row["weight_g2"] == 1 - 0.999
 
 
 def test_split_sends_strided_tensors_to_the_torch_backend():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS
-from harness import check_halves_equal_step, make_params, run_against_reference
+from harness import FP32_MATH_RTOL, check_halves_equal_step, make_params, run_against_reference
 from largedet_kernels import LAMB, PMDLAMB, dispatch
 from largedet_kernels.backends import cpu
 
@@ -20,7 +20,8 @@ BIG = [(cpu.CHUNK - 1,), (cpu.CHUNK,), (cpu.CHUNK + 1,), (3 * cpu.CHUNK + 5,), (
 
 @pytest.mark.parametrize(
     "dtype,rtol,ulps",
-    [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1), (torch.bfloat16, 2e-5, 1), (torch.float16, 2e-5, 1)],
+    [(torch.float64, 1e-10, 0), (torch.float32, FP32_MATH_RTOL, 1), (torch.bfloat16, FP32_MATH_RTOL, 1),
+     (torch.float16, FP32_MATH_RTOL, 1)],
     ids=["fp64", "fp32", "bf16", "fp16"],
 )
 @pytest.mark.parametrize(
@@ -54,7 +55,7 @@ def test_float32_gradients_of_low_precision_parameters(dtype):
 def test_lamb_with_chunked_tensors():
     params = make_params(BIG, torch.float32)
     opt = LAMB([dict(params=params[:3], weight_decay=0.0), dict(params=params[3:])], lr=0.01, backend="cpu")
-    run_against_reference(opt, steps=4, rtol=2e-5, ulps=1, resync=True)
+    run_against_reference(opt, steps=4, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -4,10 +4,11 @@ runs the same checks on the GPU backends; tests/test_distributed.py on real rank
 
 import pytest
 import torch
-from harness import check_halves_equal_step, check_sharded_halves
+from harness import FP32_MATH_RTOL, check_halves_equal_step, check_sharded_halves
 
 
-@pytest.mark.parametrize("dtype,rtol,ulps", [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1)], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype,rtol,ulps", [(torch.float64, 1e-10, 0), (torch.float32, FP32_MATH_RTOL, 1)],
+                         ids=["fp64", "fp32"])  # fmt: skip
 @pytest.mark.parametrize("options", [dict(), dict(bias_correction=True, eps_inside_sqrt=False)], ids=["paper", "lamb"])
 def test_shards_stepped_in_halves_match_the_reference(backend, dtype, rtol, ulps, options):
     check_sharded_halves(backend, dtype, "cpu", rtol, ulps, **options)

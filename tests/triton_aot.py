@@ -39,7 +39,7 @@ def variants():
     for dtype, tl_dtype in DTYPES.items():
         math_ = "fp64" if dtype == "fp64" else "fp32"
         common = dict(ptrs="*i64", numels="*i64", chunk_tensor="*i32", chunk_index="*i32", first_chunk="*i32",
-                      chunk_count="*i32", hyper=f"*{math_}", grad_factor="*fp32", found_inf="*fp32",
+                      chunk_count="*i32", hyper="*fp64", grad_factor="*fp32", found_inf="*fp32",
                       partials=f"*{math_}", t_now=f"*{math_}", sums=f"*{math_}")  # fmt: skip
         consts = dict(X_DTYPE=tl_dtype, G_DTYPE=tl_dtype, MATH=DTYPES[math_], ALIGNED=True, CHUNK=backend.CHUNK,
                       BLOCK=backend.BLOCK, REDUCE_BLOCK=backend.REDUCE_BLOCK)  # fmt: skip

@@ -43,6 +43,8 @@ constexpr int64_t kTile = 512;       // elements summed in vector lanes before t
 template <typename X>
 using MathOf = std::conditional_t<std::is_same_v<X, double>, double, float>;
 
+at::ScalarType math_type(const Tensor& param) { return param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
 template <typename M, typename T>
 at::vec::Vectorized<M> load(const T* p, int64_t n) {
   using Vec = at::vec::Vectorized<M>;
@@ -85,8 +87,9 @@ struct TensorStep {
   M* m;
   M* v;
   int64_t numel;
-  const M* row;  // its row of the hyper-parameter table
-  M t;           // the step being taken
+  const double* row;  // its row of the hyper-parameter table, in double (NOTE [double coefficients]
+                      // in largedet_kernels/backends/chunk_plan.py)
+  double t;           // the step being taken
 };
 
 struct Sums {
@@ -175,14 +178,14 @@ struct BucketStep {
   // Advances (or, when `advance` is false, only reads) every step count.
   BucketStep(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
              const Tensor& hyper, const c10::optional<Tensor>& grad_factor, bool advance) {
-    const M* table = hyper.data_ptr<M>();
+    const double* table = hyper.data_ptr<double>();
     if (grad_factor) factor = static_cast<M>(grad_factor->item<double>());
     for (size_t i = 0; i < params.size(); ++i) {
       float* step = steps[i].data_ptr<float>();
       if (advance) *step += 1.0f;
       tensors.push_back({params[i].data_ptr<X>(), grads.empty() ? nullptr : grads[i].data_ptr<G>(),
                          exp_avgs[i].data_ptr<M>(), exp_avg_sqs[i].data_ptr<M>(), params[i].numel(),
-                         table + i * kHyperColumns, static_cast<M>(*step)});
+                         table + i * kHyperColumns, *step});
       numels.push_back(params[i].numel());
     }
   }
@@ -233,10 +236,10 @@ void check_bucket(TensorList params, TensorList grads, TensorList exp_avgs, Tens
   TORCH_CHECK((grads.empty() || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   steps.size() == n,
               "largedet_cpu: params, grads, exp_avgs, exp_avg_sqs and steps must have one tensor each per parameter");
-  const at::ScalarType math = params[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == math && hyper.is_contiguous() &&
+  const at::ScalarType math = math_type(params[0]);
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
                   hyper.numel() == static_cast<int64_t>(n) * kHyperColumns,
-              "largedet_cpu: hyper must be a contiguous CPU ", math, " tensor of ", n, " x ", kHyperColumns,
+              "largedet_cpu: hyper must be a contiguous CPU float64 tensor of ", n, " x ", kHyperColumns,
               " values, got ", hyper.scalar_type(), " ", hyper.sizes());
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
@@ -288,7 +291,7 @@ void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
               Tensor& sums) {
   check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, hyper);
   const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == hyper.scalar_type() && sums.is_contiguous() &&
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == math_type(params[0]) && sums.is_contiguous() &&
                   sums.numel() == 2 * n,
               "largedet_cpu: sums must be a contiguous CPU tensor of the math dtype with 2 values per tensor");
   sums.zero_();

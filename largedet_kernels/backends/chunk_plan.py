@@ -13,6 +13,18 @@ NOTE [pointer tables] (also in triton_kernels.py and csrc/multi_tensor_apply.cuh
     pointer table is re-uploaded when an address changes (a new gradient
     tensor), the hyper-parameter table when a value changes (an lr schedule):
     each a small copy from pinned memory that does not block the host.
+
+NOTE [double coefficients] (also in triton_kernels.py, csrc/pmd_lamb_math.h, torch_foreach.py)
+    The per-tensor coefficients of the update (ξ, ξβ, 1−β, the bias corrections
+    1−β^t) are formed in float64 and rounded to the math type once. Formed in
+    float32 from a float32 β they miss float32 accuracy by far: β2 = 0.999 is off
+    by 1.3e-8 in float32, which 1−β2 turns into a relative error of 1.3e-5 in v,
+    and 1−β2^t keeps an error of that order over its first thousand steps. So the
+    hyper-parameter table is float64 whatever the parameter dtype, with 1−β1 and
+    1−β2 formed on the host, and the kernels take ξ and β^t in float64 from the
+    table's β and the step count, outside their per-element loops. The torch
+    backend forms them likewise on the device (in float32 on MPS, which has no
+    float64).
 """
 
 import itertools
@@ -24,19 +36,22 @@ import torch
 from . import Bucket, PendingStep, torch_foreach
 
 # Columns of the per-tensor hyper-parameter table. The kernels index it by
-# position: triton_kernels.py and csrc/pmd_lamb.cuh name the same columns.
+# position: triton_kernels.py and csrc/tables.h name the same columns. weight_g and
+# weight_g2 weigh g in m and g² in v: 1−β1 (or 1 without grad averaging) and 1−β2.
 HYPER_COLUMNS = (
-    "lr_alpha", "beta1", "beta2", "eps", "weight_decay", "cycle_length", "bias_correction",
-    "eps_inside_sqrt", "grad_averaging", "adam_w_mode", "use_trust_ratio",
+    "lr_alpha", "beta1", "beta2", "weight_g", "weight_g2", "eps", "weight_decay", "cycle_length",
+    "bias_correction", "eps_inside_sqrt", "adam_w_mode", "use_trust_ratio",
 )  # fmt: skip
+HYPER_DTYPE = torch.float64  # NOTE [double coefficients]
 
 
 def hyper_row(group: Dict) -> List[float]:
     """One tensor's row of the hyper-parameter table, from its param group."""
+    beta1, beta2 = group["betas"]
     return [
-        group["lr"] * group["alpha"], group["betas"][0], group["betas"][1], group["eps"], group["weight_decay"],
-        group["cycle_length"] or 0, group["bias_correction"], group["eps_inside_sqrt"], group["grad_averaging"],
-        group["adam_w_mode"], group["use_nvlamb"] or group["weight_decay"] != 0,
+        group["lr"] * group["alpha"], beta1, beta2, (1 - beta1) if group["grad_averaging"] else 1.0, 1 - beta2,
+        group["eps"], group["weight_decay"], group["cycle_length"] or 0, group["bias_correction"],
+        group["eps_inside_sqrt"], group["adam_w_mode"], group["use_nvlamb"] or group["weight_decay"] != 0,
     ]  # fmt: skip
 
 
@@ -112,7 +127,7 @@ class ChunkPlan:
         if key != self.hyper_key:
             _refuse_during_capture("a hyper-parameter (lr?)")
             self.hyper_key = key
-            self.table = to_device(rows, self.math_dtype, bucket.device)
+            self.table = to_device(rows, HYPER_DTYPE, bucket.device)
         return self.table
 
 

@@ -41,8 +41,15 @@ def _device_table(rows: List[List[float]], dtype: torch.dtype, device: torch.dev
     return host.to(device)
 
 
+def _coefficient_dtype(device: torch.device) -> torch.dtype:
+    """Dtype the per-tensor coefficients are formed in (NOTE [double coefficients] in
+    chunk_plan.py): float64 wherever the device has it, which MPS has not."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tensor]) -> Dict[str, list]:
-    """Per-tensor coefficients of the update, each a list over the bucket's tensors."""
+    """Per-tensor coefficients of the update, each a list over the bucket's tensors: those that
+    depend on t formed on the device in _coefficient_dtype, then rounded to the math dtype once."""
     hyper = bucket.hyper
     beta1, beta2 = [b[0] for b in hyper("betas")], [b[1] for b in hyper("betas")]
     lam, adam_w, eps, eps_inside = hyper("weight_decay"), hyper("adam_w_mode"), hyper("eps"), hyper("eps_inside_sqrt")
@@ -55,24 +62,24 @@ def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tenso
             [float(nv or wd != 0) for nv, wd in zip(hyper("use_nvlamb"), lam)],
             [lr * a for lr, a in zip(hyper("lr"), hyper("alpha"))],
         ],
-        dtype,
+        _coefficient_dtype(bucket.device),
         bucket.device,
     )
     beta1_d, beta2_d, cycle, bias_correction, use_trust, lr_alpha = table
-    t = torch.stack(bucket.steps).to(dtype)
+    t = torch.stack(bucket.steps).to(table.dtype)
     xi = torch.where(cycle > 0, torch.cos(math.pi / 2 * torch.fmod(t, cycle) / cycle), 1.0)
-    decay_m, decay_v = xi * beta1_d, xi * beta2_d
+    decay_m, decay_v = (xi * beta1_d).to(dtype), (xi * beta2_d).to(dtype)
     if keep is not None:  # a skipped step leaves m and v exactly as they are
         decay_m, decay_v = torch.where(keep, decay_m, 1.0), torch.where(keep, decay_v, 1.0)
     return {
         # device, one 0-d tensor per tensor
         "decay_m": decay_m.unbind(),
         "decay_v": decay_v.unbind(),
-        "correction_m": torch.where(bias_correction > 0, 1 - beta1_d**t, 1.0).unbind(),
-        "correction_v": torch.where(bias_correction > 0, 1 - beta2_d**t, 1.0).unbind(),
+        "correction_m": torch.where(bias_correction > 0, 1 - beta1_d**t, 1.0).to(dtype).unbind(),
+        "correction_v": torch.where(bias_correction > 0, 1 - beta2_d**t, 1.0).to(dtype).unbind(),
         # device vectors
         "use_trust": use_trust > 0,
-        "lr_alpha": lr_alpha,
+        "lr_alpha": lr_alpha.to(dtype),
         # host floats
         "weight_g": [(1 - b1) if avg else 1.0 for b1, avg in zip(beta1, hyper("grad_averaging"))],
         "weight_g2": [1 - b2 for b2 in beta2],
