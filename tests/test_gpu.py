@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from cuda_emulator import TEST_SCHEDULES
-from harness import SHAPES, check_halves_equal_step, check_sharded_halves, make_params, run_against_reference
+from harness import (
+    FP32_MATH_RTOL, SHAPES, check_halves_equal_step, check_sharded_halves, make_params, run_against_reference,
+)
 
 from largedet_kernels import LAMB, PMDLAMB, dispatch
 
@@ -51,7 +53,7 @@ def _shapes(target: Optional[Target] = None):
 
 @pytest.mark.parametrize(
     "dtype,rtol,ulps",
-    [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1), (torch.float16, 2e-5, 1), (torch.bfloat16, 2e-5, 1)],
+    [(torch.float64, 1e-10, 0)] + [(d, FP32_MATH_RTOL, 1) for d in (torch.float32, torch.float16, torch.bfloat16)],
     ids=["fp64", "fp32", "fp16", "bf16"],
 )
 @pytest.mark.parametrize(
@@ -70,17 +72,18 @@ def test_float32_gradients_of_low_precision_parameters(target, dtype):
     params = make_params(_shapes(target), dtype, zero=(2,), device=target.device)
     opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0,
                   backend=target.backend)  # fmt: skip
-    run_against_reference(opt, steps=4, rtol=2e-5, ulps=1, resync=True, grad_dtype=torch.float32)
+    run_against_reference(opt, steps=4, rtol=FP32_MATH_RTOL, ulps=1, resync=True, grad_dtype=torch.float32)
 
 
 def test_lamb(target):
     params = make_params(_shapes(target), torch.float32, zero=(2,), device=target.device)
     opt = LAMB([dict(params=params[:5], weight_decay=0.0), dict(params=params[5:])], lr=0.01, backend=target.backend)
-    run_against_reference(opt, steps=5, rtol=2e-5, ulps=1, resync=True)
+    run_against_reference(opt, steps=5, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
 
 
 @pytest.mark.parametrize(
-    "dtype,rtol,ulps", [(torch.float64, 1e-10, 0), (torch.float32, 2e-5, 1), (torch.bfloat16, 2e-5, 1)],
+    "dtype,rtol,ulps",
+    [(torch.float64, 1e-10, 0), (torch.float32, FP32_MATH_RTOL, 1), (torch.bfloat16, FP32_MATH_RTOL, 1)],
     ids=["fp64", "fp32", "bf16"],
 )
 def test_sharded_halves(target, dtype, rtol, ulps):
@@ -168,7 +171,7 @@ def test_parameters_on_a_second_gpu(backend):
                                                                                device="cuda:0")  # fmt: skip
     with torch.cuda.device(0):  # the current device is not the first bucket's
         opt = PMDLAMB(params, lr=0.05, cycle_length=3, max_grad_norm=1.0, backend=backend)
-        run_against_reference(opt, steps=3, rtol=2e-5, ulps=1, resync=True)
+        run_against_reference(opt, steps=3, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch's SyncBatchNorm runs on CUDA tensors only")

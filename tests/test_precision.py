@@ -46,6 +46,16 @@ def errors(opt: torch.optim.Optimizer, ref: ReferenceRun):
 
 @pytest.mark.parametrize("setting", SETTINGS.values(), ids=SETTINGS.keys())
 def test_float32_stays_within_a_few_roundings_of_the_reference(backend, setting):
+    check_float32_precision(backend, setting)
+
+
+@pytest.mark.emulator
+@pytest.mark.parametrize("setting", SETTINGS.values(), ids=SETTINGS.keys())
+def test_the_cuda_kernels_stay_within_a_few_roundings_of_the_reference(emulated_cuda, setting):
+    check_float32_precision("cuda", setting)
+
+
+def check_float32_precision(backend: str, setting: dict) -> None:
     options = dict(setting)
     params = make_params(shapes(backend), torch.float32)
     opt = options.pop("optimizer")(params, backend=backend, **options)
