@@ -37,11 +37,12 @@ __device__ __forceinline__ T* tensor_address(const ChunkTable& table, PointerRow
 // every group of a misaligned one, move element by element.
 //
 // NOTE [bit copies]
-//   A pack is moved between its uint4 and its T values with a bit copy, never by reading
-//   one through a pointer to the other: that breaks strict aliasing, and g++ -O2 compiles
-//   such a pun of these very functions to a vector path that returns zeros (the emulator
-//   of tests/cuda_emulator showed it). nvcc turns the copy into register moves: the SASS
-//   keeps its 128-bit LDG/STG (tests/test_cuda_kernels.py).
+//   A pack is moved between its uint4 and its T values with a bit copy (memcpy, which nvcc,
+//   NVRTC and host compilers all know), never by reading one through a pointer to the other:
+//   that breaks strict aliasing, and g++ -O2 compiles such a pun of these very functions to
+//   a vector path that returns zeros (the emulator of tests/cuda_emulator showed it). nvcc
+//   turns the copy into register moves: the SASS keeps its 128-bit LDG/STG
+//   (tests/test_cuda_kernels.py).
 // Conversions spelt out: torch's build defines __CUDA_NO_HALF_CONVERSIONS__ and friends.
 template <typename To, typename From>
 __device__ __forceinline__ To convert(From v) {
@@ -102,7 +103,7 @@ __device__ __forceinline__ void load_group(R (&r)[kILP], const T* p, int count) 
       // bit-copied (NOTE [bit copies]).
       const uint4 pack = load16<kRead>(reinterpret_cast<const uint4*>(p) + k);
       T values[kPer];
-      __builtin_memcpy(values, &pack, sizeof pack);
+      memcpy(values, &pack, sizeof pack);
 #pragma unroll
       for (int j = 0; j < kPer; ++j) r[k * kPer + j] = convert<R>(values[j]);
     }
@@ -122,7 +123,7 @@ __device__ __forceinline__ void store_group(T* p, const R (&r)[kILP], int count)
 #pragma unroll
       for (int j = 0; j < kPer; ++j) values[j] = convert<T>(r[k * kPer + j]);
       uint4 pack;
-      __builtin_memcpy(&pack, values, sizeof pack);
+      memcpy(&pack, values, sizeof pack);
       store16(reinterpret_cast<uint4*>(p) + k, pack);
     }
   } else {
