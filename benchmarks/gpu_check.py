@@ -32,7 +32,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 NEEDS_GPU = "(dry run: needs a GPU)"
-TIMED_OUT = 124  # the exit status of timeout(1) for a command it stopped
+TIMED_OUT, NOT_FOUND = 124, 127  # exit statuses: timeout(1) stopped the command; there was no such command
 SUMMARY_LINES = 40
 KEPT_FILES, KEPT_FILE_BYTES, KEPT_BYTES, KEPT_DEPTH = 8, 16 << 20, 64 << 20, 2
 KEPT_NAME = re.compile(r"[A-Za-z0-9._-]+")
@@ -65,7 +65,7 @@ def needs_gpu(name: str, what: str, dry_run: bool) -> Row:
 
 
 def exit_text(status: int) -> str:
-    return "stopped at its time limit" if status == TIMED_OUT else f"exited {status}"
+    return {TIMED_OUT: "stopped at its time limit", NOT_FOUND: "was not found (exit 127)"}.get(status, f"exited {status}")
 
 
 def _run(argv: Sequence[str]) -> Optional[str]:
