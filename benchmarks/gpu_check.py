@@ -65,7 +65,8 @@ def needs_gpu(name: str, what: str, dry_run: bool) -> Row:
 
 
 def exit_text(status: int) -> str:
-    return {TIMED_OUT: "stopped at its time limit", NOT_FOUND: "was not found (exit 127)"}.get(status, f"exited {status}")
+    known = {TIMED_OUT: "stopped at its time limit", NOT_FOUND: "was not found (exit 127)"}
+    return known.get(status, f"exited {status}")
 
 
 def _run(argv: Sequence[str]) -> Optional[str]:
@@ -93,7 +94,8 @@ def versions(dry_run: bool) -> List[Row]:
     if dry_run:
         print(f"SKIP {NEEDS_GPU}: nvidia-smi")
     else:
-        smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm", "--format=csv,noheader"])
+        smi = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                    "--format=csv,noheader"])  # fmt: skip
         print(f"nvidia-smi: {smi}")
         if smi:
             name, driver = smi.splitlines()[0].split(", ")[:2]
@@ -304,7 +306,8 @@ def race(results: Path, status: int, dry_run: bool) -> List[Row]:
         missing += [n for n in lost if n != APEX and n not in missing]
         apex_missing = apex_missing or lost.get(APEX)
     meta = doc["meta"]
-    setting = f"{len(doc['results'])} sets on {meta['device_name']}, copy {meta['copy_bandwidth_GBps']:.0f} GB/s"
+    bandwidth = f"copy {meta['copy_bandwidth_GBps']:.0f} GB/s"
+    setting = f"{len(doc['results'])} set-dtype pairs on {meta['device_name']}, {bandwidth}"
     if apex_missing:
         print(f"!!! {APEX} MISSING from the race: {apex_missing}")
     if apex_missing or missing:

@@ -158,7 +158,7 @@ stage_sanitize() {
     start=$(date +%s)
     part=$(mktemp)
     if dry_run; then
-      skip "compute-sanitizer --tool $tool and the cuda backend; triton steps the $bucket bucket on CPU" | tee -a "$part"
+      skip "compute-sanitizer --tool $tool, the cuda backend; triton steps the $bucket bucket on CPU" | tee -a "$part"
       run "$part" 120 env TRITON_INTERPRET=1 "$PY" -m benchmarks.sanitize_step --bucket "$bucket" --device cpu \
         --backends triton
     else

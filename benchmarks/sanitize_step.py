@@ -1,6 +1,7 @@
 """A few optimizer steps of the fused backends on the GPU, for compute-sanitizer to watch.
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck python -m benchmarks.sanitize_step --bucket aligned
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \
+        python -m benchmarks.sanitize_step --bucket aligned
 
 Without PyTorch's caching allocator every tensor is an allocation of its own, so an access
 past a tensor's end leaves its allocation and the sanitizer sees it. A bucket takes the
@@ -87,7 +88,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             name = f"{backend} {str(dtype).removeprefix('torch.')}"
             plans = step_bucket(backend, dtype, args.bucket, device)
             if plans != [VECTOR_PATH[args.bucket]] * len(plans):
-                failures.append(f"{name}: ChunkPlan.aligned {plans}, but the {args.bucket} bucket takes the {path} path")
+                failures.append(f"{name}: ChunkPlan.aligned {plans}; the {args.bucket} bucket takes the {path} path")
                 continue
             print(f"{name}: {path} path, {STEPS} steps with clipping and one in halves")
             stepped.append(name)

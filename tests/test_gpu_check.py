@@ -41,7 +41,7 @@ def _junit(cases):
     for name, outcome, message in cases:
         inner = f'<{outcome} type="pytest.{outcome}" message="{message}">{message}</{outcome}>' if outcome else ""
         body.append(f'<testcase classname="tests.test_gpu" name="{name}" time="0.1">{inner}</testcase>')
-    return f'<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest">{"".join(body)}</testsuite></testsuites>'
+    return f'<?xml version="1.0"?><testsuites><testsuite name="pytest">{"".join(body)}</testsuite></testsuites>'
 
 
 def _write(tmp_path, name, text):
@@ -103,8 +103,8 @@ def test_sanitizer_needs_its_summary_clean_and_the_steps_finished(tmp_path):
     assert gpu_check.sanitizer("memcheck", "aligned", _write(tmp_path, "e.log", MEMCHECK.format(2)), 1,
                                False)[0].verdict == FAIL  # fmt: skip
     # The right summary for the tool: racecheck counts hazards and prints no ERROR SUMMARY.
-    race = MEMCHECK.format(0).replace("ERROR SUMMARY: 0 errors", "RACECHECK SUMMARY: {} hazards displayed (0 errors, {} "
-                                      "warnings)")  # fmt: skip
+    summary = "RACECHECK SUMMARY: {} hazards displayed (0 errors, {} warnings)"
+    race = MEMCHECK.format(0).replace("ERROR SUMMARY: 0 errors", summary)
     assert gpu_check.sanitizer("racecheck", "aligned", _write(tmp_path, "r.log", race.format(0, 0)), 0,
                                False)[0].verdict == PASS  # fmt: skip
     assert gpu_check.sanitizer("racecheck", "aligned", _write(tmp_path, "w.log", race.format(1, 1)), 0,
@@ -148,8 +148,8 @@ def _race_doc(tmp_path, apex_reason=None):
 def test_race_states_apex_refusing_bf16_and_fails_loudly_without_apex(tmp_path, capsys):
     rows = gpu_check.race(_race_doc(tmp_path / "with"), 0, dry_run=False)
     assert [r.verdict for r in rows] == [PASS] * 3
-    assert rows[0] == Row("race faster_rcnn fp32", PASS,
-                          "cuda 1.000 | triton 1.250 | AdamW 0.900 | apex 2.500 ms; over apex: cuda 2.50x, triton 2.00x")
+    times = "cuda 1.000 | triton 1.250 | AdamW 0.900 | apex 2.500 ms"
+    assert rows[0] == Row("race faster_rcnn fp32", PASS, f"{times}; over apex: cuda 2.50x, triton 2.00x")
     assert rows[1].detail.endswith("; apex: no bf16")
     missing = "apex.optimizers is not importable (ModuleNotFoundError: No module named 'apex')"
     rows = gpu_check.race(_race_doc(tmp_path / "without", missing), 0, dry_run=False)
