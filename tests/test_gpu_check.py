@@ -244,8 +244,9 @@ def test_script_rehearses_a_stage_and_stops_at_its_deadline(tmp_path):
     assert proc.returncode == 1, proc.stdout + proc.stderr  # the build never ran: a failure, not a skip
     assert sorted(p.name for p in tmp_path.iterdir()) == ["build.log", "summary.txt", "versions.log"]
     assert (tmp_path / "summary.txt").read_text().splitlines() == summary
-    assert [line.split()[:2] for line in summary[2:-1]] == [["versions", SKIP], ["build", FAIL], ["backends", SKIP],
-                                                            ["files", PASS]]  # fmt: skip
-    assert "pip install -v stopped at its time limit" in summary[3]
-    assert summary[-1].startswith("== FAIL: build (4 checks, ")
+    # versions and backends depend on this machine's nvcc and build; the build never ran.
+    rows = {line.split()[0]: line.split()[1] for line in summary[2:-1]}
+    assert list(rows) == ["versions", "build", "backends", "files"]
+    assert rows["build"] == FAIL and rows["files"] == PASS and "pip install -v stopped at its time limit" in summary[3]
+    assert summary[-1].startswith("== FAIL: ") and "build" in summary[-1] and "(4 checks, " in summary[-1]
     assert "not run: the deadline has passed" in (tmp_path / "build.log").read_text()
