@@ -7,7 +7,7 @@ skipped with that reason, never silently.
 
 import importlib
 from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -26,6 +26,13 @@ class Contender:
     unavailable: Callable[[torch.device], Optional[str]]
     capturable: bool = False  # its step can be captured in a CUDA graph
     note: str = ""
+    dtypes: Optional[Tuple[torch.dtype, ...]] = None  # the parameter dtypes it takes; None: any
+
+    def refuses(self, dtype: torch.dtype) -> Optional[str]:
+        """Why it cannot step parameters of this dtype; None when it can."""
+        if self.dtypes is None or dtype in self.dtypes:
+            return None
+        return f"{self.name} takes {' and '.join(str(d).removeprefix('torch.') for d in self.dtypes)} parameters only"
 
 
 def _reference_update(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> None:
@@ -132,7 +139,8 @@ CONTENDERS: List[Contender] = [
     Contender("reference compiled", lambda ps: ReferenceLoop(ps, compiled=True).step, lambda device: None,
               note="the same loop under torch.compile"),
     Contender("apex FusedLAMB", _apex,
-              _cuda_only(_importable("apex.optimizers", "build NVIDIA/apex with --cuda_ext"), "apex FusedLAMB")),
+              _cuda_only(_importable("apex.optimizers", "build NVIDIA/apex with --cuda_ext"), "apex FusedLAMB"),
+              dtypes=(torch.float32, torch.float16)),
     Contender("deepspeed FusedLamb", _deepspeed,
               _cuda_only(_importable("deepspeed.ops.lamb", "pip install deepspeed"), "DeepSpeed FusedLamb")),
     Contender("timm Lamb", _timm(False), _importable("timm.optim", "pip install timm"), note="per-tensor loop"),

@@ -161,7 +161,7 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
     steps: Dict[str, Callable[[], None]] = {}
     skipped: Dict[str, str] = {}
     for c in contenders:
-        reason = c.unavailable(device)
+        reason = c.unavailable(device) or c.refuses(DTYPES[dtype_name])
         if reason is None:
             try:
                 steps[c.name] = c.make(params)
@@ -266,6 +266,9 @@ def main(argv=None) -> Dict:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     parser.add_argument("--no-files", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
+    unknown = sorted((set(args.contenders or []) | set(args.skip)) - {c.name for c in CONTENDERS})
+    if unknown:
+        parser.error(f"no contenders named {unknown}; benchmarks/contenders.py has {[c.name for c in CONTENDERS]}")
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
     args.sets = args.sets or list(GPU_SETS if on_gpu else CPU_SETS)
