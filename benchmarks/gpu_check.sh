@@ -29,14 +29,8 @@
 #
 #   LARGEDET_GPU_CHECK_DEADLINE_S=350 bash benchmarks/gpu_check.sh part1
 #
-#   mkdir -p /tmp/apex; ln -sfn $PWD/.apex/apex /tmp/apex/apex; export PYTHONPATH=/tmp/apex;
-#   (cd .apex && export CUDA_HOME=$(nvcc --dryrun x.cu 2>&1 | sed -n 's/^#\$ TOP=//p') MAX_JOBS=16 \
-#   TORCH_CUDA_ARCH_LIST=9.0 && nice -n 19 python3 -c "import glob,nvidia,torch.utils.cpp_extension as e;\
-#   e.load('amp_C',['csrc/amp_C_frontend.cpp','csrc/update_scale_hysteresis.cu']+glob.glob('csrc/multi_\
-#   tensor_*.cu'),extra_include_paths=[p+'/cu13/include' for p in nvidia.__path__],extra_cflags=['-O3'],\
-#   extra_cuda_cflags=['-O3','--use_fast_math','-lineinfo'],build_directory='/tmp/apex',verbose=True)"\
-#   ) >$OUT/apex-build.log 2>&1 & LARGEDET_GPU_CHECK_AWAIT=$! LARGEDET_GPU_CHECK_DEADLINE_S=350 \
-#   bash benchmarks/gpu_check.sh part2
+#   (build apex's amp_C in the background, its pid in LARGEDET_GPU_CHECK_AWAIT, its log in
+#   $OUT/apex-build.log) LARGEDET_GPU_CHECK_DEADLINE_S=350 bash benchmarks/gpu_check.sh part2
 #
 # What comes back from $OUT, the folder whose files are kept (8 files at most; the files check
 # fails when more would have to): part1: versions.log build.log test.log test-junit.xml

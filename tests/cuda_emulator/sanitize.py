@@ -1,11 +1,16 @@
 """The emulated CUDA kernels under ThreadSanitizer and AddressSanitizer (not part of CI):
 
-    .venv/bin/python tests/cuda_emulator/sanitize.py [thread] [address] [-- pytest options]
+    .venv/bin/python tests/cuda_emulator/sanitize.py [--all] [thread] [address] [-- pytest options]
 
 For each sanitizer (default: both) this builds the emulator's variant for it, then runs the
-emulated suite (``pytest -m emulator``) in a process that preloads the sanitizer's runtime,
+emulated tests (``pytest -m emulator``) in a process that preloads the sanitizer's runtime,
 with every block's threads as std::threads. It fails if a test fails or the sanitizer reports
-anything (``halt_on_error``)."""
+anything (``halt_on_error``).
+
+Each block's 256 threads are then operating-system threads that meet at every barrier, tens
+of milliseconds a block (about 100 under ThreadSanitizer) against one for fibers, so by default
+it runs QUICK: the emulator's own tests, the precision tests and every kernel and dtype pair of
+tests/test_gpu.py once; ``--all`` runs every emulated test."""
 
 import os
 import subprocess
@@ -15,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = {"thread": "libtsan.so", "address": "libasan.so"}
+QUICK = ("test_cuda_emulator or test_precision or paper-fp32 or paper-bf16 or clip+bias-correction-fp16 "
+         "or test_float32_gradients and fp16 or test_lamb or grad_scaler or sharded_halves and fp32")  # fmt: skip
 OPTIONS = {
     "thread": ("TSAN_OPTIONS", "halt_on_error=1 second_deadlock_stack=1"),
     "address": ("ASAN_OPTIONS", "halt_on_error=1 detect_leaks=0"),  # CPython keeps its memory at exit
@@ -27,14 +34,15 @@ def _library(name: str) -> str:
                           check=True).stdout.strip()  # fmt: skip
 
 
-def run(sanitizer: str, pytest_args) -> int:
+def run(sanitizer: str, everything: bool, pytest_args) -> int:
     # The C++ runtime too: the sanitizer's exception interceptors need it loaded at their start.
     preload = f"{_library(RUNTIME[sanitizer])} {_library('libstdc++.so')}"
     variable, options = OPTIONS[sanitizer]
     env = dict(os.environ, LD_PRELOAD=preload, LARGEDET_EMULATOR_SANITIZER=sanitizer, OMP_NUM_THREADS="1")
     env[variable] = options
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "emulator",
-               "tests/test_gpu.py", "tests/test_cuda_emulator.py", *pytest_args]  # fmt: skip
+               "tests/test_gpu.py", "tests/test_cuda_emulator.py", "tests/test_precision.py",
+               *([] if everything else ["-k", QUICK]), *pytest_args]  # fmt: skip
     start = time.monotonic()
     code = subprocess.run(command, cwd=ROOT, env=env).returncode
     print(f"{sanitizer} sanitizer: exit {code} in {time.monotonic() - start:.0f} s", flush=True)
@@ -43,12 +51,13 @@ def run(sanitizer: str, pytest_args) -> int:
 
 def main(argv) -> int:
     pytest_args = argv[argv.index("--") + 1 :] if "--" in argv else []
-    chosen = [a for a in (argv[: argv.index("--")] if "--" in argv else argv)] or list(RUNTIME)
+    ours = argv[: argv.index("--")] if "--" in argv else argv
+    everything = "--all" in ours
+    chosen = [a for a in ours if a != "--all"] or list(RUNTIME)
     unknown = set(chosen) - set(RUNTIME)
     if unknown:
         raise SystemExit(f"sanitizers are {sorted(RUNTIME)}, got {sorted(unknown)}")
-    codes = [run(s, pytest_args) for s in chosen]
-    return max(codes)
+    return max(run(s, everything, pytest_args) for s in chosen)
 
 
 if __name__ == "__main__":
