@@ -5,7 +5,7 @@
 For each sanitizer (default: both) this builds the emulator's variant for it, then runs the
 emulated tests (``pytest -m emulator``) in a process that preloads the sanitizer's runtime,
 with every block's threads as std::threads. It fails if a test fails or the sanitizer reports
-anything (``halt_on_error``).
+anything (``halt_on_error``), or if it misses the planted bug of selftest.cpp run first.
 
 Each block's 256 threads are then operating-system threads that meet at every barrier, tens
 of milliseconds a block (about 100 under ThreadSanitizer) against one for fibers, so by default
@@ -22,6 +22,11 @@ ROOT = Path(__file__).resolve().parents[2]
 RUNTIME = {"thread": "libtsan.so", "address": "libasan.so"}
 QUICK = ("test_cuda_emulator or test_precision or paper-fp32 or paper-bf16 or clip+bias-correction-fp16 "
          "or test_float32_gradients and fp16 or test_lamb or grad_scaler or sharded_halves and fp32")  # fmt: skip
+# A planted bug of selftest.cpp per sanitizer, and what it must say of it: proof that it watches.
+CONTROL = {
+    "thread": ("broadcast_unsynced", "ThreadSanitizer: data race"),  # thread 0 writes, the others read, no barrier
+    "address": ("read_past_end", "AddressSanitizer: heap-buffer-overflow"),
+}
 OPTIONS = {
     "thread": ("TSAN_OPTIONS", "halt_on_error=1 second_deadlock_stack=1"),
     "address": ("ASAN_OPTIONS", "halt_on_error=1 detect_leaks=0"),  # CPython keeps its memory at exit
@@ -43,6 +48,15 @@ def run(sanitizer: str, everything: bool, pytest_args) -> int:
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "emulator",
                "tests/test_gpu.py", "tests/test_cuda_emulator.py", "tests/test_precision.py",
                *([] if everything else ["-k", QUICK]), *pytest_args]  # fmt: skip
+    kernel, report = CONTROL[sanitizer]
+    control = ("import torch, cuda_emulator; cuda_emulator.load(); "
+               f"torch.ops.largedet_emulator.selftest({kernel!r}, 1.0)")  # fmt: skip
+    planted = subprocess.run([sys.executable, "-c", control], cwd=ROOT / "tests", env=env, capture_output=True,
+                             text=True)  # fmt: skip
+    if planted.returncode == 0 or report not in planted.stderr:
+        print(planted.stderr[-3000:], f"\n{sanitizer} sanitizer missed the planted bug ({kernel}): not watching")
+        return 1
+    print(f"{sanitizer} sanitizer: reported the planted bug ({kernel})", flush=True)
     start = time.monotonic()
     code = subprocess.run(command, cwd=ROOT, env=env).returncode
     print(f"{sanitizer} sanitizer: exit {code} in {time.monotonic() - start:.0f} s", flush=True)

@@ -36,6 +36,12 @@ __global__ void broadcast_kernel(float* out, float value) {
   out[threadIdx.x] = published;
 }
 
+// Reads one element past the end of `out`: the planted bug that AddressSanitizer must report
+// before sanitize.py trusts its silence (the emulator checks only 16-byte accesses itself).
+__global__ void read_past_end_kernel(float* out, float) {
+  if (threadIdx.x == 0) out[0] = out[kThreads];
+}
+
 // One block of kThreads threads running `kernel`; what each thread wrote, or the launch's error.
 at::Tensor selftest(c10::string_view kernel, double value) {
   at::Tensor out = at::zeros({kThreads}, at::kFloat);
@@ -44,6 +50,7 @@ at::Tensor selftest(c10::string_view kernel, double value) {
                                   : kernel == "half_warp_shuffle"  ? &half_warp_shuffle_kernel
                                   : kernel == "broadcast"          ? &broadcast_kernel<true>
                                   : kernel == "broadcast_unsynced" ? &broadcast_kernel<false>
+                                  : kernel == "read_past_end"      ? &read_past_end_kernel
                                                                    : nullptr;
   TORCH_CHECK_VALUE(chosen != nullptr, "largedet_emulator: no self-test kernel ", kernel);
   launch(1, kThreads, 0, nullptr, chosen, out.data_ptr<float>(), static_cast<float>(value));
