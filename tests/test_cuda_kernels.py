@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import triton
 
+from benchmarks.gpu_check import ptxas_report
+
 ROOT = Path(__file__).resolve().parent.parent
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
@@ -46,25 +48,10 @@ def built(tmp_path_factory):
     return log, so
 
 
-def _ptxas_entries(log: str):
-    """(arch, kernel, spill bytes) for every kernel ptxas compiled."""
-    entries = []
-    for m in re.finditer(r"Compiling entry function '(\S+)' for 'sm_(\d+)'.*?(\d+) bytes spill stores, (\d+) bytes "
-                         r"spill loads", log, re.S):  # fmt: skip
-        entries.append((m.group(2), m.group(1), int(m.group(3)) + int(m.group(4))))
-    return entries
-
-
 def test_extension_builds_for_sm80_and_sm90_without_spills(built):
-    entries = _ptxas_entries(built[0])
-    per_arch = defaultdict(set)
-    for arch, kernel, spills in entries:
-        assert spills == 0, f"{kernel} spills {spills} bytes on sm_{arch}"
-        per_arch[arch].add(kernel)
-    assert set(per_arch) == {"80", "90"}
-    assert all(len(kernels) == ENTRIES_PER_ARCH for kernels in per_arch.values()), {
-        a: len(k) for a, k in per_arch.items()
-    }
+    kernels, spilling = ptxas_report(built[0])
+    assert not spilling, spilling
+    assert kernels == {"sm_80": ENTRIES_PER_ARCH, "sm_90": ENTRIES_PER_ARCH}, kernels
 
 
 def _sass_by_function(binary: Path):
@@ -193,6 +180,5 @@ def test_kernel_sources_compile_for_sm70_with_cuda12(tmp_path):
     proc = subprocess.run([root / "cuda_nvcc" / "bin" / "ptxas", "-arch=sm_70", "-v", tmp_path / "k.ptx", "-o",
                            tmp_path / "k.cubin"], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    entries = _ptxas_entries(proc.stderr)
-    assert len(entries) == len(SM70_KERNELS) and all(arch == "70" for arch, _, _ in entries)
-    assert all(spills == 0 for _, _, spills in entries), entries
+    kernels, spilling = ptxas_report(proc.stderr)
+    assert kernels == {"sm_70": len(SM70_KERNELS)} and not spilling, (kernels, spilling)

@@ -47,9 +47,8 @@ HYPER_DTYPE = torch.float64  # NOTE [double coefficients]
 
 def hyper_row(group: Dict) -> List[float]:
     """One tensor's row of the hyper-parameter table, from its param group."""
-    beta1, beta2 = group["betas"]
     return [
-        group["lr"] * group["alpha"], beta1, beta2, (1 - beta1) if group["grad_averaging"] else 1.0, 1 - beta2,
+        group["lr"] * group["alpha"], *group["betas"], *torch_foreach.gradient_weights(group),
         group["eps"], group["weight_decay"], group["cycle_length"] or 0, group["bias_correction"],
         group["eps_inside_sqrt"], group["adam_w_mode"], group["use_nvlamb"] or group["weight_decay"] != 0,
     ]  # fmt: skip

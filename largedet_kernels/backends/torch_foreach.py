@@ -41,6 +41,12 @@ def _device_table(rows: List[List[float]], dtype: torch.dtype, device: torch.dev
     return host.to(device)
 
 
+def gradient_weights(group: Dict) -> Tuple[float, float]:
+    """The weights of g in m and of g² in v, in double: 1−β1 (1 without gradient averaging) and 1−β2."""
+    beta1, beta2 = group["betas"]
+    return (1 - beta1) if group["grad_averaging"] else 1.0, 1 - beta2
+
+
 def _coefficient_dtype(device: torch.device) -> torch.dtype:
     """Dtype the per-tensor coefficients are formed in (NOTE [double coefficients] in
     chunk_plan.py): float64 wherever the device has it, which MPS has not."""
@@ -52,6 +58,7 @@ def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tenso
     depend on t formed on the device in _coefficient_dtype, then rounded to the math dtype once."""
     hyper = bucket.hyper
     beta1, beta2 = [b[0] for b in hyper("betas")], [b[1] for b in hyper("betas")]
+    weights = [gradient_weights(group) for group in bucket.groups]
     lam, adam_w, eps, eps_inside = hyper("weight_decay"), hyper("adam_w_mode"), hyper("eps"), hyper("eps_inside_sqrt")
     table = _device_table(
         [
@@ -81,8 +88,8 @@ def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tenso
         "use_trust": use_trust > 0,
         "lr_alpha": lr_alpha.to(dtype),
         # host floats
-        "weight_g": [(1 - b1) if avg else 1.0 for b1, avg in zip(beta1, hyper("grad_averaging"))],
-        "weight_g2": [1 - b2 for b2 in beta2],
+        "weight_g": [w for w, _ in weights],
+        "weight_g2": [w2 for _, w2 in weights],
         "eps_in": [e if inside else 0.0 for e, inside in zip(eps, eps_inside)],
         "eps_out": [0.0 if inside else e for e, inside in zip(eps, eps_inside)],
         "decay_in_grad": [0.0 if w else wd for w, wd in zip(adam_w, lam)],
