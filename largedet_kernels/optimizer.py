@@ -15,10 +15,25 @@ NOTE [sharded norms]
     (``finish``). Clipping likewise stacks every bucket's Σg² into one all-reduce. A
     rank with an empty shard still takes part; replicated placements need no
     collective; a mesh sharded along several dimensions takes one per dimension.
+
+NOTE [step cache]
+    A fused step's device work is a few launches, so its host side must cost next to nothing
+    per tensor. Everything step() derives from the parameter set (the buckets and their state
+    lists, the backends' kernel/torch split and device tables) lives in a _StepCache and is
+    rebuilt only when something it was built from changed. Each step checks that in map()
+    passes over flat lists, which run at C speed: the param groups (identity; every write to a
+    group is counted by _ParamGroup, and a counted write re-validates the hyper-parameters and
+    refreshes only the hyper tables), the parameters (identity and address: ``p.data = ...``
+    changes it), and the gradients (present or not as before, and their addresses, dtypes and
+    strides). A new gradient address refreshes only the pointer tables; anything else rebuilds
+    the cache. Gradients are not held between steps: ``zero_grad(set_to_none=True)`` frees them.
+    Under torch.compile the cache is bypassed and the buckets are built as the graph is traced.
 """
 
+import itertools
 import numbers
-from itertools import chain
+import operator
+from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -52,6 +67,95 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+class _Changes:
+    """How many writes the param groups of one optimizer have seen (NOTE [step cache])."""
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+
+class _ParamGroup(dict):
+    """A param group that counts every write to it (NOTE [step cache])."""
+
+    # A class default: unpickling sets the items before the attributes.
+    changes: Optional[_Changes] = None
+
+    def _changed(self) -> None:
+        if self.changes is not None:
+            self.changes.count += 1
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        self._changed()
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key)
+        self._changed()
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def update(self, *args, **kwargs) -> None:
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def setdefault(self, key, default=None):
+        if key not in self:
+            self[key] = default
+        return self[key]
+
+    def pop(self, *args):
+        self._changed()
+        return super().pop(*args)
+
+    def popitem(self):
+        self._changed()
+        return super().popitem()
+
+    def clear(self) -> None:
+        super().clear()
+        self._changed()
+
+
+# Bucket versions, never reused: a table kept across a rebuild must not match a new bucket's
+# version by chance (NOTE [step cache]).
+_VERSIONS = itertools.count(1)
+
+# Per-tensor attributes read in map() passes (NOTE [step cache]).
+_GRAD = operator.attrgetter("grad")
+_DTYPE = operator.attrgetter("dtype")
+_PARAMS = operator.itemgetter("params")
+_DATA_PTR = torch.Tensor.data_ptr
+_STRIDE = torch.Tensor.stride
+
+
+class _StepCache:
+    """The buckets of one parameter set and what they were built from (NOTE [step cache])."""
+
+    def __init__(self, buckets: List[Tuple[Bucket, ModuleType, ShardKey]], state: Dict) -> None:
+        self.buckets = buckets
+        self.state = state
+        self.group_ids: List[int] = []
+        self.param_ids: List[int] = []
+        self.changes = 0
+        # Positions in the flat parameter list of the parameters with and without gradients.
+        self.with_grad: List[int] = []
+        self.without_grad: List[int] = []
+        # Of the parameters with gradients, in with_grad order: the tensors whose addresses, dtypes
+        # and strides are watched (local tensors of DTensors), and what they were.
+        self.xs: List[torch.Tensor] = []
+        self.x_ptrs: List[int] = []
+        self.grad_ptrs: List[int] = []
+        self.grad_dtypes: List[torch.dtype] = []
+        self.grad_strides: List[Tuple[int, ...]] = []
+        # Per bucket, the positions of its tensors in with_grad order (None: all, in order).
+        self.positions: List[Optional[List[int]]] = []
+        self.sharded = False
+
+
 def _all_reduce(key: ShardKey, tensor: torch.Tensor) -> None:
     """Sum ``tensor`` in place over the ranks that hold shards of the same tensors."""
     mesh, dims = key
@@ -74,6 +178,19 @@ def _reduce_per_key(values: List[Tuple[ShardKey, torch.Tensor]]) -> List[torch.T
         for i, part in zip(members, flat.split([p.numel() for p in parts])):
             out[i] = part.view_as(values[i][1]).to(values[i][1].dtype)
     return out
+
+
+def _check_grad(p: torch.Tensor, optimizer: str) -> None:
+    if p.grad.is_sparse:
+        raise RuntimeError(f"{optimizer} does not support sparse gradients")
+    if isinstance(p, DTensor) and not (
+        isinstance(p.grad, DTensor) and p.grad.device_mesh == p.device_mesh and p.grad.placements == p.placements
+    ):
+        got = p.grad.placements if isinstance(p.grad, DTensor) else "a plain tensor"
+        raise RuntimeError(
+            f"the gradient of a DTensor parameter with placements {p.placements} must be a DTensor "
+            f"on the same mesh with the same placements, got {got}"
+        )
 
 
 def _check_hyper(group: Dict[str, Any]) -> None:
@@ -122,28 +239,45 @@ class _LambFamily(Optimizer):
     def __init__(self, params: Iterable, defaults: Dict[str, Any], backend: str) -> None:
         dispatch.check_backend_name(backend)
         self.backend = backend
-        self._backend_of_device: Dict[torch.device, str] = {}
-        self._bucket_caches: Dict[Tuple[torch.device, torch.dtype, torch.dtype], Dict[str, Any]] = {}
+        self._backend_of_device: Dict[torch.device, Tuple[str, ModuleType]] = {}
+        self._bucket_caches: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
+        self._changes = _Changes()
+        self._step_cache: Optional[_StepCache] = None
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: Dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
+    def _check_group(self, group: Dict[str, Any]) -> None:
         _check_hyper(group)
         if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
             raise ValueError(
                 "max_grad_norm clips the global gradient norm over all param groups; "
                 "set it on the optimizer, not per param group"
             )
-        if len({id(p) for p in group["params"]}) != len(group["params"]):
-            raise ValueError("a parameter appears twice in one param group: it would be stepped twice")
-        for p in group["params"]:
-            if p.is_complex():
-                raise ValueError(f"complex parameters are not supported (got a {p.dtype} parameter)")
-            if not p.is_floating_point():
-                raise ValueError(f"parameters must be floating point (got a {p.dtype} parameter)")
-            if self.backend != "auto":
-                dispatch.resolve(self.backend, p.device)  # raises now, not at the first step
+
+    def _track_groups(self) -> None:
+        """Every param group a _ParamGroup counting into this optimizer's changes (NOTE [step cache])."""
+        for i, group in enumerate(self.param_groups):
+            if not (isinstance(group, _ParamGroup) and group.changes is self._changes):
+                self.param_groups[i] = tracked = _ParamGroup(group)
+                tracked.changes = self._changes
+        self._changes.count += 1
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._check_group(group)
+            if len({id(p) for p in group["params"]}) != len(group["params"]):
+                raise ValueError("a parameter appears twice in one param group: it would be stepped twice")
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"complex parameters are not supported (got a {p.dtype} parameter)")
+                if not p.is_floating_point():
+                    raise ValueError(f"parameters must be floating point (got a {p.dtype} parameter)")
+                self._backend(p.device)  # an explicit backend that cannot run raises now, not at the first step
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._track_groups()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load param groups and state; state goes to each parameter's device.
@@ -154,8 +288,10 @@ class _LambFamily(Optimizer):
         """
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
-        ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        self._track_groups()
+        self._step_cache = None
+        ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
             if pid not in saved:
                 continue
@@ -173,49 +309,148 @@ class _LambFamily(Optimizer):
                     )
             self.state[p] = state
 
-    def _backend(self, device: torch.device) -> str:
+    def _backend(self, device: torch.device) -> Tuple[str, ModuleType]:
+        """(name, module) of the backend that steps tensors of ``device``."""
         if device not in self._backend_of_device:
-            self._backend_of_device[device] = dispatch.resolve(self.backend, device)
+            name = dispatch.resolve(self.backend, device)
+            self._backend_of_device[device] = name, dispatch.backend_module(name)
         return self._backend_of_device[device]
 
-    def _buckets(self) -> List[Tuple[Bucket, str, ShardKey]]:
-        """(bucket, backend, shard key) per (device, param dtype, grad dtype, shard key), state initialised."""
-        with_grad = [(p, g) for g in self.param_groups for p in g["params"] if p.grad is not None]
-        for p, _ in with_grad:  # every check before anything is modified
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-            if isinstance(p, DTensor) and not (
-                isinstance(p.grad, DTensor)
-                and p.grad.device_mesh == p.device_mesh
-                and p.grad.placements == p.placements
-            ):
-                got = p.grad.placements if isinstance(p.grad, DTensor) else "a plain tensor"
-                raise RuntimeError(
-                    f"the gradient of a DTensor parameter with placements {p.placements} must be a DTensor "
-                    f"on the same mesh with the same placements, got {got}"
-                )
-        buckets: Dict[Tuple[Any, ...], Bucket] = {}
-        for p, group in with_grad:
+    def _init_group(self, group: Dict[str, Any]) -> None:
+        """State for the group's parameters that have gradients: zeros for a new one, and moved to the
+        parameter's device and math dtype after ``p.data = p.data.to(...)``. torch.compile runs a method of
+        this name eagerly before it traces step(), so a compiled first step sees the state of the next."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
             state = self.state[p]
             if not state:
                 moment = {"dtype": compute_dtype(p.dtype), "memory_format": torch.preserve_format}
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, **moment)
                 state["exp_avg_sq"] = torch.zeros_like(p, **moment)
+                continue
+            for key in ("exp_avg", "exp_avg_sq"):
+                m = state[key]
+                if m.device != p.device or m.dtype != compute_dtype(p.dtype):
+                    state[key] = _moment_like(m, p)
+            if state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
+
+    def _buckets(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
+        """This step's buckets: from the step cache when nothing they were built from changed."""
+        if torch.compiler.is_compiling():
+            buckets = self._build()[0]
+            untraceable = sorted({b[1].__name__.rsplit(".", 1)[-1] for b in buckets} & {"triton", "cuda"})
+            if untraceable:
+                raise RuntimeError(
+                    f"torch.compile cannot trace the {untraceable[0]} backend: its kernels address tensors through "
+                    "device pointer tables. Step it eagerly (a fused step is a few launches; there is nothing "
+                    "left to fuse), or compile with backend='torch'"
+                )
+            return buckets
+        cache = self._step_cache
+        groups = self.param_groups
+        if cache is None or cache.state is not self.state or list(map(id, groups)) != cache.group_ids:
+            return self._rebuild()
+        if cache.changes != self._changes.count:
+            for group in groups:
+                self._check_group(group)
+            cache.changes = self._changes.count
+            for b, _, _ in cache.buckets:
+                b.hyper_version = next(_VERSIONS)
+        params = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
+        if list(map(id, params)) != cache.param_ids:
+            return self._rebuild()
+        grads = list(map(_GRAD, params))
+        if cache.without_grad:
+            if any(grads[i] is not None for i in cache.without_grad):
+                return self._rebuild()
+            grads = [grads[i] for i in cache.with_grad]
+        try:
+            if cache.sharded:
+                grads = [_local(g) for g in grads]  # placements are checked by _check_grads on a rebuild
+            if (
+                list(map(_DTYPE, grads)) != cache.grad_dtypes
+                or list(map(_STRIDE, grads)) != cache.grad_strides
+                or list(map(_DATA_PTR, cache.xs)) != cache.x_ptrs
+            ):
+                return self._rebuild()
+            grad_ptrs = list(map(_DATA_PTR, grads))
+        except (TypeError, RuntimeError, AttributeError):  # a gradient went missing, is sparse, or lost its DTensor
+            return self._rebuild()
+        if grad_ptrs != cache.grad_ptrs:
+            cache.grad_ptrs = grad_ptrs
+            for b, _, _ in cache.buckets:
+                b.address_version = next(_VERSIONS)
+        for (b, _, _), positions in zip(cache.buckets, cache.positions):
+            b.grads = grads if positions is None else [grads[i] for i in positions]
+        return cache.buckets
+
+    def _rebuild(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
+        self._track_groups()
+        for group in self.param_groups:
+            self._check_group(group)
+        buckets, cache = self._build()
+        self._step_cache = cache
+        cache.changes = self._changes.count
+        return buckets
+
+    def _build(self) -> Tuple[List[Tuple[Bucket, ModuleType, ShardKey]], _StepCache]:
+        """(bucket, backend module, shard key) per (device, param dtype, grad dtype, shard key), state
+        initialised, and the step cache that describes them."""
+        groups = self.param_groups
+        params = list(itertools.chain.from_iterable(g["params"] for g in groups))
+        group_of = [g for g in groups for _ in g["params"]]
+        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
+        for i in with_grad:  # every check before anything is modified
+            _check_grad(params[i], type(self).__name__)
+        buckets: Dict[Tuple[Any, ...], Bucket] = {}
+        positions: Dict[Tuple[Any, ...], List[int]] = {}
+        xs, grads = [], []
+        for group in groups:
+            self._init_group(group)
+        compiling = torch.compiler.is_compiling()
+        for n, i in enumerate(with_grad):
+            p = params[i]
+            state = self.state[p]
             x, grad = _local(p), _local(p.grad)
+            xs.append(x)
+            grads.append(grad)
             key = (x.device, x.dtype, grad.dtype, _shard_key(p))
             if key not in buckets:
-                buckets[key] = Bucket(x.device, cache=self._bucket_caches.setdefault(key, {}))
+                # Under torch.compile the tables are built inside the graph: a cache filled by the first
+                # compiled step would fail its guards and recompile the second.
+                cache = {} if compiling else self._bucket_caches.setdefault(key, {})
+                version = None if compiling else next(_VERSIONS)
+                buckets[key] = Bucket(x.device, cache=cache, address_version=version, hyper_version=version)
+                positions[key] = []
             b = buckets[key]
+            positions[key].append(n)
             b.params.append(x)
             b.grads.append(grad)
             b.exp_avgs.append(_local(state["exp_avg"]))
             b.exp_avg_sqs.append(_local(state["exp_avg_sq"]))
             b.steps.append(state["step"])
-            b.groups.append(group)
-        return [(b, self._backend(b.device), key[3]) for key, b in buckets.items()]
+            b.groups.append(group_of[i])
+        result = [(b, self._backend(b.device)[1], key[3]) for key, b in buckets.items()]
+        cache = _StepCache(result, self.state)
+        cache.group_ids = list(map(id, groups))
+        cache.param_ids = list(map(id, params))
+        cache.with_grad = with_grad
+        cache.without_grad = [i for i, p in enumerate(params) if p.grad is None]
+        cache.xs = xs
+        cache.sharded = any(key[3] for key in buckets)
+        if not compiling:
+            cache.x_ptrs = list(map(_DATA_PTR, xs))
+            cache.grad_ptrs = list(map(_DATA_PTR, grads))
+            cache.grad_dtypes = list(map(_DTYPE, grads))
+            cache.grad_strides = list(map(_STRIDE, grads))
+        in_order = len(buckets) == 1
+        cache.positions = [None if in_order else positions[key] for key in buckets]
+        return result, cache
 
-    def _grad_factor(self, buckets: List[Tuple[Bucket, str, ShardKey]]) -> Optional[torch.Tensor]:
+    def _grad_factor(self, buckets: List[Tuple[Bucket, ModuleType, ShardKey]]) -> Optional[torch.Tensor]:
         """What every gradient is multiplied by: GradScaler's 1/scale × the clip factor."""
         grad_scale: Optional[torch.Tensor] = getattr(self, "grad_scale", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
@@ -223,7 +458,7 @@ class _LambFamily(Optimizer):
         if max_norm is None:
             return inv_scale
         device = buckets[0][0].device
-        local = [(key, dispatch.backend_module(name).grad_sumsq(b)) for b, name, key in buckets]
+        local = [(key, backend.grad_sumsq(b)) for b, backend, key in buckets]
         sumsq = _reduce_per_key(local)  # NOTE [sharded norms]
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sumsq) else torch.float32
         norm = torch.stack([s.to(device, dtype) for s in sumsq]).sum().sqrt()
@@ -244,8 +479,7 @@ class _LambFamily(Optimizer):
         factor = self._grad_factor(buckets)
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
         pending = []
-        for bucket, name, key in buckets:
-            backend = dispatch.backend_module(name)
+        for bucket, backend, key in buckets:
             args = (
                 bucket,
                 None if factor is None else factor.to(bucket.device),
@@ -259,6 +493,8 @@ class _LambFamily(Optimizer):
             sums = _reduce_per_key([(key, p.sums) for key, p in pending])
             for (_, p), global_sums in zip(pending, sums):
                 p.finish(global_sums)
+        for bucket, _, _ in buckets:
+            bucket.release()
         return loss
 
 

@@ -168,25 +168,82 @@ std::vector<Sums> per_tensor(const std::vector<Item>& items, const std::vector<S
   return sums;
 }
 
+// NOTE [cpu pointer tables]
+//   Each op comes twice. The tensor-list form (step_, moments_, update_, grad_sumsq) declares what
+//   it mutates, so torch.compile can trace it, and checks every tensor. The table form (table_step_,
+//   ...) takes the addresses from an int64 table [5, n] of x, g, m, v and step, as the GPU kernels
+//   do (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py): converting five lists
+//   of tensors costs ~1.5 us per tensor at the call, more than the step of a small tensor. The
+//   table is the optimizer's, built from tensors it checked and keeps alive, and refreshed when an
+//   address changes (NOTE [step cache] in largedet_kernels/optimizer.py); eager mode only.
+enum Row : int64_t { kRowX = 0, kRowG = 1, kRowM = 2, kRowV = 3, kRowStep = 4, kRows = 5 };
+
+// A bucket's addresses and sizes as the table form takes them, from its tensors for the list form.
+struct Table {
+  std::vector<int64_t> ptrs;  // [kRows, n]
+  std::vector<int64_t> numels;
+  int64_t n = 0;
+
+  Table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps)
+      : ptrs(kRows * params.size(), 0), n(static_cast<int64_t>(params.size())) {
+    for (int64_t i = 0; i < n; ++i) {
+      ptrs[kRowX * n + i] = reinterpret_cast<int64_t>(params[i].data_ptr());
+      if (!grads.empty()) ptrs[kRowG * n + i] = reinterpret_cast<int64_t>(grads[i].data_ptr());
+      ptrs[kRowM * n + i] = reinterpret_cast<int64_t>(exp_avgs[i].data_ptr());
+      ptrs[kRowV * n + i] = reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr());
+      ptrs[kRowStep * n + i] = reinterpret_cast<int64_t>(steps[i].data_ptr());
+      numels.push_back(params[i].numel());
+    }
+  }
+
+  Table(const Tensor& table, const Tensor& numels_) : n(numels_.numel()) {
+    TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.is_contiguous() &&
+                    table.numel() == kRows * n,
+                "largedet_cpu: the pointer table must be a contiguous CPU int64 tensor of ", kRows, " x ", n,
+                " addresses, got ", table.scalar_type(), " ", table.sizes());
+    TORCH_CHECK(numels_.device().is_cpu() && numels_.scalar_type() == at::kLong && numels_.is_contiguous(),
+                "largedet_cpu: numels must be a contiguous CPU int64 tensor");
+    TORCH_CHECK(n > 0, "largedet_cpu: no tensors to step");
+    ptrs.assign(table.data_ptr<int64_t>(), table.data_ptr<int64_t>() + kRows * n);
+    numels.assign(numels_.data_ptr<int64_t>(), numels_.data_ptr<int64_t>() + n);
+  }
+
+  // Only the gradient row filled: what Σg² reads.
+  static Table of_gradients(TensorList grads) {
+    Table table({}, {}, {}, {}, {});
+    table.n = static_cast<int64_t>(grads.size());
+    table.ptrs.assign(kRows * table.n, 0);
+    for (int64_t i = 0; i < table.n; ++i) {
+      table.ptrs[kRowG * table.n + i] = reinterpret_cast<int64_t>(grads[i].data_ptr());
+      table.numels.push_back(grads[i].numel());
+    }
+    return table;
+  }
+
+  template <typename T>
+  T* at(Row row, int64_t i) const {
+    return reinterpret_cast<T*>(ptrs[row * n + i]);
+  }
+};
+
 template <typename X, typename G>
 struct BucketStep {
   using M = MathOf<X>;
   std::vector<TensorStep<X, G>> tensors;
-  std::vector<int64_t> numels;
+  const std::vector<int64_t>& numels;
   M factor = 1;
 
   // Advances (or, when `advance` is false, only reads) every step count.
-  BucketStep(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-             const Tensor& hyper, const c10::optional<Tensor>& grad_factor, bool advance) {
-    const double* table = hyper.data_ptr<double>();
+  BucketStep(const Table& table, const Tensor& hyper, const c10::optional<Tensor>& grad_factor, bool advance)
+      : numels(table.numels) {
+    const double* rows = hyper.data_ptr<double>();
     if (grad_factor) factor = static_cast<M>(grad_factor->item<double>());
-    for (size_t i = 0; i < params.size(); ++i) {
-      float* step = steps[i].data_ptr<float>();
+    tensors.reserve(table.n);
+    for (int64_t i = 0; i < table.n; ++i) {
+      float* step = table.at<float>(kRowStep, i);
       if (advance) *step += 1.0f;
-      tensors.push_back({params[i].data_ptr<X>(), grads.empty() ? nullptr : grads[i].data_ptr<G>(),
-                         exp_avgs[i].data_ptr<M>(), exp_avg_sqs[i].data_ptr<M>(), params[i].numel(),
-                         table + i * kHyperColumns, *step});
-      numels.push_back(params[i].numel());
+      tensors.push_back({table.at<X>(kRowX, i), table.at<const G>(kRowG, i), table.at<M>(kRowM, i),
+                         table.at<M>(kRowV, i), numels[i], rows + i * kHyperColumns, *step});
     }
   }
 
@@ -230,17 +287,13 @@ void dispatch(at::ScalarType x, at::ScalarType g, F&& f) {
 }
 
 void check_bucket(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                  TensorList steps, const Tensor& hyper) {
+                  TensorList steps) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "largedet_cpu: no tensors to step");
   TORCH_CHECK((grads.empty() || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   steps.size() == n,
               "largedet_cpu: params, grads, exp_avgs, exp_avg_sqs and steps must have one tensor each per parameter");
   const at::ScalarType math = math_type(params[0]);
-  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
-                  hyper.numel() == static_cast<int64_t>(n) * kHyperColumns,
-              "largedet_cpu: hyper must be a contiguous CPU float64 tensor of ", n, " x ", kHyperColumns,
-              " values, got ", hyper.scalar_type(), " ", hyper.sizes());
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu() && p.is_non_overlapping_and_dense(), "largedet_cpu: parameter ", i,
@@ -261,15 +314,28 @@ void check_bucket(TensorList params, TensorList grads, TensorList exp_avgs, Tens
   }
 }
 
+void check_hyper(const Tensor& hyper, int64_t n) {
+  TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
+                  hyper.numel() == n * kHyperColumns,
+              "largedet_cpu: hyper must be a contiguous CPU float64 tensor of ", n, " x ", kHyperColumns,
+              " values, got ", hyper.scalar_type(), " ", hyper.sizes());
+}
+
+void check_sums(const Tensor& sums, at::ScalarType x, int64_t n) {
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == (x == at::kDouble ? at::kDouble : at::kFloat) &&
+                  sums.is_contiguous() && sums.numel() == 2 * n,
+              "largedet_cpu: sums must be a contiguous CPU tensor of the math dtype with 2 values per tensor");
+}
+
 // Both passes (NOTE [cpu passes]).
-void step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-           const Tensor& hyper, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
-  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, hyper);
+void step(const Table& table, at::ScalarType x, at::ScalarType g, const Tensor& hyper,
+          const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
+  check_hyper(hyper, table.n);
   if (skipped(found_inf)) return;  // NOTE [skipped steps]: nothing changes
-  dispatch(params[0].scalar_type(), grads[0].scalar_type(), [&](auto x_tag, auto g_tag) {
+  dispatch(x, g, [&](auto x_tag, auto g_tag) {
     using X = decltype(x_tag);
     using G = decltype(g_tag);
-    const BucketStep<X, G> b(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_factor, true);
+    const BucketStep<X, G> b(table, hyper, grad_factor, true);
     // Tensors of one chunk: both passes in one work item, while the tensor is in cache.
     const std::vector<Item> small = chunks_of(b.numels, false);
     at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t lo, int64_t hi) {
@@ -286,26 +352,22 @@ void step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList 
 
 // Pass 1 and each tensor's local Σx², Σu² into sums [n, 2] (NOTE [sharded norms] in
 // largedet_kernels/optimizer.py); the steps advance here.
-void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-              const Tensor& hyper, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf,
-              Tensor& sums) {
-  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, hyper);
-  const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == math_type(params[0]) && sums.is_contiguous() &&
-                  sums.numel() == 2 * n,
-              "largedet_cpu: sums must be a contiguous CPU tensor of the math dtype with 2 values per tensor");
+void moments(const Table& table, at::ScalarType x, at::ScalarType g, const Tensor& hyper,
+             const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf, Tensor& sums) {
+  check_hyper(hyper, table.n);
+  check_sums(sums, x, table.n);
   sums.zero_();
   if (skipped(found_inf)) return;
-  dispatch(params[0].scalar_type(), grads[0].scalar_type(), [&](auto x_tag, auto g_tag) {
+  dispatch(x, g, [&](auto x_tag, auto g_tag) {
     using X = decltype(x_tag);
     using G = decltype(g_tag);
     using M = MathOf<X>;
-    const BucketStep<X, G> b(params, grads, exp_avgs, exp_avg_sqs, steps, hyper, grad_factor, true);
+    const BucketStep<X, G> b(table, hyper, grad_factor, true);
     const std::vector<Item> small = chunks_of(b.numels, false), large = chunks_of(b.numels, true);
-    const std::vector<Sums> of_small = per_tensor(small, b.moments(small), n);
-    const std::vector<Sums> of_large = per_tensor(large, b.moments(large), n);
+    const std::vector<Sums> of_small = per_tensor(small, b.moments(small), table.n);
+    const std::vector<Sums> of_large = per_tensor(large, b.moments(large), table.n);
     M* out = sums.data_ptr<M>();
-    for (int64_t i = 0; i < n; ++i) {
+    for (int64_t i = 0; i < table.n; ++i) {
       out[2 * i] = static_cast<M>(of_small[i].x + of_large[i].x);
       out[2 * i + 1] = static_cast<M>(of_small[i].u + of_large[i].u);
     }
@@ -313,21 +375,21 @@ void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
 }
 
 // Pass 2 with the norms of sums [n, 2] (summed over the shards of each tensor).
-void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps, const Tensor& hyper,
-             const c10::optional<Tensor>& found_inf, const Tensor& sums) {
-  check_bucket(params, {}, exp_avgs, exp_avg_sqs, steps, hyper);
-  const int64_t n = static_cast<int64_t>(params.size());
-  TORCH_CHECK(sums.device().is_cpu() && sums.numel() == 2 * n, "largedet_cpu: sums must hold 2 values per tensor");
+void update(const Table& table, at::ScalarType x, const Tensor& hyper, const c10::optional<Tensor>& found_inf,
+            const Tensor& sums) {
+  check_hyper(hyper, table.n);
+  TORCH_CHECK(sums.device().is_cpu() && sums.numel() == 2 * table.n,
+              "largedet_cpu: sums must hold 2 values per tensor");
   if (skipped(found_inf)) return;
   const Tensor sums64 = sums.to(at::kDouble).contiguous();
   const double* s = sums64.data_ptr<double>();
-  dispatch(params[0].scalar_type(), params[0].scalar_type(), [&](auto x_tag, auto) {
+  dispatch(x, x, [&](auto x_tag, auto) {
     using X = decltype(x_tag);
     using M = MathOf<X>;
     // The gradient type does not matter to pass 2.
-    const BucketStep<X, X> b(params, {}, exp_avgs, exp_avg_sqs, steps, hyper, c10::nullopt, false);
-    std::vector<M> ratios(n);
-    for (int64_t i = 0; i < n; ++i) {
+    const BucketStep<X, X> b(table, hyper, c10::nullopt, false);
+    std::vector<M> ratios(table.n);
+    for (int64_t i = 0; i < table.n; ++i) {
       ratios[i] = trust_ratio<M>(b.tensors[i].row, static_cast<M>(s[2 * i]), static_cast<M>(s[2 * i + 1]));
     }
     std::vector<Item> items = chunks_of(b.numels, false), large = chunks_of(b.numels, true);
@@ -337,24 +399,17 @@ void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, Ten
 }
 
 // Σg² over the gradients, for global-norm clipping: float64 for float64 gradients, else float32.
-Tensor grad_sumsq(TensorList grads) {
-  TORCH_CHECK(!grads.empty(), "largedet_cpu: no gradients");
-  std::vector<int64_t> numels;
-  for (const Tensor& g : grads) {
-    TORCH_CHECK(g.device().is_cpu() && g.is_non_overlapping_and_dense() && g.scalar_type() == grads[0].scalar_type(),
-                "largedet_cpu: gradients must be dense CPU tensors of one dtype");
-    numels.push_back(g.numel());
-  }
-  std::vector<Item> items = chunks_of(numels, false), large = chunks_of(numels, true);
+Tensor grad_sumsq(const Table& table, at::ScalarType g_type) {
+  std::vector<Item> items = chunks_of(table.numels, false), large = chunks_of(table.numels, true);
   items.insert(items.end(), large.begin(), large.end());
   std::vector<double> partials(items.size());
   double total = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(), "largedet_cpu_grad_sumsq", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g_type, "largedet_cpu_grad_sumsq", [&] {
     using M = MathOf<scalar_t>;
     using Vec = at::vec::Vectorized<M>;
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
-        const scalar_t* g = grads[items[k].tensor].data_ptr<scalar_t>();
+        const scalar_t* g = table.at<const scalar_t>(kRowG, items[k].tensor);
         for (int64_t tile = items[k].begin; tile < items[k].end; tile += kTile) {
           Vec acc(0);
           for (int64_t i = tile; i < std::min(tile + kTile, items[k].end); i += Vec::size()) {
@@ -367,8 +422,59 @@ Tensor grad_sumsq(TensorList grads) {
     });
   });
   for (double p : partials) total += p;
-  const at::ScalarType out = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::ScalarType out = g_type == at::kDouble ? at::kDouble : at::kFloat;
   return at::scalar_tensor(total, at::TensorOptions().dtype(out));
+}
+
+// The tensor-list form (NOTE [cpu pointer tables]): every tensor checked, then the same work.
+void step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+           const Tensor& hyper, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
+  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps);
+  step(Table(params, grads, exp_avgs, exp_avg_sqs, steps), params[0].scalar_type(), grads[0].scalar_type(), hyper,
+       grad_factor, found_inf);
+}
+
+void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+              const Tensor& hyper, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf,
+              Tensor& sums) {
+  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps);
+  moments(Table(params, grads, exp_avgs, exp_avg_sqs, steps), params[0].scalar_type(), grads[0].scalar_type(),
+          hyper, grad_factor, found_inf, sums);
+}
+
+void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps, const Tensor& hyper,
+             const c10::optional<Tensor>& found_inf, const Tensor& sums) {
+  check_bucket(params, {}, exp_avgs, exp_avg_sqs, steps);
+  update(Table(params, {}, exp_avgs, exp_avg_sqs, steps), params[0].scalar_type(), hyper, found_inf, sums);
+}
+
+Tensor grad_sumsq_(TensorList grads) {
+  TORCH_CHECK(!grads.empty(), "largedet_cpu: no gradients");
+  for (const Tensor& g : grads) {
+    TORCH_CHECK(g.device().is_cpu() && g.is_non_overlapping_and_dense() && g.scalar_type() == grads[0].scalar_type(),
+                "largedet_cpu: gradients must be dense CPU tensors of one dtype");
+  }
+  return grad_sumsq(Table::of_gradients(grads), grads[0].scalar_type());
+}
+
+// The table form (NOTE [cpu pointer tables]).
+void table_step_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x, at::ScalarType g,
+                 const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
+  step(Table(ptrs, numels), x, g, hyper, grad_factor, found_inf);
+}
+
+void table_moments_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x, at::ScalarType g,
+                    const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf, Tensor& sums) {
+  moments(Table(ptrs, numels), x, g, hyper, grad_factor, found_inf, sums);
+}
+
+void table_update_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x,
+                   const c10::optional<Tensor>& found_inf, const Tensor& sums) {
+  update(Table(ptrs, numels), x, hyper, found_inf, sums);
+}
+
+Tensor table_grad_sumsq(const Tensor& ptrs, const Tensor& numels, at::ScalarType g) {
+  return grad_sumsq(Table(ptrs, numels), g);
 }
 
 }  // namespace
@@ -384,13 +490,28 @@ TORCH_LIBRARY(largedet_cpu, m) {
       "update_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] steps, Tensor hyper, "
       "Tensor? found_inf, Tensor sums) -> ()");
   m.def("grad_sumsq(Tensor[] grads) -> Tensor");
+  // NOTE [cpu pointer tables]: what these write is addressed by `ptrs`, not declared; never traced.
+  m.def(
+      "table_step_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, ScalarType g_dtype, "
+      "Tensor? grad_factor, Tensor? found_inf) -> ()");
+  m.def(
+      "table_moments_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, ScalarType g_dtype, "
+      "Tensor? grad_factor, Tensor? found_inf, Tensor(a!) sums) -> ()");
+  m.def(
+      "table_update_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, Tensor? found_inf, "
+      "Tensor sums) -> ()");
+  m.def("table_grad_sumsq(Tensor ptrs, Tensor numels, ScalarType g_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(largedet_cpu, CPU, m) {
   m.impl("step_", &step_);
   m.impl("moments_", &moments_);
   m.impl("update_", &update_);
-  m.impl("grad_sumsq", &grad_sumsq);
+  m.impl("grad_sumsq", &grad_sumsq_);
+  m.impl("table_step_", &table_step_);
+  m.impl("table_moments_", &table_moments_);
+  m.impl("table_update_", &table_update_);
+  m.impl("table_grad_sumsq", &table_grad_sumsq);
 }
 
 }  // namespace largedet

@@ -22,10 +22,16 @@ per tensor). A backend module provides:
     pass 2 with those sums taken over every shard.
 
     No call may synchronise with the host.
+
+A bucket built by the optimizer lives as long as its parameter set (NOTE [step cache] in
+largedet_kernels/optimizer.py): only ``grads`` is replaced each step, and the two versions say
+what else changed since the last step. A backend caches what it derives from the bucket in
+``derived`` (dropped with the bucket) or, for device tables worth keeping across rebuilds, in
+``cache``. A bucket built elsewhere (versions None) is checked afresh on every call.
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -44,10 +50,23 @@ class Bucket:
     groups: List[Dict[str, Any]] = field(default_factory=list)
     # Lives as long as the optimizer: where a backend keeps device-side tables.
     cache: Dict[str, Any] = field(default_factory=dict)
+    # Lives as long as this bucket: what a backend derives from its tensors' layout.
+    derived: Dict[str, Any] = field(default_factory=dict)
+    # Bumped by the optimizer when an address of the bucket's tensors, or a hyper-parameter
+    # of its groups, changed; None when nobody keeps count.
+    address_version: Optional[int] = None
+    hyper_version: Optional[int] = None
 
     def hyper(self, name: str) -> List[Any]:
         """One hyper-parameter for every tensor of the bucket, in order."""
         return [g[name] for g in self.groups]
+
+    def release(self) -> None:
+        """Drop this step's gradients, here and in the parts a backend split off ``derived["parts"]``,
+        so that a kept bucket does not keep them alive until the next step."""
+        self.grads = []
+        for part in self.derived.get("parts", ()):
+            part.release()
 
 
 @dataclass

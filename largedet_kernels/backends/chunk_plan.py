@@ -102,14 +102,20 @@ class ChunkPlan:
         self.sums = torch.empty(2 * self.n_tensors, dtype=math_dtype, device=device)
         self.pair_first = torch.arange(self.n_tensors, dtype=torch.int32, device=device)
         self.pair_count = torch.ones(self.n_tensors, dtype=torch.int32, device=device)
+        # What the pointer and hyper tables were built from (NOTE [step cache] in optimizer.py).
         self.address_key: Tuple[int, ...] = ()
         self.hyper_key: Tuple[float, ...] = ()
+        self.address_version: Optional[int] = None
+        self.hyper_version: Optional[int] = None
 
     def fits(self, bucket: Bucket, chunk: int, math_dtype: torch.dtype) -> bool:
         key = tuple(p.numel() for p in bucket.params)
         return key == self.numel_key and chunk == self.chunk and math_dtype == self.math_dtype
 
     def pointers(self, bucket: Bucket) -> torch.Tensor:
+        if bucket.address_version is not None and bucket.address_version == self.address_version:
+            return self.ptrs
+        self.address_version = bucket.address_version
         lists = (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps)
         key = tuple(t.data_ptr() for ts in lists for t in ts)
         if key != self.address_key:
@@ -121,6 +127,9 @@ class ChunkPlan:
         return self.ptrs
 
     def hyper(self, bucket: Bucket) -> torch.Tensor:
+        if bucket.hyper_version is not None and bucket.hyper_version == self.hyper_version:
+            return self.table
+        self.hyper_version = bucket.hyper_version
         rows = [hyper_row(g) for g in bucket.groups]
         key = tuple(float(v) for row in rows for v in row)
         if key != self.hyper_key:
@@ -144,26 +153,46 @@ def kernel_friendly(p: torch.Tensor, others: Tuple[torch.Tensor, ...]) -> bool:
 
 
 def split(bucket: Bucket) -> Tuple[Bucket, Optional[Bucket]]:
-    """The bucket's kernel-friendly tensors, and the rest (stepped by the torch backend)."""
-    friendly = [
-        kernel_friendly(p, (g, m, v))
-        for p, g, m, v in zip(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs)
-    ]
-    if all(friendly):
+    """The bucket's kernel-friendly tensors, and the rest (stepped by the torch backend).
+
+    Worked out once per optimizer-built bucket, whose layouts the optimizer watches; each call
+    only hands the parts this step's gradients and versions.
+    """
+    parts = bucket.derived.get("split") if bucket.address_version is not None else None
+    if parts is None:
+        friendly = [
+            kernel_friendly(p, (g, m, v))
+            for p, g, m, v in zip(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs)
+        ]
+        if all(friendly):
+            parts = bucket.derived["split"] = (bucket, None, None, None)
+        else:
+            kernel_idx = [i for i, ok in enumerate(friendly) if ok]
+            rest_idx = [i for i, ok in enumerate(friendly) if not ok]
+            kernel_part, rest = Bucket(bucket.device, cache=bucket.cache), Bucket(bucket.device)
+            for part, idx in ((kernel_part, kernel_idx), (rest, rest_idx)):
+                for name in ("params", "exp_avgs", "exp_avg_sqs", "steps", "groups"):
+                    setattr(part, name, [getattr(bucket, name)[i] for i in idx])
+            parts = bucket.derived["split"] = (kernel_part, rest, kernel_idx, rest_idx)
+            bucket.derived["parts"] = (kernel_part, rest)
+    kernel_part, rest, kernel_idx, rest_idx = parts
+    if rest is None:
         return bucket, None
-    parts = (Bucket(bucket.device, cache=bucket.cache), Bucket(bucket.device))
-    for i, ok in enumerate(friendly):
-        part = parts[0] if ok else parts[1]
-        for name in ("params", "grads", "exp_avgs", "exp_avg_sqs", "steps", "groups"):
-            getattr(part, name).append(getattr(bucket, name)[i])
-    return parts[0], parts[1]
+    for part, idx in ((kernel_part, kernel_idx), (rest, rest_idx)):
+        part.grads = [bucket.grads[i] for i in idx]
+        part.address_version, part.hyper_version = bucket.address_version, bucket.hyper_version
+    return kernel_part, rest
 
 
 def plan_for(bucket: Bucket, chunk: int) -> ChunkPlan:
+    plan = bucket.derived.get("chunk_plan") if bucket.address_version is not None else None
+    if plan is not None:
+        return plan
     math_dtype = torch_foreach.compute_dtype(bucket.params[0].dtype)
     plan = bucket.cache.get("chunk_plan")
     if plan is None or not plan.fits(bucket, chunk, math_dtype):
         plan = bucket.cache["chunk_plan"] = ChunkPlan(bucket, chunk, math_dtype)
+    bucket.derived["chunk_plan"] = plan
     return plan
 
 

@@ -27,6 +27,26 @@ except ImportError as err:
     _IMPORT_ERROR = err
 
 
+if _IMPORT_ERROR is None:
+    # For torch.compile, which traces the tensor-list form of the ops (NOTE [cpu pointer tables]).
+
+    @torch.library.register_fake("largedet_cpu::step_")
+    def _step_fake(*args) -> None:
+        return None
+
+    @torch.library.register_fake("largedet_cpu::moments_")
+    def _moments_fake(*args) -> None:
+        return None
+
+    @torch.library.register_fake("largedet_cpu::update_")
+    def _update_fake(*args) -> None:
+        return None
+
+    @torch.library.register_fake("largedet_cpu::grad_sumsq")
+    def _grad_sumsq_fake(grads) -> torch.Tensor:
+        return grads[0].new_empty((), dtype=torch_foreach.compute_dtype(grads[0].dtype))
+
+
 def unavailable_reason(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return f"the cpu backend runs on CPU tensors, and these parameters are on {device}"
@@ -36,22 +56,40 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 class _CpuKernels:
-    """chunk_plan.Kernels for the ops of csrc/cpu/pmd_lamb_cpu.cpp."""
+    """chunk_plan.Kernels for the ops of csrc/cpu/pmd_lamb_cpu.cpp: their table form in eager mode,
+    their tensor-list form, which declares what it writes, under torch.compile (NOTE [cpu pointer tables])."""
 
     def step(self, bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf) -> None:
-        torch.ops.largedet_cpu.step_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps,
-                                     plan.hyper(bucket), grad_factor, found_inf)  # fmt: skip
+        if torch.compiler.is_compiling():
+            torch.ops.largedet_cpu.step_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+                                         bucket.steps, plan.hyper(bucket), grad_factor, found_inf)  # fmt: skip
+        else:
+            torch.ops.largedet_cpu.table_step_(plan.pointers(bucket), plan.numels, plan.hyper(bucket),
+                                               bucket.params[0].dtype, bucket.grads[0].dtype, grad_factor,
+                                               found_inf)  # fmt: skip
 
     def moments(self, bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf) -> None:
-        torch.ops.largedet_cpu.moments_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
-                                        bucket.steps, plan.hyper(bucket), grad_factor, found_inf, plan.sums)  # fmt: skip
+        if torch.compiler.is_compiling():
+            torch.ops.largedet_cpu.moments_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+                                            bucket.steps, plan.hyper(bucket), grad_factor, found_inf,
+                                            plan.sums)  # fmt: skip
+        else:
+            torch.ops.largedet_cpu.table_moments_(plan.pointers(bucket), plan.numels, plan.hyper(bucket),
+                                                  bucket.params[0].dtype, bucket.grads[0].dtype, grad_factor,
+                                                  found_inf, plan.sums)  # fmt: skip
 
     def update(self, bucket: Bucket, plan: ChunkPlan, found_inf, sums: torch.Tensor) -> None:
-        torch.ops.largedet_cpu.update_(bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps,
-                                       plan.hyper(bucket), found_inf, sums)  # fmt: skip
+        if torch.compiler.is_compiling():
+            torch.ops.largedet_cpu.update_(bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps,
+                                           plan.hyper(bucket), found_inf, sums)  # fmt: skip
+        else:
+            torch.ops.largedet_cpu.table_update_(plan.pointers(bucket), plan.numels, plan.hyper(bucket),
+                                                 bucket.params[0].dtype, found_inf, sums)  # fmt: skip
 
     def grad_sumsq(self, bucket: Bucket, plan: ChunkPlan) -> torch.Tensor:
-        return torch.ops.largedet_cpu.grad_sumsq(bucket.grads)
+        if torch.compiler.is_compiling():
+            return torch.ops.largedet_cpu.grad_sumsq(bucket.grads)
+        return torch.ops.largedet_cpu.table_grad_sumsq(plan.pointers(bucket), plan.numels, bucket.grads[0].dtype)
 
 
 _KERNELS = _CpuKernels()

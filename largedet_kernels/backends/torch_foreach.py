@@ -13,7 +13,7 @@ and temporaries stay small enough for the allocator to reuse.
 """
 
 import math
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -53,17 +53,19 @@ def _coefficient_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tensor]) -> Dict[str, list]:
-    """Per-tensor coefficients of the update, each a list over the bucket's tensors: those that
-    depend on t formed on the device in _coefficient_dtype, then rounded to the math dtype once."""
+def _constants(bucket: Bucket) -> Tuple[torch.Tensor, Dict[str, list]]:
+    """What the update takes from the param groups: a device table of per-tensor β1, β2, T, the
+    bias-correction and trust-ratio flags and η·α, and host lists; kept while the hyper-parameters last."""
+    cached = bucket.derived.get("constants")
+    if cached is not None and bucket.hyper_version is not None and cached[0] == bucket.hyper_version:
+        return cached[1]
     hyper = bucket.hyper
-    beta1, beta2 = [b[0] for b in hyper("betas")], [b[1] for b in hyper("betas")]
-    weights = [gradient_weights(group) for group in bucket.groups]
     lam, adam_w, eps, eps_inside = hyper("weight_decay"), hyper("adam_w_mode"), hyper("eps"), hyper("eps_inside_sqrt")
+    weights = [gradient_weights(group) for group in bucket.groups]
     table = _device_table(
         [
-            beta1,
-            beta2,
+            [b[0] for b in hyper("betas")],
+            [b[1] for b in hyper("betas")],
             [T or 0 for T in hyper("cycle_length")],
             [float(bc) for bc in hyper("bias_correction")],
             [float(nv or wd != 0) for nv, wd in zip(hyper("use_nvlamb"), lam)],
@@ -72,6 +74,23 @@ def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tenso
         _coefficient_dtype(bucket.device),
         bucket.device,
     )
+    host = {
+        "weight_g": [w for w, _ in weights],
+        "weight_g2": [w2 for _, w2 in weights],
+        "eps_in": [e if inside else 0.0 for e, inside in zip(eps, eps_inside)],
+        "eps_out": [0.0 if inside else e for e, inside in zip(eps, eps_inside)],
+        "decay_in_grad": [0.0 if w else wd for w, wd in zip(adam_w, lam)],
+        "decay_in_update": [wd if w else 0.0 for w, wd in zip(adam_w, lam)],
+        "bias_correction": [bool(bc) for bc in hyper("bias_correction")],
+    }
+    bucket.derived["constants"] = (bucket.hyper_version, (table, host))
+    return table, host
+
+
+def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tensor]) -> Dict[str, list]:
+    """Per-tensor coefficients of the update, each a list over the bucket's tensors: those that
+    depend on t formed on the device in _coefficient_dtype, then rounded to the math dtype once."""
+    table, host = _constants(bucket)
     beta1_d, beta2_d, cycle, bias_correction, use_trust, lr_alpha = table
     t = torch.stack(bucket.steps).to(table.dtype)
     xi = torch.where(cycle > 0, torch.cos(math.pi / 2 * torch.fmod(t, cycle) / cycle), 1.0)
@@ -88,28 +107,25 @@ def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tenso
         "use_trust": use_trust > 0,
         "lr_alpha": lr_alpha.to(dtype),
         # host floats
-        "weight_g": [w for w, _ in weights],
-        "weight_g2": [w2 for _, w2 in weights],
-        "eps_in": [e if inside else 0.0 for e, inside in zip(eps, eps_inside)],
-        "eps_out": [0.0 if inside else e for e, inside in zip(eps, eps_inside)],
-        "decay_in_grad": [0.0 if w else wd for w, wd in zip(adam_w, lam)],
-        "decay_in_update": [wd if w else 0.0 for w, wd in zip(adam_w, lam)],
-        "bias_correction": [bool(bc) for bc in hyper("bias_correction")],
+        **host,
     }
 
 
-def _slices(bucket: Bucket) -> Iterator[Tuple[int, int]]:
+def _slices(bucket: Bucket) -> List[Tuple[int, int]]:
     """[lo, hi) ranges of the bucket's tensors stepped together."""
     n = len(bucket.params)
     if bucket.device.type != "cpu":
-        yield 0, n
-        return
-    lo, numel = 0, 0
-    for i, p in enumerate(bucket.params):
-        numel += p.numel()
-        if numel >= _CPU_SLICE_NUMEL or i == n - 1:
-            yield lo, i + 1
-            lo, numel = i + 1, 0
+        return [(0, n)]
+    cached = bucket.derived.get("slices") if bucket.address_version is not None else None
+    if cached is None:
+        cached, lo, numel = [], 0, 0
+        for i, p in enumerate(bucket.params):
+            numel += p.numel()
+            if numel >= _CPU_SLICE_NUMEL or i == n - 1:
+                cached.append((lo, i + 1))
+                lo, numel = i + 1, 0
+        bucket.derived["slices"] = cached
+    return cached
 
 
 def _prepare(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]):
