@@ -79,8 +79,7 @@ StepLaunch checked_step(TensorList params, TensorList grads, TensorList exp_avgs
                         TensorList steps, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
                         const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count,
                         const Tensor& hyper, const Tensor& grad_factor, const Tensor& found_inf,
-                        const Tensor& partials, int64_t partial_pairs, const Tensor& t_now, int64_t chunk_size,
-                        bool aligned) {
+                        const Tensor& partials, int64_t partial_pairs, const Tensor& t_now, int64_t chunk_size) {
   const ChunkTable table =
       chunk_table(params, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
   const int64_t n = table.n_tensors, n_chunks = chunk_tensor.numel();
@@ -101,7 +100,7 @@ StepLaunch checked_step(TensorList params, TensorList grads, TensorList exp_avgs
               grads[0].scalar_type(), " gradients");
   const StepScalars scalars{hyper.data_ptr<double>(), grad_factor.data_ptr(), found_inf.data_ptr<float>(),
                             partials.data_ptr(), t_now.data_ptr()};
-  const LaunchConfig config{x_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream(device.index())};
+  const LaunchConfig config{x_dtype, g_dtype, n_chunks, at::cuda::getCurrentCUDAStream(device.index())};
   return StepLaunch{table, scalars, config, device};
 }
 
@@ -110,7 +109,7 @@ StepLaunch checked_step(TensorList params, TensorList grads, TensorList exp_avgs
   TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,             \
       const Tensor &ptrs, const Tensor &numels, const Tensor &chunk_tensor, const Tensor &chunk_index,            \
       const Tensor &first_chunk, const Tensor &chunk_count, const Tensor &hyper, const Tensor &grad_factor,       \
-      const Tensor &found_inf, Tensor &partials, Tensor &t_now, int64_t chunk_size, bool aligned
+      const Tensor &found_inf, Tensor &partials, Tensor &t_now, int64_t chunk_size
 #define LARGEDET_STEP_ARGS                                                                                        \
   params, grads, exp_avgs, exp_avg_sqs, steps, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, \
       hyper, grad_factor, found_inf, partials
@@ -121,14 +120,14 @@ void check_launch(cudaError_t err, const char* op) {
 
 // Both passes (NOTE [two passes] in csrc/pmd_lamb.cuh): two launches.
 void pmd_lamb_step_(LARGEDET_STEP_PARAMS) {
-  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size, aligned);
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size);
   const c10::cuda::CUDAGuard guard(l.device);
   check_launch(launch_pmd_lamb_step(l.table, l.scalars, l.config), "pmd_lamb_step_");
 }
 
 // Pass 1 and each tensor's local Σx², Σu² into sums (NOTE [sharded norms]): two launches.
 void pmd_lamb_moments_(LARGEDET_STEP_PARAMS, Tensor& sums) {
-  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size, aligned);
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size);
   check_table(sums, "sums", partials.scalar_type(), 2 * l.table.n_tensors, l.device);
   const c10::cuda::CUDAGuard guard(l.device);
   check_launch(launch_pmd_lamb_moments(l.table, l.scalars, sums.data_ptr(), l.config), "pmd_lamb_moments_");
@@ -137,7 +136,7 @@ void pmd_lamb_moments_(LARGEDET_STEP_PARAMS, Tensor& sums) {
 // Pass 2 with the norms read through first_chunk/chunk_count from partials, which under
 // NOTE [sharded norms] hold one all-reduced pair per tensor: one launch.
 void pmd_lamb_update_(LARGEDET_STEP_PARAMS) {
-  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, static_cast<int64_t>(params.size()), t_now, chunk_size, aligned);
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, static_cast<int64_t>(params.size()), t_now, chunk_size);
   const c10::cuda::CUDAGuard guard(l.device);
   check_launch(launch_pmd_lamb_update(l.table, l.scalars, l.config), "pmd_lamb_update_");
 }
@@ -147,7 +146,7 @@ void pmd_lamb_update_(LARGEDET_STEP_PARAMS) {
 
 Tensor grad_sumsq(TensorList grads, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
                   const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count, Tensor& partials,
-                  int64_t chunk_size, bool aligned) {
+                  int64_t chunk_size) {
   const ChunkTable table =
       chunk_table(grads, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
   const int64_t n_chunks = chunk_tensor.numel();
@@ -157,7 +156,7 @@ Tensor grad_sumsq(TensorList grads, const Tensor& ptrs, const Tensor& numels, co
   const Dtype g_dtype = to_dtype(g_type, "grads");
 
   const c10::cuda::CUDAGuard guard(grads[0].device());
-  const LaunchConfig config{g_dtype, g_dtype, aligned, n_chunks, at::cuda::getCurrentCUDAStream()};
+  const LaunchConfig config{g_dtype, g_dtype, n_chunks, at::cuda::getCurrentCUDAStream()};
   check_launch(launch_grad_sumsq(table, partials.data_ptr(), config), "grad_sumsq");
   return partials.narrow(0, 0, n_chunks).sum();
 }
@@ -169,20 +168,20 @@ TORCH_LIBRARY(largedet, m) {
       "pmd_lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
       "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
-      "Tensor(e!) partials, Tensor(f!) t_now, int chunk_size, bool aligned) -> ()");
+      "Tensor(e!) partials, Tensor(f!) t_now, int chunk_size) -> ()");
   m.def(
       "pmd_lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
       "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
-      "Tensor(c!) partials, Tensor(d!) t_now, int chunk_size, bool aligned, Tensor(e!) sums) -> ()");
+      "Tensor(c!) partials, Tensor(d!) t_now, int chunk_size, Tensor(e!) sums) -> ()");
   m.def(
       "pmd_lamb_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "Tensor(b!)[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
       "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
-      "Tensor partials, Tensor t_now, int chunk_size, bool aligned) -> ()");
+      "Tensor partials, Tensor t_now, int chunk_size) -> ()");
   m.def(
       "grad_sumsq(Tensor[] grads, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
-      "Tensor first_chunk, Tensor chunk_count, Tensor(a!) partials, int chunk_size, bool aligned) -> Tensor");
+      "Tensor first_chunk, Tensor chunk_count, Tensor(a!) partials, int chunk_size) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(largedet, CUDA, m) {

@@ -30,11 +30,23 @@ __device__ __forceinline__ T* tensor_address(const ChunkTable& table, PointerRow
   return reinterpret_cast<T*>(table.ptrs[row * table.n_tensors + tensor]);
 }
 
+constexpr int64_t kVectorBytes = 16;  // one 128-bit access
+
+// Whether the tensor's streams in kRows are all 16-byte aligned (NOTE [vector and scalar paths]).
+template <PointerRow... kRows>
+__device__ __forceinline__ bool vector_aligned(const ChunkTable& table, int32_t tensor) {
+  return ((table.ptrs[kRows * table.n_tensors + tensor] % kVectorBytes == 0) && ...);
+}
+
 // NOTE [vector and scalar paths]
-// A thread walks groups of kILP consecutive elements. Whole groups of a tensor whose
-// addresses are 16-byte aligned move as 128-bit accesses (kILP·sizeof(T) is a multiple
-// of 16 for every supported T); the last, partial group of an odd-sized tensor, and
-// every group of a misaligned one, move element by element.
+// A thread walks groups of kILP consecutive elements. Whole groups move as 128-bit accesses
+// (kILP·sizeof(T) is a multiple of 16 for every supported T) when every stream the kernel
+// reads or writes of the block's tensor is 16-byte aligned; the last, partial group of an
+// odd-sized tensor, and every group of a tensor with a misaligned stream, move element by
+// element. Each block tests its own tensor's addresses from the pointer table, so one
+// misaligned tensor (a gradient viewing a DDP bucket) leaves the others on the vector path.
+// A chunk starts at a multiple of chunk_size, itself a multiple of kILP (csrc/binding.cpp
+// checks it), so whole groups of an aligned tensor stay aligned.
 //
 // NOTE [bit copies]
 //   A pack is moved between its uint4 and its T values with a bit copy (memcpy, which nvcc,
@@ -140,14 +152,15 @@ struct VectorPath {
 };
 
 // Calls body(VectorPath<bool>, offset, count) for each group of this thread in a chunk
-// of `length` elements (NOTE [vector and scalar paths]).
-template <bool kAligned, typename Body>
-__device__ __forceinline__ void for_each_group(int64_t length, Body&& body) {
+// of `length` elements; `aligned` is vector_aligned() of the streams body moves
+// (NOTE [vector and scalar paths]). It is the same in every thread of a block: no divergence.
+template <typename Body>
+__device__ __forceinline__ void for_each_group(int64_t length, bool aligned, Body&& body) {
   const int64_t groups = (length + kILP - 1) / kILP;
   for (int64_t group = threadIdx.x; group < groups; group += blockDim.x) {
     const int64_t offset = group * kILP;
     const int count = length - offset < kILP ? static_cast<int>(length - offset) : kILP;
-    if (kAligned && count == kILP) {
+    if (aligned && count == kILP) {
       body(VectorPath<true>{}, offset, count);
     } else {
       body(VectorPath<false>{}, offset, count);

@@ -7,6 +7,11 @@
 //   pass 2, pmd_lamb_update_kernel: sum the partials of the chunk's tensor in a fixed
 //     order, form the trust ratio, read x, m, v, recompute u with the same function as
 //     pass 1 and write x. fp32: 24 + 16 = 40 bytes per element, gradients never written.
+//   Each block of pass 2 sums every partial of its tensor, so a tensor of n chunks costs n²
+//   reads: cheap up to chunk_plan.MAX_CHUNKS_SUMMED_IN_PASS_2 chunks, where it saves a launch.
+//   A plan with a larger tensor (decided when the host builds it) runs tensor_sums_kernel
+//   between the passes instead, and pass 2 reads one reduced pair per tensor, as under
+//   NOTE [sharded norms]: tensor_sums() sums in the same order either way, so the bits agree.
 //
 // NOTE [skipped steps]
 //   When GradScaler's found_inf is non-zero no store happens and t does not advance.
@@ -23,7 +28,7 @@
 namespace largedet {
 
 // Pass 1 (NOTE [two passes]): m, v, and this chunk's Σx², Σu².
-template <typename X, typename G, typename M, bool kAligned>
+template <typename X, typename G, typename M>
 __global__ void __launch_bounds__(kBlockSize) pmd_lamb_moments_kernel(ChunkTable table, StepScalars s) {
   __shared__ M shared[kBlockSize / kWarpSize];
   const Chunk chunk = this_blocks_chunk(table);
@@ -40,7 +45,8 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_moments_kernel(ChunkTable
   const M factor = *static_cast<const M*>(s.grad_factor);
 
   M sum_x = 0, sum_u = 0;
-  for_each_group<kAligned>(chunk.length, [&](auto path, int64_t offset, int count) {
+  const bool aligned = vector_aligned<kX, kG, kM, kV>(table, chunk.tensor);
+  for_each_group(chunk.length, aligned, [&](auto path, int64_t offset, int count) {
     constexpr bool kVector = decltype(path)::value;
     M x[kILP], g[kILP], m[kILP], v[kILP];
     load_group<kVector, Read::kReadOnly>(x, x_ptr + offset, count);
@@ -68,8 +74,9 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_moments_kernel(ChunkTable
 }
 
 // ‖x‖², ‖u‖² of one whole tensor: its chunks' partials summed in a fixed order, valid in
-// thread 0. Pass 2 reads them through the chunk table; under NOTE [sharded norms] the
-// table's first_chunk/chunk_count point at one already-reduced pair per tensor instead.
+// thread 0. Pass 2 reads them through the chunk table; for a tensor of many chunks (NOTE [two
+// passes]) and under NOTE [sharded norms] the table's first_chunk/chunk_count point at one
+// already-reduced pair per tensor instead.
 template <typename M>
 __device__ __forceinline__ void tensor_sums(const ChunkTable& table, const M* partials, int64_t tensor, M* shared,
                                             M& sum_x, M& sum_u) {
@@ -87,7 +94,9 @@ __device__ __forceinline__ void tensor_sums(const ChunkTable& table, const M* pa
 // NOTE [sharded norms]
 //   A sharded parameter (FSDP2) has only a slice of x on each rank, so pass 1 is
 //   followed by tensor_sums_kernel (one block per tensor: its local Σx², Σu²), the
-//   caller all-reduces those sums over the ranks, and pass 2 runs on the global ones.
+//   caller all-reduces those sums over the ranks, and pass 2 runs on the global ones. An
+//   unsharded step of a plan that reduces between the passes (NOTE [two passes]) is this
+//   sequence with no all-reduce, so its norms are those of begin_step/finish bit for bit.
 template <typename M>
 __global__ void __launch_bounds__(kBlockSize) tensor_sums_kernel(ChunkTable table, const M* partials, M* sums) {
   __shared__ M shared[kBlockSize / kWarpSize];
@@ -100,7 +109,7 @@ __global__ void __launch_bounds__(kBlockSize) tensor_sums_kernel(ChunkTable tabl
 }
 
 // Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u.
-template <typename X, typename M, bool kAligned>
+template <typename X, typename M>
 __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable table, StepScalars s) {
   __shared__ M shared[kBlockSize / kWarpSize];
   const Chunk chunk = this_blocks_chunk(table);
@@ -123,7 +132,8 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable 
   const M ratio = ratio_shared;
   if (!keep) return;
 
-  for_each_group<kAligned>(chunk.length, [&](auto path, int64_t offset, int n) {
+  const bool aligned = vector_aligned<kX, kM, kV>(table, chunk.tensor);
+  for_each_group(chunk.length, aligned, [&](auto path, int64_t offset, int n) {
     constexpr bool kVector = decltype(path)::value;
     M x[kILP], m[kILP], v[kILP];
     load_group<kVector, Read::kWritten>(x, x_ptr + offset, n);
@@ -136,13 +146,13 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable 
 }
 
 // Σg² per chunk, for global-norm clipping (the extra pass when max_grad_norm is set).
-template <typename G, typename M, bool kAligned>
+template <typename G, typename M>
 __global__ void __launch_bounds__(kBlockSize) grad_sumsq_kernel(ChunkTable table, M* partials) {
   __shared__ M shared[kBlockSize / kWarpSize];
   const Chunk chunk = this_blocks_chunk(table);
   const G* g_ptr = tensor_address<G>(table, kG, chunk.tensor) + chunk.start;
   M sum = 0;
-  for_each_group<kAligned>(chunk.length, [&](auto path, int64_t offset, int count) {
+  for_each_group(chunk.length, vector_aligned<kG>(table, chunk.tensor), [&](auto path, int64_t offset, int count) {
     M g[kILP];
     load_group<decltype(path)::value, Read::kStreaming>(g, g_ptr + offset, count);
 #pragma unroll

@@ -1,4 +1,5 @@
-// Launchers: pick the kernel instantiation for the dtypes and alignment, launch, check.
+// Launchers: pick the kernel instantiation for the dtypes, launch, check. Alignment is the
+// kernels' own test, per tensor (NOTE [vector and scalar paths] in csrc/multi_tensor_apply.cuh).
 #include "pmd_lamb.cuh"
 #include "pmd_lamb_launch.h"
 
@@ -28,23 +29,22 @@ struct TypeOf<Dtype::kFloat64> {
 template <typename X>
 using MathOf = typename std::conditional<std::is_same<X, double>::value, double, float>::type;
 
-// The element types and alignment of one kernel instantiation, as values for dispatch().
-template <typename X_, typename G_, bool kAligned_>
+// The element types of one kernel instantiation, as values for dispatch().
+template <typename X_, typename G_>
 struct Instance {
   using X = X_;
   using G = G_;
   using M = MathOf<X_>;
-  static constexpr bool kAligned = kAligned_;
 };
 
-// Calls f(Instance<X, G, kAligned>{}) for the configuration's types; an unsupported pair
-// gives cudaErrorInvalidValue.
+// Calls f(Instance<X, G>{}) for the configuration's types; an unsupported pair gives
+// cudaErrorInvalidValue.
 template <typename F>
 cudaError_t dispatch(const LaunchConfig& cfg, F&& f) {
   auto with_types = [&](auto x_tag, auto g_tag) {
     using X = typename decltype(x_tag)::type;
     using G = typename decltype(g_tag)::type;
-    return cfg.aligned ? f(Instance<X, G, true>{}) : f(Instance<X, G, false>{});
+    return f(Instance<X, G>{});
   };
   const bool fp32_grads = cfg.g_dtype == Dtype::kFloat32;
   switch (cfg.x_dtype) {
@@ -68,15 +68,14 @@ cudaError_t dispatch(const LaunchConfig& cfg, F&& f) {
 
 template <typename I>
 cudaError_t moments(const ChunkTable& table, const StepScalars& s, const LaunchConfig& cfg) {
-  pmd_lamb_moments_kernel<typename I::X, typename I::G, typename I::M, I::kAligned>
-      <<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, s);
+  pmd_lamb_moments_kernel<typename I::X, typename I::G, typename I::M><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(
+      table, s);
   return cudaGetLastError();
 }
 
 template <typename I>
 cudaError_t update(const ChunkTable& table, const StepScalars& s, const LaunchConfig& cfg) {
-  pmd_lamb_update_kernel<typename I::X, typename I::M, I::kAligned><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(
-      table, s);
+  pmd_lamb_update_kernel<typename I::X, typename I::M><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, s);
   return cudaGetLastError();
 }
 
@@ -113,7 +112,7 @@ cudaError_t launch_grad_sumsq(const ChunkTable& table, void* partials, const Lau
   if (cfg.n_chunks == 0) return cudaSuccess;
   return dispatch(cfg, [&](auto instance) {
     using I = decltype(instance);
-    grad_sumsq_kernel<typename I::G, typename I::M, I::kAligned><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(
+    grad_sumsq_kernel<typename I::G, typename I::M><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(
         table, static_cast<typename I::M*>(partials));
     return cudaGetLastError();
   });

@@ -13,7 +13,6 @@ enum class Dtype : int { kFloat32, kFloat16, kBFloat16, kFloat64 };
 struct LaunchConfig {
   Dtype x_dtype;       // parameters
   Dtype g_dtype;       // gradients: x_dtype, or float32 beside fp16/bf16 parameters
-  bool aligned;        // every x, g, m, v address is 16-byte aligned
   int64_t n_chunks;    // one block per chunk
   cudaStream_t stream;
 };

@@ -1,4 +1,4 @@
-"""The Triton kernels: PMD-LAMB over every tensor of a bucket in two launches.
+"""The Triton kernels: PMD-LAMB over every tensor of a bucket in two launches (three for a tensor of many chunks).
 
 NOTE [two passes]
     The trust ratio ‖x‖/‖u‖ needs a whole-tensor reduction before any element
@@ -14,14 +14,30 @@ NOTE [two passes]
     fp32 traffic: 16 + 8 B/elem in pass 1, 12 + 4 B/elem in pass 2, 40 in all;
     storing u instead would cost 8 more and the memory to hold it.
 
+    Each program of pass 2 sums every partial of its tensor, n² loads for a
+    tensor of n chunks: cheap up to ChunkPlan.MAX_CHUNKS_SUMMED_IN_PASS_2, where
+    it saves a launch. A plan with a larger tensor (decided when the host builds
+    it) runs ``tensor_sums_kernel`` between the passes instead and pass 2 reads
+    one reduced pair per tensor, as under NOTE [sharded norms]; ``_tensor_sums``
+    sums in the same order either way, so the bits agree.
+
 NOTE [pointer tables] (in largedet_kernels/backends/chunk_plan.py)
     Each program handles CHUNK elements of one tensor, found through int64
     address tables on the device; offsets are int64.
 
+NOTE [vector and scalar paths] (also in csrc/multi_tensor_apply.cuh)
+    Each program tests the addresses of the streams it moves of its own tensor:
+    when all are 16-byte aligned it walks the chunk with pointers hinted
+    ``tl.multiple_of(·, 16)``, whose full (unmasked) tiles compile to 128-bit
+    accesses; else it takes the same walk unhinted. So one misaligned tensor (a
+    gradient viewing a DDP bucket) leaves the others of its bucket vectorised.
+    Chunks start at multiples of CHUNK: whole tiles of an aligned tensor stay aligned.
+
 NOTE [sharded norms] (in largedet_kernels/optimizer.py)
     Shards of a tensor take three launches: pass 1, ``tensor_sums_kernel`` (each
     tensor's local Σx², Σu²), then, after the caller's all-reduce, pass 2 reading
-    one reduced pair per tensor.
+    one reduced pair per tensor: the launches of an unsharded step of a plan that
+    reduces between its passes (NOTE [two passes]), which so get the same bits.
 
 NOTE [skipped steps]
     With GradScaler's ``found_inf`` non-zero every store is masked off and t
@@ -58,6 +74,8 @@ G = tl.constexpr(1)
 M = tl.constexpr(2)
 V = tl.constexpr(3)
 STEP = tl.constexpr(4)
+
+VECTOR_BYTES = tl.constexpr(16)  # one 128-bit access (NOTE [vector and scalar paths])
 
 
 @triton.jit
@@ -118,7 +136,7 @@ def _direction(m, v, x, correction_m, correction_v, eps_in, eps_out, decay_in_up
 
 @triton.jit
 def _load(ptr, mask, TAIL: tl.constexpr, EVICT: tl.constexpr):
-    # Full tiles load without a mask so that loads vectorise (NOTE [two passes]).
+    # Full tiles load without a mask so that loads vectorise (NOTE [vector and scalar paths]).
     if TAIL:
         return tl.load(ptr, mask=mask, other=0.0, eviction_policy=EVICT)
     else:
@@ -143,19 +161,28 @@ def _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _tensor_pointers(ptrs, n_tensors, tensor, X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr,
-                     MATH: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
-    x = tl.load(ptrs + X * n_tensors + tensor).to(tl.pointer_type(X_DTYPE))
-    g = tl.load(ptrs + G * n_tensors + tensor).to(tl.pointer_type(G_DTYPE))
-    m = tl.load(ptrs + M * n_tensors + tensor).to(tl.pointer_type(MATH))
-    v = tl.load(ptrs + V * n_tensors + tensor).to(tl.pointer_type(MATH))
+def _tensor_addresses(ptrs, n_tensors, tensor):
+    """The int64 addresses of tensor's x, g, m, v (NOTE [pointer tables]), and a pointer to its step."""
+    x = tl.load(ptrs + X * n_tensors + tensor)
+    g = tl.load(ptrs + G * n_tensors + tensor)
+    m = tl.load(ptrs + M * n_tensors + tensor)
+    v = tl.load(ptrs + V * n_tensors + tensor)
     step = tl.load(ptrs + STEP * n_tensors + tensor).to(tl.pointer_type(tl.float32))
-    if ALIGNED:  # the host checked every address is 16-byte aligned
-        x = tl.multiple_of(x, 16)
-        g = tl.multiple_of(g, 16)
-        m = tl.multiple_of(m, 16)
-        v = tl.multiple_of(v, 16)
     return x, g, m, v, step
+
+
+@triton.jit
+def _aligned(address):
+    return address % VECTOR_BYTES == 0
+
+
+@triton.jit
+def _pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """address as a pointer to DTYPE, hinted aligned on the vector path (NOTE [vector and scalar paths])."""
+    ptr = address.to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, VECTOR_BYTES)
+    return ptr
 
 
 @triton.jit
@@ -180,23 +207,16 @@ def _moments_tile(x_ptr, g_ptr, m_ptr, v_ptr, offs, mask, keep, factor, acc_x, a
 
 
 @triton.jit
-def pmd_lamb_moments_kernel(
-    ptrs, numels, chunk_tensor, chunk_index, hyper, grad_factor, found_inf, partials, t_now, n_tensors,
-    X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Pass 1 (NOTE [two passes]): moments and per-chunk Σx², Σu²."""
-    chunk = tl.program_id(0)
-    tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
-    x_ptr, g_ptr, m_ptr, v_ptr, step_ptr = _tensor_pointers(ptrs, n_tensors, tensor, X_DTYPE, G_DTYPE, MATH, ALIGNED)
-
-    keep = tl.load(found_inf) == 0  # NOTE [skipped steps]
-    t = tl.load(step_ptr).to(MATH) + keep.to(MATH)
-    tl.store(t_now + tensor, t, mask=start == 0)  # pass 2 reads t here, not the racing step
-    (decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
-     eps_in, eps_out, decay_in_grad, decay_in_update) = _step_coefficients(hyper, tensor, t, MATH)  # fmt: skip
-    factor = tl.load(grad_factor).to(MATH)
-
+def _moments_chunk(x_addr, g_addr, m_addr, v_addr, start, length, keep, factor,
+                   decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
+                   eps_in, eps_out, decay_in_grad, decay_in_update,
+                   X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr,
+                   BLOCK: tl.constexpr):  # fmt: skip
+    """Pass 1 over one chunk: its Σx², Σu²."""
+    x_ptr = _pointer(x_addr, X_DTYPE, ALIGNED)
+    g_ptr = _pointer(g_addr, G_DTYPE, ALIGNED)
+    m_ptr = _pointer(m_addr, MATH, ALIGNED)
+    v_ptr = _pointer(v_addr, MATH, ALIGNED)
     acc_x = tl.zeros([BLOCK], MATH)
     acc_u = tl.zeros([BLOCK], MATH)
     full = length // BLOCK * BLOCK
@@ -212,8 +232,38 @@ def pmd_lamb_moments_kernel(
         x_ptr, g_ptr, m_ptr, v_ptr, offs, tail, keep, factor, acc_x, acc_u, decay_m, decay_v, weight_g, weight_g2,
         correction_m, correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, MATH, True,
     )  # fmt: skip
-    tl.store(partials + 2 * chunk, tl.sum(acc_x, 0))
-    tl.store(partials + 2 * chunk + 1, tl.sum(acc_u, 0))
+    return tl.sum(acc_x, 0), tl.sum(acc_u, 0)
+
+
+@triton.jit
+def pmd_lamb_moments_kernel(
+    ptrs, numels, chunk_tensor, chunk_index, hyper, grad_factor, found_inf, partials, t_now, n_tensors,
+    X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MATH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Pass 1 (NOTE [two passes]): moments and per-chunk Σx², Σu²."""
+    chunk = tl.program_id(0)
+    tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
+    x, g, m, v, step_ptr = _tensor_addresses(ptrs, n_tensors, tensor)
+
+    keep = tl.load(found_inf) == 0  # NOTE [skipped steps]
+    t = tl.load(step_ptr).to(MATH) + keep.to(MATH)
+    tl.store(t_now + tensor, t, mask=start == 0)  # pass 2 reads t here, not the racing step
+    (decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
+     eps_in, eps_out, decay_in_grad, decay_in_update) = _step_coefficients(hyper, tensor, t, MATH)  # fmt: skip
+    factor = tl.load(grad_factor).to(MATH)
+
+    if _aligned(x) & _aligned(g) & _aligned(m) & _aligned(v):  # NOTE [vector and scalar paths]
+        sum_x, sum_u = _moments_chunk(
+            x, g, m, v, start, length, keep, factor, decay_m, decay_v, weight_g, weight_g2, correction_m,
+            correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, X_DTYPE, G_DTYPE, MATH, True, BLOCK,
+        )  # fmt: skip
+    else:
+        sum_x, sum_u = _moments_chunk(
+            x, g, m, v, start, length, keep, factor, decay_m, decay_v, weight_g, weight_g2, correction_m,
+            correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, X_DTYPE, G_DTYPE, MATH, False, BLOCK,
+        )  # fmt: skip
+    tl.store(partials + 2 * chunk, sum_x)
+    tl.store(partials + 2 * chunk + 1, sum_u)
 
 
 @triton.jit
@@ -253,16 +303,34 @@ def tensor_sums_kernel(partials, first_chunk, chunk_count, sums, MATH: tl.conste
 
 
 @triton.jit
+def _update_chunk(x_addr, m_addr, v_addr, start, length, keep, ratio,
+                  correction_m, correction_v, eps_in, eps_out, decay_in_update,
+                  X_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Pass 2 over one chunk: x ← x − ratio·u."""
+    x_ptr = _pointer(x_addr, X_DTYPE, ALIGNED)
+    m_ptr = _pointer(m_addr, MATH, ALIGNED)
+    v_ptr = _pointer(v_addr, MATH, ALIGNED)
+    full = length // BLOCK * BLOCK
+    for off in range(0, full, BLOCK):
+        offs = start + off + tl.arange(0, BLOCK)
+        _update_tile(x_ptr, m_ptr, v_ptr, offs, None, keep, ratio, correction_m, correction_v, eps_in, eps_out,
+                     decay_in_update, X_DTYPE, MATH, False)  # fmt: skip
+    offs = start + full + tl.arange(0, BLOCK)
+    tail = full + tl.arange(0, BLOCK) < length
+    _update_tile(x_ptr, m_ptr, v_ptr, offs, tail, keep, ratio, correction_m, correction_v, eps_in, eps_out,
+                 decay_in_update, X_DTYPE, MATH, True)  # fmt: skip
+
+
+@triton.jit
 def pmd_lamb_update_kernel(
     ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, hyper, found_inf, partials, t_now,
     n_tensors,
-    X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    X_DTYPE: tl.constexpr, MATH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u."""
     chunk = tl.program_id(0)
     tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
-    x_ptr, _, m_ptr, v_ptr, step_ptr = _tensor_pointers(ptrs, n_tensors, tensor, X_DTYPE, G_DTYPE, MATH, ALIGNED)
+    x, _, m, v, step_ptr = _tensor_addresses(ptrs, n_tensors, tensor)
 
     keep = tl.load(found_inf) == 0
     t = tl.load(t_now + tensor)
@@ -278,28 +346,19 @@ def pmd_lamb_update_kernel(
     lr_alpha = tl.load(hyper + tensor * N_HYPER + LR_ALPHA).to(MATH)
     ratio = lr_alpha * tl.where(trusted, _div(x_norm, u_norm, MATH), 1.0)
 
-    full = length // BLOCK * BLOCK
-    for off in range(0, full, BLOCK):
-        offs = start + off + tl.arange(0, BLOCK)
-        _update_tile(x_ptr, m_ptr, v_ptr, offs, None, keep, ratio, correction_m, correction_v, eps_in, eps_out,
-                     decay_in_update, X_DTYPE, MATH, False)  # fmt: skip
-    offs = start + full + tl.arange(0, BLOCK)
-    tail = full + tl.arange(0, BLOCK) < length
-    _update_tile(x_ptr, m_ptr, v_ptr, offs, tail, keep, ratio, correction_m, correction_v, eps_in, eps_out,
-                 decay_in_update, X_DTYPE, MATH, True)  # fmt: skip
+    if _aligned(x) & _aligned(m) & _aligned(v):  # NOTE [vector and scalar paths]
+        _update_chunk(x, m, v, start, length, keep, ratio, correction_m, correction_v, eps_in, eps_out,
+                      decay_in_update, X_DTYPE, MATH, True, BLOCK)  # fmt: skip
+    else:
+        _update_chunk(x, m, v, start, length, keep, ratio, correction_m, correction_v, eps_in, eps_out,
+                      decay_in_update, X_DTYPE, MATH, False, BLOCK)  # fmt: skip
 
 
 @triton.jit
-def grad_sumsq_kernel(
-    ptrs, numels, chunk_tensor, chunk_index, partials, n_tensors,
-    G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-):  # fmt: skip
-    """Per-chunk Σg² for global-norm clipping (the extra pass when max_grad_norm is set)."""
-    chunk = tl.program_id(0)
-    tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
-    g_ptr = tl.load(ptrs + G * n_tensors + tensor).to(tl.pointer_type(G_DTYPE))
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
+def _sumsq_chunk(g_addr, start, length, G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr,
+                 BLOCK: tl.constexpr):  # fmt: skip
+    """Σg² of one chunk."""
+    g_ptr = _pointer(g_addr, G_DTYPE, ALIGNED)
     acc = tl.zeros([BLOCK], MATH)
     full = length // BLOCK * BLOCK
     for off in range(0, full, BLOCK):
@@ -308,4 +367,20 @@ def grad_sumsq_kernel(
     tail = full + tl.arange(0, BLOCK) < length
     g = _load(g_ptr + start + full + tl.arange(0, BLOCK), tail, True, "").to(MATH)
     acc += g * g
-    tl.store(partials + chunk, tl.sum(acc, 0))
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def grad_sumsq_kernel(
+    ptrs, numels, chunk_tensor, chunk_index, partials, n_tensors,
+    G_DTYPE: tl.constexpr, MATH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    """Per-chunk Σg² for global-norm clipping (the extra pass when max_grad_norm is set)."""
+    chunk = tl.program_id(0)
+    tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
+    g = tl.load(ptrs + G * n_tensors + tensor)
+    if _aligned(g):  # NOTE [vector and scalar paths]
+        total = _sumsq_chunk(g, start, length, G_DTYPE, MATH, True, BLOCK)
+    else:
+        total = _sumsq_chunk(g, start, length, G_DTYPE, MATH, False, BLOCK)
+    tl.store(partials + chunk, total)

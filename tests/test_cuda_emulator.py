@@ -9,7 +9,10 @@ import torch
 
 import cuda_emulator
 from cuda_emulator import TEST_SCHEDULES
-from harness import FP32_MATH_RTOL, SHAPES, make_bucket, make_params, run_against_reference
+from harness import (
+    FP32_MATH_RTOL, SHAPES, ReferenceRun, assert_close_to_reference, make_bucket, make_params, random_grads,
+    run_against_reference,
+)
 
 from largedet_kernels import PMDLAMB
 from largedet_kernels.backends import chunk_plan, cuda
@@ -111,45 +114,56 @@ def test_a_vector_access_past_a_tensor_is_reported(emulated_cuda):
         cuda._KERNELS.grad_sumsq(bucket, plan)
 
 
-def test_a_misaligned_vector_access_is_reported(emulated_cuda):
-    bucket, plan = _bucket_and_plan([torch.randn(16)])
-    bucket.grads[0] = torch.randn(17)[1:]
-    plan.pointers(bucket)
-    assert not plan.aligned
-    plan.aligned = True  # what a GPU would fault on
-    with pytest.raises(RuntimeError, match=r"thread 0: 16-byte load at 0x[0-9a-f]+ is misaligned \(a GPU faults\)"):
-        cuda._KERNELS.grad_sumsq(bucket, plan)
+def test_a_misaligned_vector_access_is_reported(cuda_emulator):
+    with pytest.raises(RuntimeError, match=r"kernel failed in block 0 of 1, thread 0: 16-byte load at 0x[0-9a-f]+ "
+                                           r"is misaligned \(a GPU faults\)"):  # fmt: skip
+        torch.ops.largedet_emulator.selftest("misaligned_load", 1.0)
 
 
 # --- What only the emulator shows of the kernels on CPU.
 
-# 16-byte accesses per whole group of kILP = 8 elements: (loads, stores) of pass 1 (x, g, m, v in,
-# m, v out) and pass 2 (x, m, v in, x out); fp32 moments take two 16-byte packs, bf16 x and g one.
-ACCESSES_PER_GROUP = {torch.float32: (8 + 6, 4 + 2), torch.bfloat16: (1 + 1 + 2 + 2 + 1 + 2 + 2, 2 + 2 + 1)}
+# 16-byte packs per whole group of kILP = 8 elements of each stream: fp32 takes two, bf16 x and g one
+# (the moments are fp32).
+PACKS_PER_GROUP = {torch.float32: dict(x=2, g=2, m=2, v=2), torch.bfloat16: dict(x=1, g=1, m=2, v=2)}
+
+
+def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a view one element into its storage, as a gradient viewing a DDP bucket."""
+    view = torch.empty(t.numel() + 1, dtype=t.dtype)[1:].view(t.shape)
+    assert view.data_ptr() % 16 != 0
+    return view.copy_(t)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_aligned_buckets_take_the_vector_path_and_misaligned_ones_do_not(emulated_cuda, dtype):
-    shapes = [(1,), (7,), (8,), (15,), (16385,), (64, 3, 3, 3)]
-    aligned = make_params(shapes, dtype)
-    opt = PMDLAMB(aligned, backend="cuda")
-    for p in aligned:
-        p.grad = torch.randn_like(p)
-    emulated_cuda.reset_counters()
-    opt.step()
-    loads, stores = ACCESSES_PER_GROUP[dtype]
-    groups = sum(p.numel() // 8 for p in aligned)  # the partial group of each tensor takes the scalar path
-    assert emulated_cuda.counters() == dict(launches=2, blocks=2 * 7, vector_loads=groups * loads,
-                                            vector_stores=groups * stores)  # fmt: skip
-
-    # One misaligned tensor makes the bucket's plan scalar (NOTE [vector and scalar paths]).
-    misaligned = make_params(shapes, dtype) + [torch.nn.Parameter(torch.randn(4097, dtype=dtype)[1:])]
-    opt = PMDLAMB(misaligned, backend="cuda")
-    for p in misaligned:
-        p.grad = torch.randn_like(p)
-    emulated_cuda.reset_counters()
-    run_against_reference(opt, steps=2, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
-    assert emulated_cuda.counters()["vector_loads"] == 0
+def test_each_tensor_takes_the_vector_path_when_its_own_streams_are_aligned(emulated_cuda, dtype):
+    # NOTE [vector and scalar paths]: a kernel moves a tensor's whole groups 128 bits at a time when
+    # the streams it moves of that tensor are aligned, whatever the other tensors of the bucket.
+    aligned = make_params([(1,), (7,), (8,), (15,), (16385,), (64, 3, 3, 3)], dtype)
+    x_view = torch.nn.Parameter(_misaligned_copy(torch.randn(4096, dtype=dtype)))
+    g_view = torch.nn.Parameter(torch.randn(2056, dtype=dtype))  # its gradient will be misaligned
+    params = aligned + [x_view, g_view]
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, cycle_length=3, max_grad_norm=1.0, backend="cuda")
+    # Which kernels take the vector path per tensor: (Σg², pass 1, pass 2), reading g; x, g, m, v; x, m, v.
+    vector = [(True, True, True)] * len(aligned) + [(True, False, False), (False, False, True)]
+    packs = PACKS_PER_GROUP[dtype]
+    loads = stores = 0
+    for p, (sumsq, moments, update) in zip(params, vector):
+        groups = p.numel() // 8  # the partial group of each tensor takes the scalar path
+        loads += groups * (sumsq * packs["g"] + moments * sum(packs.values()) + update * (packs["x"] + 2 * packs["m"]))
+        stores += groups * (moments * 2 * packs["m"] + update * packs["x"])
+    ref, gen = ReferenceRun(opt), torch.Generator().manual_seed(1)
+    for _ in range(2):
+        ref.resync()
+        grads = random_grads(params, gen)
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        g_view.grad = _misaligned_copy(grads[-1])
+        before = ref.state()
+        emulated_cuda.reset_counters()
+        opt.step()
+        assert emulated_cuda.counters() == dict(launches=3, blocks=3 * 9, vector_loads=loads, vector_stores=stores)
+        ref.step(grads)
+        assert_close_to_reference(opt, ref, before, FP32_MATH_RTOL, ulps=1)
 
 
 @pytest.mark.parametrize("schedule", TEST_SCHEDULES)

@@ -23,10 +23,10 @@ CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuob
 
 # Streams of each kernel's main loop: (loads, stores), each at least one 128-bit access.
 STREAMS = {"pmd_lamb_moments_kernel": (4, 2), "pmd_lamb_update_kernel": (3, 1), "grad_sumsq_kernel": (1, 0)}
-# Kernel instantiations per target: moments 6 dtype pairs, update 4 and Σg² 4 element types, each × aligned;
-# and the per-tensor sums of sharded steps for the 2 math types.
-ALIGNED_PER_ARCH = 6 + 4 + 4
-ENTRIES_PER_ARCH = 2 * ALIGNED_PER_ARCH + 2
+# Kernel instantiations per target: moments 6 dtype pairs, update 4 and Σg² 4 element types, each with its
+# vector and scalar paths (NOTE [vector and scalar paths]); and the per-tensor sums for the 2 math types.
+STREAMING_PER_ARCH = 6 + 4 + 4
+ENTRIES_PER_ARCH = STREAMING_PER_ARCH + 2
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +70,10 @@ def _sass_by_function(binary: Path):
 
 def test_streaming_loops_use_128_bit_accesses(built):
     functions = _sass_by_function(built[1])
-    aligned = {k: body for k, body in functions.items() if "Lb1E" in k[1]}  # the kAligned = true instantiations
-    assert {arch for arch, _ in aligned} == {"sm_80", "sm_90"}
-    assert len(aligned) == 2 * ALIGNED_PER_ARCH  # two targets
-    for (arch, name), body in aligned.items():
+    streaming = {k: body for k, body in functions.items() if any(kernel in k[1] for kernel in STREAMS)}
+    assert {arch for arch, _ in streaming} == {"sm_80", "sm_90"}
+    assert len(streaming) == 2 * STREAMING_PER_ARCH  # two targets
+    for (arch, name), body in streaming.items():
         text = "\n".join(body)
         kernel = next(k for k in STREAMS if k in name)
         loads, stores = STREAMS[kernel]
@@ -104,12 +104,12 @@ with FakeTensorMode():
     tables = (torch.empty(5, 2, dtype=torch.int64, device="cuda"), torch.empty(2, dtype=torch.int64, device="cuda"),
               i32(2), i32(2), i32(2), i32(2))
     partials = torch.empty(4, device="cuda")
-    out = torch.ops.largedet.grad_sumsq(grads, *tables, partials, 16384, True)
+    out = torch.ops.largedet.grad_sumsq(grads, *tables, partials, 16384)
     assert out.shape == () and out.device.type == "cuda"
     none = torch.ops.largedet.pmd_lamb_step_(grads, grads, grads, grads, [torch.empty((), device="cuda")] * 2,
                                             *tables, torch.empty(2, 11, device="cuda"), torch.empty((), device="cuda"),
                                             torch.empty((), device="cuda"), partials, torch.empty(2, device="cuda"),
-                                            16384, True)
+                                            16384)
     assert none is None
 print("ok")
 """
@@ -128,16 +128,15 @@ def test_ops_have_mutation_schemas_and_fake_implementations(built, tmp_path):
 # --- V100 (sm_70): CUDA 13 has no sm_70, so NVRTC and ptxas of CUDA 12 compile the same sources.
 
 SM70_KERNELS = [
-    "largedet::pmd_lamb_moments_kernel<float, float, float, true>",
-    "largedet::pmd_lamb_moments_kernel<float, float, float, false>",
-    "largedet::pmd_lamb_moments_kernel<__half, __half, float, true>",
-    "largedet::pmd_lamb_moments_kernel<__nv_bfloat16, float, float, true>",
-    "largedet::pmd_lamb_moments_kernel<double, double, double, true>",
-    "largedet::pmd_lamb_update_kernel<float, float, true>",
-    "largedet::pmd_lamb_update_kernel<__half, float, false>",
-    "largedet::pmd_lamb_update_kernel<__nv_bfloat16, float, true>",
-    "largedet::grad_sumsq_kernel<float, float, true>",
-    "largedet::grad_sumsq_kernel<__nv_bfloat16, float, false>",
+    "largedet::pmd_lamb_moments_kernel<float, float, float>",
+    "largedet::pmd_lamb_moments_kernel<__half, __half, float>",
+    "largedet::pmd_lamb_moments_kernel<__nv_bfloat16, float, float>",
+    "largedet::pmd_lamb_moments_kernel<double, double, double>",
+    "largedet::pmd_lamb_update_kernel<float, float>",
+    "largedet::pmd_lamb_update_kernel<__half, float>",
+    "largedet::pmd_lamb_update_kernel<__nv_bfloat16, float>",
+    "largedet::grad_sumsq_kernel<float, float>",
+    "largedet::grad_sumsq_kernel<__nv_bfloat16, float>",
     "largedet::tensor_sums_kernel<float>",
 ]
 

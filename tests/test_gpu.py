@@ -5,7 +5,7 @@ under both of its fiber schedules (marked ``emulator``). On a GPU only: a CUDA g
 synchronisation, grouped SyncBN. benchmarks/gpu_check.sh runs the GPU ones."""
 
 import copy
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import pytest
 import torch
@@ -16,6 +16,7 @@ from harness import (
 )
 
 from largedet_kernels import LAMB, PMDLAMB, dispatch
+from largedet_kernels.backends import Bucket, chunk_plan
 
 
 class Target(NamedTuple):
@@ -90,6 +91,98 @@ def test_sharded_halves(target, dtype, rtol, ulps):
     # NOTE [sharded norms]: pass 1, per-tensor sums, pass 2 from summed norms.
     check_sharded_halves(target.backend, dtype, target.device, rtol, ulps, shapes=_shapes(target))
     check_halves_equal_step(target.backend, dtype, target.device)
+
+
+# --- NOTE [two passes]: a plan with a tensor of many chunks reduces each tensor between the passes.
+
+SUMMED_IN_PASS_2 = 4  # ChunkPlan.MAX_CHUNKS_SUMMED_IN_PASS_2 under small_chunks
+EMULATED_CHUNK = 64  # eight groups of kILP per block of the emulated kernels
+
+
+class _CountedKernel:
+    """A Triton kernel whose launches add their program counts to a log."""
+
+    def __init__(self, kernel, log):
+        self.kernel, self.log = kernel, log
+
+    def __getitem__(self, grid):
+        self.log.append(grid[0])
+        return self.kernel[grid]
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=pytest.mark.emulator, id="cuda-emulated"),
+                        pytest.param("triton", id="triton-interpreted")])  # fmt: skip
+def small_chunks(request, monkeypatch) -> Tuple[str, int, Callable[[], Tuple[int, int]]]:
+    """A fused backend on CPU tensors with small chunks, blocks of pass 2 summing at most
+    SUMMED_IN_PASS_2 of them: (backend, chunk, a function giving (launches, blocks) since its last call)."""
+    monkeypatch.setattr(chunk_plan.ChunkPlan, "MAX_CHUNKS_SUMMED_IN_PASS_2", SUMMED_IN_PASS_2)
+    if request.param == "cuda":
+        from largedet_kernels.backends import cuda
+
+        emulator = request.getfixturevalue("emulated_cuda")
+        monkeypatch.setattr(cuda, "CHUNK", EMULATED_CHUNK)
+        emulator.reset_counters()
+
+        def emulated() -> Tuple[int, int]:
+            counted = emulator.counters()
+            emulator.reset_counters()
+            return counted["launches"], counted["blocks"]
+
+        return "cuda", EMULATED_CHUNK, emulated
+    backend = request.getfixturevalue("triton_backend")
+    from largedet_kernels import triton_kernels
+
+    log = []
+    for name in ("pmd_lamb_moments_kernel", "tensor_sums_kernel", "pmd_lamb_update_kernel", "grad_sumsq_kernel"):
+        monkeypatch.setattr(triton_kernels, name, _CountedKernel(getattr(triton_kernels, name), log))
+
+    def interpreted() -> Tuple[int, int]:
+        counted = len(log), sum(log)
+        log.clear()
+        return counted
+
+    return "triton", backend.CHUNK, interpreted
+
+
+def _many_chunk_shapes(chunk: int, reduced: bool):
+    """Tensors of up to SUMMED_IN_PASS_2 chunks, and with `reduced` one of a chunk more."""
+    most = SUMMED_IN_PASS_2 * chunk
+    return [(most,), (most - 1,), (7,), (3, 5), (chunk + 1,)] + ([(most + 1,)] if reduced else [])
+
+
+@pytest.mark.parametrize("reduced", [False, True], ids=["summed-in-pass-2", "reduced-between-passes"])
+def test_tensors_of_many_chunks(small_chunks, reduced):
+    backend, chunk, launched = small_chunks
+    params = make_params(_many_chunk_shapes(chunk, reduced), torch.float32, zero=(3,))
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0, backend=backend)
+    launched()
+    run_against_reference(opt, steps=3, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
+    chunks = sum(-(-p.numel() // chunk) for p in params)
+    # Σg², pass 1, pass 2 over every chunk, and tensor_sums_kernel's block per tensor between the passes.
+    per_step = (4, 3 * chunks + len(params)) if reduced else (3, 3 * chunks)
+    assert launched() == (3 * per_step[0], 3 * per_step[1])
+
+
+@pytest.mark.parametrize("reduced", [False, True], ids=["summed-in-pass-2", "reduced-between-passes"])
+def test_tensors_of_many_chunks_in_halves(small_chunks, reduced):
+    # NOTE [sharded norms]: a step's norms are those of begin_step/finish bit for bit, either way.
+    backend, chunk, _ = small_chunks
+    shapes = _many_chunk_shapes(chunk, reduced)
+    for dtype in (torch.float32, torch.bfloat16):
+        check_halves_equal_step(backend, dtype, "cpu", shapes=shapes)
+
+
+def test_the_detector_set_takes_two_launches_and_a_huge_tensor_three():
+    # From the plan alone (meta tensors): Faster R-CNN's largest tensor has 784 chunks of 16384.
+    from benchmarks.step_time import load_shapes
+
+    def plan(shapes) -> chunk_plan.ChunkPlan:
+        params = [torch.empty(s, device="meta") for s in shapes]
+        return chunk_plan.ChunkPlan(Bucket(torch.device("meta"), params=params), 16384, torch.float32)
+
+    detector = plan(load_shapes("faster_rcnn_r50_fpn"))
+    assert (detector.n_tensors, detector.n_chunks, detector.sums_between_passes) == (189, 2675, False)
+    assert plan([(3, 3), (1 << 31,)]).sums_between_passes
 
 
 def _stepped_once(target: Target):

@@ -40,7 +40,7 @@ def test_bf16_params_and_grads(triton_backend):
 
 
 def test_misaligned_and_strided_tensors(triton_backend):
-    # Offsets by one element break 16-byte alignment (the unhinted kernel variant);
+    # Offsets by one element break 16-byte alignment (that tensor's unhinted path);
     # a strided view cannot be indexed flat (its tensors go to the torch backend).
     storage = torch.randn(4 * CHUNK, dtype=torch.float64)
     odd = torch.nn.Parameter(storage[1 : CHUNK + 2].clone().as_strided((CHUNK + 1,), (1,), 0))
@@ -49,8 +49,6 @@ def test_misaligned_and_strided_tensors(triton_backend):
     assert views[0].data_ptr() % 16 != 0 and not views[1].is_contiguous()
     opt = PMDLAMB([odd, *views], lr=0.05, cycle_length=3, backend="triton")
     run_against_reference(opt, steps=3, rtol=1e-10)
-    plan = next(iter(opt._bucket_caches.values()))["chunk_plan"]
-    assert not plan.aligned
 
 
 def test_tables_are_cached_and_refreshed(triton_backend):

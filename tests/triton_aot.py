@@ -41,7 +41,7 @@ def variants():
         common = dict(ptrs="*i64", numels="*i64", chunk_tensor="*i32", chunk_index="*i32", first_chunk="*i32",
                       chunk_count="*i32", hyper="*fp64", grad_factor="*fp32", found_inf="*fp32",
                       partials=f"*{math_}", t_now=f"*{math_}", sums=f"*{math_}")  # fmt: skip
-        consts = dict(X_DTYPE=tl_dtype, G_DTYPE=tl_dtype, MATH=DTYPES[math_], ALIGNED=True, CHUNK=backend.CHUNK,
+        consts = dict(X_DTYPE=tl_dtype, G_DTYPE=tl_dtype, MATH=DTYPES[math_], CHUNK=backend.CHUNK,
                       BLOCK=backend.BLOCK, REDUCE_BLOCK=backend.REDUCE_BLOCK)  # fmt: skip
         kernels = [k.pmd_lamb_moments_kernel, k.pmd_lamb_update_kernel, k.grad_sumsq_kernel]
         if dtype in ("fp32", "fp64"):  # it sees only the math type

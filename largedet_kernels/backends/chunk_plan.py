@@ -7,7 +7,8 @@ NOTE [pointer tables] (also in triton_kernels.py and csrc/multi_tensor_apply.cuh
     elements: ``chunk_tensor``/``chunk_index``; ``first_chunk``/``chunk_count``
     per tensor let pass 2 find a tensor's partial norms. Each GPU program/block
     handles one chunk, so one launch covers any number of tensors, with no
-    kernel-argument size limit and no launch batching.
+    kernel-argument size limit and no launch batching; it tests its own tensor's
+    addresses for the 128-bit path (NOTE [vector and scalar paths]).
 
     The chunk tables depend only on the tensors' sizes and are built once. The
     pointer table is re-uploaded when an address changes (a new gradient
@@ -82,6 +83,11 @@ def _refuse_during_capture(what: str) -> None:
 class ChunkPlan:
     """The device tables of one bucket's parameter set (NOTE [pointer tables])."""
 
+    # Each block of pass 2 sums every partial of its tensor, n² reads for a tensor of n chunks:
+    # up to this n they cost less than the launch of tensor_sums_kernel that would make pass 2
+    # read one pair per tensor (NOTE [two passes]). Faster R-CNN's largest tensor has 784 chunks.
+    MAX_CHUNKS_SUMMED_IN_PASS_2 = 1024
+
     def __init__(self, bucket: Bucket, chunk: int, math_dtype: torch.dtype) -> None:
         device = bucket.device
         self.chunk, self.math_dtype = chunk, math_dtype
@@ -102,6 +108,8 @@ class ChunkPlan:
         self.sums = torch.empty(2 * self.n_tensors, dtype=math_dtype, device=device)
         self.pair_first = torch.arange(self.n_tensors, dtype=torch.int32, device=device)
         self.pair_count = torch.ones(self.n_tensors, dtype=torch.int32, device=device)
+        # NOTE [two passes]: a step then reduces each tensor into sums between its passes.
+        self.sums_between_passes = max(counts) > self.MAX_CHUNKS_SUMMED_IN_PASS_2
         # What the pointer and hyper tables were built from (NOTE [step cache] in optimizer.py).
         self.address_key: Tuple[int, ...] = ()
         self.hyper_key: Tuple[float, ...] = ()
@@ -122,8 +130,6 @@ class ChunkPlan:
             _refuse_during_capture("a tensor's address (a new gradient tensor?)")
             self.address_key = key
             self.ptrs = to_device(list(key), torch.int64, bucket.device)
-            # 16-byte alignment of x, g, m, v allows the vectorised kernel variants.
-            self.aligned = all(a % 16 == 0 for a in key[: 4 * len(bucket.params)])
         return self.ptrs
 
     def hyper(self, bucket: Bucket) -> torch.Tensor:
@@ -200,7 +206,7 @@ class Kernels(Protocol):
     """A fused backend's launches on the kernel part of a bucket and its plan."""
 
     def step(self, bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
-        """Both passes (NOTE [two passes])."""
+        """Both passes, with each tensor's sums between them when plan.sums_between_passes (NOTE [two passes])."""
 
     def moments(self, bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
         """Pass 1, then each tensor's local Σx², Σu² into plan.sums (NOTE [sharded norms])."""

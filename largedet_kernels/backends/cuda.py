@@ -2,7 +2,8 @@
 
 The extension registers custom ops (csrc/binding.cpp): ``largedet::pmd_lamb_step_``
 (both passes of NOTE [two passes], two launches), its halves ``pmd_lamb_moments_`` and
-``pmd_lamb_update_`` for shards (NOTE [sharded norms]), and ``largedet::grad_sumsq``. Their
+``pmd_lamb_update_`` for shards (NOTE [sharded norms]) and for plans that reduce between
+the passes, and ``largedet::grad_sumsq``. Their
 fake implementations below let ``torch.compile`` trace through ``step()``. The device
 tables are chunk_plan.py's, shared with the Triton backend.
 """
@@ -51,7 +52,7 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("largedet::grad_sumsq")
     def _grad_sumsq_fake(grads, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, partials,
-                         chunk_size, aligned) -> torch.Tensor:  # fmt: skip
+                         chunk_size) -> torch.Tensor:  # fmt: skip
         return partials.new_empty(())
 
 
@@ -63,10 +64,14 @@ class _CudaKernels:
         return (
             bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps, plan.pointers(bucket),
             plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk, chunk_count, plan.hyper(bucket),
-            grad_factor, found_inf, partials, plan.t_now, plan.chunk, plan.aligned,
+            grad_factor, found_inf, partials, plan.t_now, plan.chunk,
         )  # fmt: skip
 
     def step(self, bucket, plan, grad_factor, found_inf) -> None:
+        if plan.sums_between_passes:  # NOTE [two passes]
+            self.moments(bucket, plan, grad_factor, found_inf)
+            self.update(bucket, plan, found_inf, plan.sums)
+            return
         args = self._args(bucket, plan, grad_factor, found_inf, plan.partials, plan.first_chunk, plan.chunk_count)
         torch.ops.largedet.pmd_lamb_step_(*args)
 
@@ -82,7 +87,7 @@ class _CudaKernels:
     def grad_sumsq(self, bucket, plan) -> torch.Tensor:
         return torch.ops.largedet.grad_sumsq(
             bucket.grads, plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.first_chunk,
-            plan.chunk_count, plan.partials, plan.chunk, plan.aligned,
+            plan.chunk_count, plan.partials, plan.chunk,
         )  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 
 The device tables are chunk_plan.py's (NOTE [pointer tables]). Every per-step
 scalar (step, ξ, bias corrections, 1/scale × clip, found_inf) is read by the
-kernels from device memory, so a step is two launches and never waits on the host.
+kernels from device memory, so a step is two launches (three for a plan that reduces
+between its passes: NOTE [two passes]) and never waits on the host.
 
 On CPU tensors the kernels run under Triton's interpreter (TRITON_INTERPRET=1),
 which is how CI tests them.
@@ -55,27 +56,27 @@ def _on(device: torch.device):
 class _TritonKernels:
     """chunk_plan.Kernels for the kernels of triton_kernels.py."""
 
-    @staticmethod
-    def _dtypes(bucket: Bucket, plan: ChunkPlan) -> dict:
-        return dict(
-            X_DTYPE=_TL_DTYPES[bucket.params[0].dtype], G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype],
-            MATH=_TL_DTYPES[plan.math_dtype], ALIGNED=plan.aligned, CHUNK=plan.chunk, BLOCK=BLOCK,
-        )  # fmt: skip
-
     def _moments(self, bucket, plan, grad_factor, found_inf) -> None:
         k.pmd_lamb_moments_kernel[(plan.n_chunks,)](
             plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.hyper(bucket), grad_factor,
-            found_inf, plan.partials, plan.t_now, plan.n_tensors, **self._dtypes(bucket, plan), num_warps=NUM_WARPS,
+            found_inf, plan.partials, plan.t_now, plan.n_tensors, X_DTYPE=_TL_DTYPES[bucket.params[0].dtype],
+            G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], CHUNK=plan.chunk,
+            BLOCK=BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
 
     def _update(self, bucket, plan, found_inf, partials, first_chunk, chunk_count) -> None:
         k.pmd_lamb_update_kernel[(plan.n_chunks,)](
             plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk, chunk_count,
-            plan.hyper(bucket), found_inf, partials, plan.t_now, plan.n_tensors, **self._dtypes(bucket, plan),
-            REDUCE_BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
+            plan.hyper(bucket), found_inf, partials, plan.t_now, plan.n_tensors,
+            X_DTYPE=_TL_DTYPES[bucket.params[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], CHUNK=plan.chunk,
+            BLOCK=BLOCK, REDUCE_BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
 
     def step(self, bucket, plan, grad_factor, found_inf) -> None:
+        if plan.sums_between_passes:  # NOTE [two passes]
+            self.moments(bucket, plan, grad_factor, found_inf)
+            self.update(bucket, plan, found_inf, plan.sums)
+            return
         with _on(bucket.device):
             self._moments(bucket, plan, grad_factor, found_inf)
             self._update(bucket, plan, found_inf, plan.partials, plan.first_chunk, plan.chunk_count)
@@ -83,9 +84,10 @@ class _TritonKernels:
     def moments(self, bucket, plan, grad_factor, found_inf) -> None:
         with _on(bucket.device):
             self._moments(bucket, plan, grad_factor, found_inf)
+            # As many warps as pass 2, whose inline sum of the partials must reduce in this order.
             k.tensor_sums_kernel[(plan.n_tensors,)](
                 plan.partials, plan.first_chunk, plan.chunk_count, plan.sums, MATH=_TL_DTYPES[plan.math_dtype],
-                REDUCE_BLOCK=REDUCE_BLOCK, num_warps=1,
+                REDUCE_BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
             )  # fmt: skip
 
     def update(self, bucket, plan, found_inf, sums) -> None:
@@ -97,8 +99,8 @@ class _TritonKernels:
         with _on(bucket.device):
             k.grad_sumsq_kernel[(plan.n_chunks,)](
                 plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, partials, plan.n_tensors,
-                G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], ALIGNED=plan.aligned,
-                CHUNK=plan.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS,
+                G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], CHUNK=plan.chunk,
+                BLOCK=BLOCK, num_warps=NUM_WARPS,
             )  # fmt: skip
         return partials.sum()
 

@@ -42,6 +42,11 @@ __global__ void read_past_end_kernel(float* out, float) {
   if (threadIdx.x == 0) out[0] = out[kThreads];
 }
 
+// A 128-bit load 4 bytes into `out`: what a GPU faults on, and the emulator must report.
+__global__ void misaligned_load_kernel(float* out, float) {
+  if (threadIdx.x == 0) out[0] = static_cast<float>(__ldg(reinterpret_cast<const uint4*>(out + 1)).x);
+}
+
 // One block of kThreads threads running `kernel`; what each thread wrote, or the launch's error.
 at::Tensor selftest(c10::string_view kernel, double value) {
   at::Tensor out = at::zeros({kThreads}, at::kFloat);
@@ -51,6 +56,7 @@ at::Tensor selftest(c10::string_view kernel, double value) {
                                   : kernel == "broadcast"          ? &broadcast_kernel<true>
                                   : kernel == "broadcast_unsynced" ? &broadcast_kernel<false>
                                   : kernel == "read_past_end"      ? &read_past_end_kernel
+                                  : kernel == "misaligned_load"    ? &misaligned_load_kernel
                                                                    : nullptr;
   TORCH_CHECK_VALUE(chosen != nullptr, "largedet_emulator: no self-test kernel ", kernel);
   launch(1, kThreads, 0, nullptr, chosen, out.data_ptr<float>(), static_cast<float>(value));
