@@ -69,6 +69,10 @@ class _NoOpKernel:
         self.count.n += 1
 
 
+def _emulated(backend: str, device: torch.device) -> bool:
+    return backend == "cuda" and device.type == "cpu"
+
+
 class Hooks:
     """What takes the device work out of a step, set up for one run and undone after it."""
 
@@ -149,13 +153,10 @@ class Hooks:
 
         self._patch(dist, "all_reduce", all_reduce)
 
-    def emulated(self, backend: str, device: torch.device) -> bool:
-        return backend == "cuda" and device.type == "cpu"
-
     def unavailable(self, backend: str, variant: str, device: torch.device) -> Optional[str]:
         if backend == ADAMW[0]:
             return None
-        if self.emulated(backend, device) and self.emulator is None:
+        if _emulated(backend, device) and self.emulator is None:
             return self.emulator_reason
         if variant == "sharded" and self.mesh is None:
             return self.mesh_reason
@@ -164,15 +165,15 @@ class Hooks:
     def launches(self, backend: str, device: torch.device, step: Callable[[], None]) -> Tuple[Optional[int], int]:
         """(kernel launches, all-reduces) of one step; launches None where there are none to count (CPU ops)."""
         triton, reduces = self.triton_launches.n, self.all_reduces.n
-        if self.emulated(backend, device):
+        if backend != "triton" and device.type == "cuda":
+            return launches_per_step(step, device), self.all_reduces.n - reduces  # a step under torch.profiler
+        if _emulated(backend, device):
             self.emulator.reset_counters()
         step()
         reduces = self.all_reduces.n - reduces
         if backend == "triton":
             return self.triton_launches.n - triton, reduces
-        if self.emulated(backend, device):
-            return self.emulator.counters()["launches"], reduces
-        return launches_per_step(step, device), reduces
+        return self.emulator.counters()["launches"] if _emulated(backend, device) else None, reduces
 
     def shard(self, params: List[torch.nn.Parameter]) -> List[torch.nn.Parameter]:
         """The parameters as one-rank DTensors (Shard(0), as FSDP2's), sharing their storage."""

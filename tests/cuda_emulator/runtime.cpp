@@ -510,7 +510,7 @@ void configure(const std::string& name, std::uint64_t new_seed) {
   } else if (name == "threads") {
     schedule = Schedule::kThreads;
   } else {
-    throw std::invalid_argument("schedule must be forward, reverse, random, threads or skip, got " + name);
+    throw std::invalid_argument("schedule must be forward, reverse, random or threads, got " + name);
   }
   seed = new_seed;
 }
