@@ -70,6 +70,23 @@ def _version(module: str) -> Optional[str]:
         return None
 
 
+def run_meta(device: torch.device, module: str, argv: Optional[List[str]]) -> Dict:
+    """What a results JSON says of its run: date, command line, device, versions."""
+    on_gpu = device.type == "cuda"
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "command": f"python -m {module} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if on_gpu else cpu_name(),
+        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
+        "python": platform.python_version(), "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+def file_stem(meta: Dict, prefix: str = "") -> str:
+    """The results' file name without suffix: <prefix><device name>-<date>."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{prefix}{meta['device_name']}-{meta['date']}").strip("-")
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -116,8 +133,9 @@ def launches_per_step(step: Callable[[], None], device: torch.device) -> Optiona
                and any(k in str(getattr(e, "cuda_kernel_type", "kernel")).lower() for k in kinds))  # fmt: skip
 
 
-def host_ms(step: Callable[[], None], device: torch.device, n: int) -> float:
-    """Median time for step() to return, the device idle at each call."""
+def host_times_ms(step: Callable[[], None], device: torch.device, n: int) -> List[float]:
+    """Milliseconds for each of n calls of step() to return, the device idle at each call: the host's
+    cost alone, as the launches are only enqueued (benchmarks/host_overhead.py times with this too)."""
     times = []
     for _ in range(n):
         _sync(device)
@@ -125,7 +143,12 @@ def host_ms(step: Callable[[], None], device: torch.device, n: int) -> float:
         step()
         times.append((time.perf_counter() - t0) * 1e3)
     _sync(device)
-    return statistics.median(times)
+    return times
+
+
+def host_ms(step: Callable[[], None], device: torch.device, n: int) -> float:
+    """Median time for step() to return, the device idle at each call."""
+    return statistics.median(host_times_ms(step, device, n))
 
 
 def peak_extra_bytes(step: Callable[[], None], device: torch.device) -> Optional[int]:
@@ -277,13 +300,7 @@ def main(argv=None) -> Dict:
     args.steps = args.steps if args.steps is not None else (30 if on_gpu else 2)
     chosen = [c for c in CONTENDERS if not args.contenders or c.name in args.contenders]
 
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python -m benchmarks.step_time " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if on_gpu else cpu_name(),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
-        "python": platform.python_version(), "threads": torch.get_num_threads(),
-    }  # fmt: skip
+    meta = run_meta(device, "benchmarks.step_time", argv)
     numel = max(sum(torch.Size(s).numel() for s in load_shapes(n, args.limit)) for n in args.sets)
     meta["copy_bandwidth_GBps"] = copy_bandwidth(device, max(numel, 1 << 20)) / 1e9
     results = []
@@ -298,7 +315,7 @@ def main(argv=None) -> Dict:
     doc = {"meta": meta, "results": results}
     if not args.no_files:
         args.out.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"{meta['device_name']}-{meta['date']}").strip("-")
+        stem = file_stem(meta)
         (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
         plot(results, meta, args.out / f"{stem}.png")
         print(f"\nwrote {args.out / stem}.json and .png")

@@ -1,12 +1,14 @@
-"""The main job runs end to end on CPU and reports a number, or a reason, for every contender."""
+"""The main job and the host-overhead benchmark run end to end on CPU and report a number, or a reason, for
+every contender."""
 
 import json
 import math
 
 import pytest
 
-from benchmarks import step_time
+from benchmarks import host_overhead, step_time
 from benchmarks.contenders import CONTENDERS
+from conftest import CPU_BACKENDS
 
 ROW_KEYS = {"median_ms", "min_ms", "max_ms", "samples", "bytes_per_elem", "two_pass_roofline", "launches", "host_ms",
             "peak_extra_mib", "graph_replay_ms", "speedup_vs_apex"}  # fmt: skip
@@ -52,3 +54,54 @@ def test_parameter_sets_match_the_models():
         if params is not None:
             assert sum(math.prod(s) for s in shapes) == params
     assert all(1 <= s[0] <= 10_000 for s in step_time.load_shapes("many_small"))
+
+
+# --- benchmarks/host_overhead.py: every backend, variant and tensor count has numbers or a reason.
+
+HOST_ROW_KEYS = {"backend", "variant", "device", "launch_mode", "us_per_step", "min_us", "max_us", "samples",
+                 "us_per_tensor", "launches", "all_reduces", "ratio", "goal"}  # fmt: skip
+HOST_NAMES = {f"{b}/{v}" for b in host_overhead.BACKENDS for v in host_overhead.VARIANTS} | {
+    f"{host_overhead.ADAMW[0]}/{v}" for v in host_overhead.ADAMW[1]}  # fmt: skip
+
+
+def _host_overhead(tmp_path, *args):
+    doc = host_overhead.main(["--quick", "--device", "cpu", "--out", str(tmp_path), *args])
+    (written,) = tmp_path.glob("host-overhead-*.json")
+    assert json.loads(written.read_text()) == json.loads(json.dumps(doc))
+    meta = doc["meta"]
+    assert meta["device"] == "cpu" and meta["torch"] and meta["shapes"] == "one-element" and meta["goals"]
+    assert meta["command"].startswith("python -m benchmarks.host_overhead --quick")
+    assert [r["tensors"] for r in doc["results"]] == [189]
+    for result in doc["results"]:
+        assert set(result["rows"]) | set(result["skipped"]) == HOST_NAMES
+        assert not set(result["rows"]) & set(result["skipped"])
+        assert all(isinstance(reason, str) and reason for reason in result["skipped"].values())
+        assert host_overhead.FUSED_ADAMW in result["rows"]
+        for name, row in result["rows"].items():
+            assert set(row) >= HOST_ROW_KEYS, name
+            assert f"{row['backend']}/{row['variant']}" == name and row["samples"] == 9
+            for key in ("us_per_step", "min_us", "max_us", "us_per_tensor", "ratio"):
+                assert math.isfinite(row[key]) and row[key] > 0, (name, key)
+            assert row["min_us"] <= row["us_per_step"] <= row["max_us"]
+            assert row["us_per_tensor"] == pytest.approx(row["us_per_step"] / 189)
+            assert row["launches"] is None or row["launches"] >= 1
+            assert row["all_reduces"] >= 1 if row["variant"] == "sharded" else row["all_reduces"] == 0
+            assert row["goal"] is None if row["backend"] == "adamw" else row["goal"] in ("pass", "fail")
+    return doc["results"][0]
+
+
+def test_host_overhead_schema(tmp_path):
+    result = _host_overhead(tmp_path, "--no-emulator")
+    measured = {name.split("/")[0] for name in result["rows"]}
+    assert {"torch", "adamw", *CPU_BACKENDS} <= measured
+    assert all("--no-emulator" in result["skipped"][f"cuda/{v}"] for v in host_overhead.VARIANTS)
+    assert all(result["rows"][f"triton/{v}"]["launches"] >= 1 for v in ("plain", "lamb") if "triton" in measured)
+
+
+@pytest.mark.emulator
+def test_host_overhead_times_binding_cpp_under_the_emulator(tmp_path, cuda_emulator):
+    result = _host_overhead(tmp_path, "--backends", "cuda")
+    for variant in host_overhead.VARIANTS:
+        if variant != "sharded" or "cuda/sharded" in result["rows"]:
+            row = result["rows"][f"cuda/{variant}"]
+            assert row["launch_mode"].startswith("emulated") and row["launches"] >= 1

@@ -29,7 +29,7 @@ import torch.utils.cpp_extension
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 CSRC = ROOT / "csrc"
-SCHEDULES = ("forward", "reverse", "random", "threads")
+SCHEDULES = ("forward", "reverse", "random", "threads", "skip")  # skip: launches counted, no block run
 SANITIZER = os.environ.get("LARGEDET_EMULATOR_SANITIZER") or None
 # What the tests run the kernels under: both fiber orders, or std::threads for a sanitizer.
 TEST_SCHEDULES = ("forward", "reverse") if SANITIZER is None else ("threads",)

@@ -112,6 +112,7 @@ void* fiber_stack(char* base, std::size_t bytes, void (*entry)(void*), void* arg
 }
 
 Schedule schedule = Schedule::kForward;
+bool skip_blocks = false;  // the "skip" schedule: launches are checked and counted, no block runs (host timing)
 std::uint64_t seed = 0;
 std::atomic<std::uint64_t> launches{0}, blocks{0}, vector_loads{0}, vector_stores{0};
 
@@ -437,6 +438,7 @@ void run_grid(long long grid, long long block, std::size_t shared_bytes, void (*
                   " threads, " + std::to_string(shared_bytes) + " bytes of dynamic shared memory (none emulated)");
     return;
   }
+  if (skip_blocks) return;
   const Schedule order = schedule;
   std::mt19937_64 rng(seed);
   std::vector<unsigned> indices(static_cast<std::size_t>(grid));
@@ -496,7 +498,10 @@ void check_access(const void* p, std::size_t bytes, bool write) {
 }
 
 void configure(const std::string& name, std::uint64_t new_seed) {
-  if (name == "forward") {
+  skip_blocks = name == "skip";
+  if (skip_blocks) {
+    // no block runs, so no order to pick
+  } else if (name == "forward") {
     schedule = Schedule::kForward;
   } else if (name == "reverse") {
     schedule = Schedule::kReverse;
