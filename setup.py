@@ -97,7 +97,7 @@ def cpu_extension():
     return [
         CppExtension(
             "largedet_kernels._C_cpu",
-            ["csrc/cpu/pmd_lamb_cpu.cpp"],
+            ["csrc/cpu/pmd_lamb_cpu.cpp", "csrc/cpu/step_cache.cpp"],
             extra_compile_args=["-O3", *openmp, *vector_flags()],
             extra_link_args=openmp,
             optional=mode == "auto",

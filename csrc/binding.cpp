@@ -33,13 +33,20 @@ void check_table(const Tensor& t, const char* name, at::ScalarType dtype, int64_
               numel, " elements, got ", t.sizes());
 }
 
-// NOTE [pointer tables]: the plan's tables, checked against the tensor lists they address.
-ChunkTable chunk_table(TensorList params, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
-                       const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count,
-                       int64_t chunk_size) {
-  const int64_t n = static_cast<int64_t>(params.size());
+// NOTE [tensor lists or tables]
+//   The ops take the tensors twice: as tensor lists, which declare what they write, and as the
+//   plan's pointer table (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py), which
+//   the kernels read. Given the lists, an op checks every tensor against the tables. Given empty
+//   lists it takes the tables as they are: the optimizer's eager steps do, from tensors its step
+//   cache checked and keeps alive (NOTE [step cache] in largedet_kernels/optimizer.py), because
+//   converting five lists costs ~1.5 us per tensor at the call, more than the launches.
+
+// The plan's tables, checked against each other and the device.
+ChunkTable chunk_table(const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor, const Tensor& chunk_index,
+                       const Tensor& first_chunk, const Tensor& chunk_count, int64_t chunk_size) {
+  const int64_t n = numels.numel();
   TORCH_CHECK(n > 0, "largedet: no tensors to step");
-  const at::Device device = params[0].device();
+  const at::Device device = ptrs.device();
   TORCH_CHECK(device.is_cuda(), "largedet: the cuda backend needs CUDA tensors, got ", device);
   TORCH_CHECK(chunk_size > 0 && chunk_size % kILP == 0, "largedet: chunk_size must be a positive multiple of ",
               kILP, ", got ", chunk_size);
@@ -58,7 +65,7 @@ ChunkTable chunk_table(TensorList params, const Tensor& ptrs, const Tensor& nume
 void check_list(TensorList list, const char* name, int64_t n, const at::Device& device,
                 c10::optional<at::ScalarType> dtype) {
   TORCH_CHECK(static_cast<int64_t>(list.size()) == n, "largedet: ", name, " has ", list.size(),
-              " tensors, params has ", n);
+              " tensors, the tables address ", n);
   for (const Tensor& t : list) {
     TORCH_CHECK(t.device() == device, "largedet: every tensor of ", name, " must be on ", device, ", one is on ",
                 t.device());
@@ -79,25 +86,30 @@ StepLaunch checked_step(TensorList params, TensorList grads, TensorList exp_avgs
                         TensorList steps, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
                         const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count,
                         const Tensor& hyper, const Tensor& grad_factor, const Tensor& found_inf,
-                        const Tensor& partials, int64_t partial_pairs, const Tensor& t_now, int64_t chunk_size) {
-  const ChunkTable table =
-      chunk_table(params, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
+                        const Tensor& partials, int64_t partial_pairs, const Tensor& t_now, int64_t chunk_size,
+                        at::ScalarType x_type, at::ScalarType g_type) {
+  const ChunkTable table = chunk_table(ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
   const int64_t n = table.n_tensors, n_chunks = chunk_tensor.numel();
-  const at::Device device = params[0].device();
-  const at::ScalarType x_type = params[0].scalar_type(), m_type = math_dtype(x_type);
-  check_list(params, "params", n, device, x_type);
-  check_list(grads, "grads", n, device, grads[0].scalar_type());
-  check_list(exp_avgs, "exp_avgs", n, device, m_type);
-  check_list(exp_avg_sqs, "exp_avg_sqs", n, device, m_type);
-  check_list(steps, "steps", n, device, at::kFloat);
+  const at::Device device = ptrs.device();
+  const at::ScalarType m_type = math_dtype(x_type);
+  if (params.empty()) {  // NOTE [tensor lists or tables]
+    TORCH_CHECK(grads.empty() && exp_avgs.empty() && exp_avg_sqs.empty() && steps.empty(),
+                "largedet: pass every tensor list, or none");
+  } else {
+    check_list(params, "params", n, device, x_type);
+    check_list(grads, "grads", n, device, g_type);
+    check_list(exp_avgs, "exp_avgs", n, device, m_type);
+    check_list(exp_avg_sqs, "exp_avg_sqs", n, device, m_type);
+    check_list(steps, "steps", n, device, at::kFloat);
+  }
   check_table(hyper, "hyper", at::kDouble, n * kHyperColumns, device);  // NOTE [double coefficients]
   check_table(grad_factor, "grad_factor", m_type, 1, device);
   check_table(found_inf, "found_inf", at::kFloat, 1, device);
   check_table(partials, "partials", m_type, 2 * partial_pairs, device);
   check_table(t_now, "t_now", m_type, n, device);
-  const Dtype x_dtype = to_dtype(x_type, "params"), g_dtype = to_dtype(grads[0].scalar_type(), "grads");
-  TORCH_CHECK(supported_dtypes(x_dtype, g_dtype), "largedet: no kernel for ", x_type, " parameters with ",
-              grads[0].scalar_type(), " gradients");
+  const Dtype x_dtype = to_dtype(x_type, "params"), g_dtype = to_dtype(g_type, "grads");
+  TORCH_CHECK(supported_dtypes(x_dtype, g_dtype), "largedet: no kernel for ", x_type, " parameters with ", g_type,
+              " gradients");
   const StepScalars scalars{hyper.data_ptr<double>(), grad_factor.data_ptr(), found_inf.data_ptr<float>(),
                             partials.data_ptr(), t_now.data_ptr()};
   const LaunchConfig config{x_dtype, g_dtype, n_chunks, at::cuda::getCurrentCUDAStream(device.index())};
@@ -109,7 +121,8 @@ StepLaunch checked_step(TensorList params, TensorList grads, TensorList exp_avgs
   TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,             \
       const Tensor &ptrs, const Tensor &numels, const Tensor &chunk_tensor, const Tensor &chunk_index,            \
       const Tensor &first_chunk, const Tensor &chunk_count, const Tensor &hyper, const Tensor &grad_factor,       \
-      const Tensor &found_inf, Tensor &partials, Tensor &t_now, int64_t chunk_size
+      const Tensor &found_inf, Tensor &partials, Tensor &t_now, int64_t chunk_size, at::ScalarType x_dtype,      \
+      at::ScalarType g_dtype
 #define LARGEDET_STEP_ARGS                                                                                        \
   params, grads, exp_avgs, exp_avg_sqs, steps, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, \
       hyper, grad_factor, found_inf, partials
@@ -120,14 +133,14 @@ void check_launch(cudaError_t err, const char* op) {
 
 // Both passes (NOTE [two passes] in csrc/pmd_lamb.cuh): two launches.
 void pmd_lamb_step_(LARGEDET_STEP_PARAMS) {
-  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size);
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size, x_dtype, g_dtype);
   const c10::cuda::CUDAGuard guard(l.device);
   check_launch(launch_pmd_lamb_step(l.table, l.scalars, l.config), "pmd_lamb_step_");
 }
 
 // Pass 1 and each tensor's local Σx², Σu² into sums (NOTE [sharded norms]): two launches.
 void pmd_lamb_moments_(LARGEDET_STEP_PARAMS, Tensor& sums) {
-  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size);
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, chunk_tensor.numel(), t_now, chunk_size, x_dtype, g_dtype);
   check_table(sums, "sums", partials.scalar_type(), 2 * l.table.n_tensors, l.device);
   const c10::cuda::CUDAGuard guard(l.device);
   check_launch(launch_pmd_lamb_moments(l.table, l.scalars, sums.data_ptr(), l.config), "pmd_lamb_moments_");
@@ -136,7 +149,7 @@ void pmd_lamb_moments_(LARGEDET_STEP_PARAMS, Tensor& sums) {
 // Pass 2 with the norms read through first_chunk/chunk_count from partials, which under
 // NOTE [sharded norms] hold one all-reduced pair per tensor: one launch.
 void pmd_lamb_update_(LARGEDET_STEP_PARAMS) {
-  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, static_cast<int64_t>(params.size()), t_now, chunk_size);
+  const StepLaunch l = checked_step(LARGEDET_STEP_ARGS, numels.numel(), t_now, chunk_size, x_dtype, g_dtype);
   const c10::cuda::CUDAGuard guard(l.device);
   check_launch(launch_pmd_lamb_update(l.table, l.scalars, l.config), "pmd_lamb_update_");
 }
@@ -146,16 +159,15 @@ void pmd_lamb_update_(LARGEDET_STEP_PARAMS) {
 
 Tensor grad_sumsq(TensorList grads, const Tensor& ptrs, const Tensor& numels, const Tensor& chunk_tensor,
                   const Tensor& chunk_index, const Tensor& first_chunk, const Tensor& chunk_count, Tensor& partials,
-                  int64_t chunk_size) {
-  const ChunkTable table =
-      chunk_table(grads, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
+                  int64_t chunk_size, at::ScalarType g_type) {
+  const ChunkTable table = chunk_table(ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, chunk_size);
   const int64_t n_chunks = chunk_tensor.numel();
-  const at::ScalarType g_type = grads[0].scalar_type();
-  check_list(grads, "grads", table.n_tensors, grads[0].device(), g_type);
-  check_table(partials, "partials", math_dtype(g_type), n_chunks, grads[0].device());
+  const at::Device device = ptrs.device();
+  if (!grads.empty()) check_list(grads, "grads", table.n_tensors, device, g_type);  // NOTE [tensor lists or tables]
+  check_table(partials, "partials", math_dtype(g_type), n_chunks, device);
   const Dtype g_dtype = to_dtype(g_type, "grads");
 
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const c10::cuda::CUDAGuard guard(device);
   const LaunchConfig config{g_dtype, g_dtype, n_chunks, at::cuda::getCurrentCUDAStream()};
   check_launch(launch_grad_sumsq(table, partials.data_ptr(), config), "grad_sumsq");
   return partials.narrow(0, 0, n_chunks).sum();
@@ -168,20 +180,21 @@ TORCH_LIBRARY(largedet, m) {
       "pmd_lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
       "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
-      "Tensor(e!) partials, Tensor(f!) t_now, int chunk_size) -> ()");
+      "Tensor(e!) partials, Tensor(f!) t_now, int chunk_size, ScalarType x_dtype, ScalarType g_dtype) -> ()");
   m.def(
       "pmd_lamb_moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
       "Tensor[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
       "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
-      "Tensor(c!) partials, Tensor(d!) t_now, int chunk_size, Tensor(e!) sums) -> ()");
+      "Tensor(c!) partials, Tensor(d!) t_now, int chunk_size, ScalarType x_dtype, ScalarType g_dtype, "
+      "Tensor(e!) sums) -> ()");
   m.def(
       "pmd_lamb_update_(Tensor(a!)[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
       "Tensor(b!)[] steps, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
       "Tensor first_chunk, Tensor chunk_count, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
-      "Tensor partials, Tensor t_now, int chunk_size) -> ()");
+      "Tensor partials, Tensor t_now, int chunk_size, ScalarType x_dtype, ScalarType g_dtype) -> ()");
   m.def(
       "grad_sumsq(Tensor[] grads, Tensor ptrs, Tensor numels, Tensor chunk_tensor, Tensor chunk_index, "
-      "Tensor first_chunk, Tensor chunk_count, Tensor(a!) partials, int chunk_size) -> Tensor");
+      "Tensor first_chunk, Tensor chunk_count, Tensor(a!) partials, int chunk_size, ScalarType g_dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(largedet, CUDA, m) {

@@ -120,6 +120,14 @@ class _ParamGroup(dict):
         self._changed()
 
 
+# The step cache's check in C++ (csrc/cpu/step_cache.cpp), when the CPU extension is built; its verdicts.
+try:
+    from . import _C_cpu as _NATIVE
+except ImportError:
+    _NATIVE = None  # type: ignore[assignment]
+_NEW_GRADIENT_ADDRESSES, _REBUILD = 1, 2
+_SNAPSHOT_COLUMNS = 6
+
 # Bucket versions, never reused: a table kept across a rebuild must not match a new bucket's
 # version by chance (NOTE [step cache]).
 _VERSIONS = itertools.count(1)
@@ -151,9 +159,13 @@ class _StepCache:
         self.grad_ptrs: List[int] = []
         self.grad_dtypes: List[torch.dtype] = []
         self.grad_strides: List[Tuple[int, ...]] = []
+        self.x_strides: List[Tuple[int, ...]] = []
         # Per bucket, the positions of its tensors in with_grad order (None: all, in order).
         self.positions: List[Optional[List[int]]] = []
         self.sharded = False
+        # The flat parameter list and, where csrc/cpu/step_cache.cpp checks it, its snapshot.
+        self.params: List[torch.Tensor] = []
+        self.snapshot: Optional[torch.Tensor] = None
 
 
 def _all_reduce(key: ShardKey, tensor: torch.Tensor) -> None:
@@ -360,32 +372,50 @@ class _LambFamily(Optimizer):
             for b, _, _ in cache.buckets:
                 b.hyper_version = next(_VERSIONS)
         params = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
-        if list(map(id, params)) != cache.param_ids:
-            return self._rebuild()
-        grads = list(map(_GRAD, params))
-        if cache.without_grad:
-            if any(grads[i] is not None for i in cache.without_grad):
+        if cache.snapshot is not None:
+            verdict, grads = _NATIVE.check_step_cache(params, cache.params, cache.snapshot)
+            new_addresses = verdict == _NEW_GRADIENT_ADDRESSES
+            if verdict == _REBUILD:
                 return self._rebuild()
-            grads = [grads[i] for i in cache.with_grad]
-        try:
-            if cache.sharded:
-                grads = [_local(g) for g in grads]  # placements are checked by _check_grads on a rebuild
-            if (
-                list(map(_DTYPE, grads)) != cache.grad_dtypes
-                or list(map(_STRIDE, grads)) != cache.grad_strides
-                or list(map(_DATA_PTR, cache.xs)) != cache.x_ptrs
-            ):
+        else:
+            checked = self._check_in_python(cache, params)
+            if checked is None:
                 return self._rebuild()
-            grad_ptrs = list(map(_DATA_PTR, grads))
-        except (TypeError, RuntimeError, AttributeError):  # a gradient went missing, is sparse, or lost its DTensor
-            return self._rebuild()
-        if grad_ptrs != cache.grad_ptrs:
-            cache.grad_ptrs = grad_ptrs
+            grads, new_addresses = checked
+        if new_addresses:
             for b, _, _ in cache.buckets:
                 b.address_version = next(_VERSIONS)
         for (b, _, _), positions in zip(cache.buckets, cache.positions):
             b.grads = grads if positions is None else [grads[i] for i in positions]
         return cache.buckets
+
+    @staticmethod
+    def _check_in_python(cache: _StepCache, params: List[torch.Tensor]) -> Optional[Tuple[List[torch.Tensor], bool]]:
+        """The step cache's check without the CPU extension, or for DTensors: (this step's gradients, whether an
+        address changed), or None when the cache must be rebuilt."""
+        if list(map(id, params)) != cache.param_ids:
+            return None
+        grads = list(map(_GRAD, params))
+        if cache.without_grad:
+            if any(grads[i] is not None for i in cache.without_grad):
+                return None
+            grads = [grads[i] for i in cache.with_grad]
+        try:
+            if cache.sharded:
+                grads = [_local(g) for g in grads]  # placements are checked by _check_grad on a rebuild
+            if (
+                list(map(_DTYPE, grads)) != cache.grad_dtypes
+                or list(map(_STRIDE, grads)) != cache.grad_strides
+                or list(map(_STRIDE, cache.xs)) != cache.x_strides
+                or list(map(_DATA_PTR, cache.xs)) != cache.x_ptrs
+            ):
+                return None
+            grad_ptrs = list(map(_DATA_PTR, grads))
+        except (TypeError, RuntimeError, AttributeError):  # a gradient went missing, is sparse, or lost its DTensor
+            return None
+        new_addresses = grad_ptrs != cache.grad_ptrs
+        cache.grad_ptrs = grad_ptrs
+        return grads, new_addresses
 
     def _rebuild(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
         self._track_groups()
@@ -442,7 +472,12 @@ class _LambFamily(Optimizer):
         cache.xs = xs
         cache.sharded = any(key[3] for key in buckets)
         if not compiling:
+            cache.params = params
+            if _NATIVE is not None and not cache.sharded:
+                snapshot = torch.empty(len(params), _SNAPSHOT_COLUMNS, dtype=torch.int64)
+                cache.snapshot = snapshot if _NATIVE.step_cache_snapshot(params, snapshot) else None
             cache.x_ptrs = list(map(_DATA_PTR, xs))
+            cache.x_strides = list(map(_STRIDE, xs))
             cache.grad_ptrs = list(map(_DATA_PTR, grads))
             cache.grad_dtypes = list(map(_DTYPE, grads))
             cache.grad_strides = list(map(_STRIDE, grads))

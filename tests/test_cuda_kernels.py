@@ -104,12 +104,12 @@ with FakeTensorMode():
     tables = (torch.empty(5, 2, dtype=torch.int64, device="cuda"), torch.empty(2, dtype=torch.int64, device="cuda"),
               i32(2), i32(2), i32(2), i32(2))
     partials = torch.empty(4, device="cuda")
-    out = torch.ops.largedet.grad_sumsq(grads, *tables, partials, 16384)
+    out = torch.ops.largedet.grad_sumsq(grads, *tables, partials, 16384, torch.float32)
     assert out.shape == () and out.device.type == "cuda"
     none = torch.ops.largedet.pmd_lamb_step_(grads, grads, grads, grads, [torch.empty((), device="cuda")] * 2,
                                             *tables, torch.empty(2, 11, device="cuda"), torch.empty((), device="cuda"),
                                             torch.empty((), device="cuda"), partials, torch.empty(2, device="cuda"),
-                                            16384)
+                                            16384, torch.float32, torch.float32)
     assert none is None
 print("ok")
 """

@@ -14,9 +14,30 @@ from typing import Callable, List
 import pytest
 import torch
 
-from largedet_kernels import LAMB, PMDLAMB
+from conftest import CPU_BACKENDS
+from largedet_kernels import LAMB, PMDLAMB, optimizer
 
 SHAPES = [(5,), (3, 4), (257,), (2, 3, 2, 2)]
+
+
+@pytest.fixture(autouse=True, params=["native", "python"])
+def check(request, monkeypatch):
+    """The cache's per-step check in C++ (csrc/cpu/step_cache.cpp), and its Python stand-in."""
+    if request.param == "native" and optimizer._NATIVE is None:
+        pytest.skip("the CPU extension is not built")
+    if request.param == "python":
+        monkeypatch.setattr(optimizer, "_NATIVE", None)
+    return request.param
+
+
+@pytest.fixture(params=[*CPU_BACKENDS, pytest.param("cuda", marks=pytest.mark.emulator)])
+def backend(request):
+    """Every CPU backend, and the CUDA C++ kernels through the emulator."""
+    if request.param == "cuda":
+        request.getfixturevalue("emulated_cuda")
+    elif request.param == "triton":
+        request.getfixturevalue("triton_backend")
+    return request.param
 
 
 def _pair(dtype=torch.float32):
@@ -333,3 +354,16 @@ def test_a_gradient_that_changes_dtype_alone(backend):
             p.grad = p.grad.float()
 
     _check_event(backend, event, dtype=torch.bfloat16, prepare=any_gradient_dtype)
+
+
+def test_a_parameter_swapped_for_another_on_the_same_storage(backend):
+    # Same address, layout and gradient: only its identity (and so its state) tells it apart.
+    def event(opt, params):
+        old = params[1]
+        params[1] = torch.nn.Parameter(old.detach())
+        params[1].grad = old.grad
+        if opt is not None:
+            opt.param_groups[0]["params"][1] = params[1]
+            opt.state.pop(old)
+
+    _check_event(backend, event)

@@ -15,7 +15,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <Python.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -515,9 +514,3 @@ TORCH_LIBRARY_IMPL(largedet_cpu, CPU, m) {
 }
 
 }  // namespace largedet
-
-// Importing largedet_kernels._C_cpu runs the registrations above; the module itself is empty.
-extern "C" PyObject* PyInit__C_cpu(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C_cpu", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}

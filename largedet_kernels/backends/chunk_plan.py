@@ -264,14 +264,14 @@ def fused_begin_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels
 
 
 def _split_order(bucket: Bucket, kernel_part: Bucket) -> torch.Tensor:
-    """Bucket positions of the kernel part's tensors, then of the rest's (a device index, cached)."""
-    kernel_ids = {id(p) for p in kernel_part.params}
-    positions = [i for i, p in enumerate(bucket.params) if id(p) in kernel_ids]
-    positions += [i for i, p in enumerate(bucket.params) if id(p) not in kernel_ids]
-    cached = bucket.cache.get("split_order")
-    if cached is None or cached[0] != positions:
-        cached = bucket.cache["split_order"] = (positions, to_device(positions, torch.int64, bucket.device))
-    return cached[1]
+    """Bucket positions of the kernel part's tensors, then of the rest's (a device index, kept with the split)."""
+    cached = bucket.derived.get("split_order") if bucket.address_version is not None else None
+    if cached is None:
+        kernel_ids = {id(p) for p in kernel_part.params}
+        positions = [i for i, p in enumerate(bucket.params) if id(p) in kernel_ids]
+        positions += [i for i, p in enumerate(bucket.params) if id(p) not in kernel_ids]
+        cached = bucket.derived["split_order"] = to_device(positions, torch.int64, bucket.device)
+    return cached
 
 
 def fused_grad_sumsq(bucket: Bucket, chunk: int, kernels: Kernels) -> torch.Tensor:

@@ -3,9 +3,11 @@
 The extension registers custom ops (csrc/binding.cpp): ``largedet::pmd_lamb_step_``
 (both passes of NOTE [two passes], two launches), its halves ``pmd_lamb_moments_`` and
 ``pmd_lamb_update_`` for shards (NOTE [sharded norms]) and for plans that reduce between
-the passes, and ``largedet::grad_sumsq``. Their
-fake implementations below let ``torch.compile`` trace through ``step()``. The device
-tables are chunk_plan.py's, shared with the Triton backend.
+the passes, and ``largedet::grad_sumsq``. The device tables are chunk_plan.py's, shared with
+the Triton backend; the optimizer's steps pass them without tensor lists (NOTE [tensor lists
+or tables] in csrc/binding.cpp). The ops' fake implementations below serve tracing tools that
+call them with their tensor lists; the optimizer's step itself is not traceable on this backend
+(its tables come from data_ptr()).
 """
 
 from typing import Optional
@@ -52,7 +54,7 @@ if _IMPORT_ERROR is None:
 
     @torch.library.register_fake("largedet::grad_sumsq")
     def _grad_sumsq_fake(grads, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, partials,
-                         chunk_size) -> torch.Tensor:  # fmt: skip
+                         chunk_size, g_dtype) -> torch.Tensor:  # fmt: skip
         return partials.new_empty(())
 
 
@@ -61,10 +63,11 @@ class _CudaKernels:
 
     @staticmethod
     def _args(bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf, partials, first_chunk, chunk_count):
+        # No tensor lists: the tables alone (NOTE [tensor lists or tables] in csrc/binding.cpp).
         return (
-            bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps, plan.pointers(bucket),
-            plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk, chunk_count, plan.hyper(bucket),
-            grad_factor, found_inf, partials, plan.t_now, plan.chunk,
+            [], [], [], [], [], plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk,
+            chunk_count, plan.hyper(bucket), grad_factor, found_inf, partials, plan.t_now, plan.chunk,
+            bucket.params[0].dtype, bucket.grads[0].dtype,
         )  # fmt: skip
 
     def step(self, bucket, plan, grad_factor, found_inf) -> None:
@@ -86,8 +89,8 @@ class _CudaKernels:
 
     def grad_sumsq(self, bucket, plan) -> torch.Tensor:
         return torch.ops.largedet.grad_sumsq(
-            bucket.grads, plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.first_chunk,
-            plan.chunk_count, plan.partials, plan.chunk,
+            [], plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.first_chunk,
+            plan.chunk_count, plan.partials, plan.chunk, bucket.grads[0].dtype,
         )  # fmt: skip
 
 
