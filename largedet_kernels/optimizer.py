@@ -20,14 +20,15 @@ NOTE [step cache]
     A fused step's device work is a few launches, so its host side must cost next to nothing
     per tensor. Everything step() derives from the parameter set (the buckets and their state
     lists, the backends' kernel/torch split and device tables) lives in a _StepCache and is
-    rebuilt only when something it was built from changed. Each step checks that in map()
-    passes over flat lists, which run at C speed: the param groups (identity; every write to a
-    group is counted by _ParamGroup, and a counted write re-validates the hyper-parameters and
-    refreshes only the hyper tables), the parameters (identity and address: ``p.data = ...``
-    changes it), and the gradients (present or not as before, and their addresses, dtypes and
-    strides). A new gradient address refreshes only the pointer tables; anything else rebuilds
-    the cache. Gradients are not held between steps: ``zero_grad(set_to_none=True)`` frees them.
-    Under torch.compile the cache is bypassed and the buckets are built as the graph is traced.
+    rebuilt only when something it was built from changed. Each step checks that at C speed: the
+    param groups (identity, and the values of HYPER_KEYS: a change re-validates them and refreshes
+    only the hyper tables), then, in one call of csrc/cpu/step_cache.cpp (or map() passes over
+    flat lists without the CPU extension), the parameters (identity, local tensor, address and
+    layout: ``p.data = ...`` changes them) and the gradients (present or not as before, and their
+    addresses, dtypes and layouts). A new gradient address refreshes only the pointer tables;
+    anything else rebuilds the cache. Gradients are not held between steps:
+    ``zero_grad(set_to_none=True)`` frees them. Under torch.compile the cache is bypassed and the
+    buckets are built as the graph is traced.
 """
 
 import itertools
@@ -64,60 +65,15 @@ def _shard_key(p: torch.Tensor) -> ShardKey:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
+    """The local tensor of a DTensor itself, a plain tensor as it is. (``to_local()`` would return a new
+    view of it for a parameter each call, at ten times the cost; step() runs under no_grad.)"""
+    return getattr(t, "_local_tensor", t)
 
 
-class _Changes:
-    """How many writes the param groups of one optimizer have seen (NOTE [step cache])."""
-
-    __slots__ = ("count",)
-
-    def __init__(self) -> None:
-        self.count = 0
-
-
-class _ParamGroup(dict):
-    """A param group that counts every write to it (NOTE [step cache])."""
-
-    # A class default: unpickling sets the items before the attributes.
-    changes: Optional[_Changes] = None
-
-    def _changed(self) -> None:
-        if self.changes is not None:
-            self.changes.count += 1
-
-    def __setitem__(self, key, value) -> None:
-        super().__setitem__(key, value)
-        self._changed()
-
-    def __delitem__(self, key) -> None:
-        super().__delitem__(key)
-        self._changed()
-
-    def __ior__(self, other):
-        self.update(other)
-        return self
-
-    def update(self, *args, **kwargs) -> None:
-        super().update(*args, **kwargs)
-        self._changed()
-
-    def setdefault(self, key, default=None):
-        if key not in self:
-            self[key] = default
-        return self[key]
-
-    def pop(self, *args):
-        self._changed()
-        return super().pop(*args)
-
-    def popitem(self):
-        self._changed()
-        return super().popitem()
-
-    def clear(self) -> None:
-        super().clear()
-        self._changed()
+# What step() reads from a param group: a change of any re-validates them and refreshes the hyper tables.
+HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", "cycle_length", "bias_correction", "eps_inside_sqrt",
+              "grad_averaging", "adam_w_mode", "use_nvlamb", "max_grad_norm")  # fmt: skip
+_HYPERS = operator.itemgetter(*HYPER_KEYS)
 
 
 # The step cache's check in C++ (csrc/cpu/step_cache.cpp), when the CPU extension is built; its verdicts.
@@ -148,7 +104,7 @@ class _StepCache:
         self.state = state
         self.group_ids: List[int] = []
         self.param_ids: List[int] = []
-        self.changes = 0
+        self.hypers: List[Tuple[Any, ...]] = []
         # Positions in the flat parameter list of the parameters with and without gradients.
         self.with_grad: List[int] = []
         self.without_grad: List[int] = []
@@ -160,11 +116,13 @@ class _StepCache:
         self.grad_dtypes: List[torch.dtype] = []
         self.grad_strides: List[Tuple[int, ...]] = []
         self.x_strides: List[Tuple[int, ...]] = []
+        self.x_ids: List[int] = []
         # Per bucket, the positions of its tensors in with_grad order (None: all, in order).
         self.positions: List[Optional[List[int]]] = []
         self.sharded = False
         # The flat parameter list and, where csrc/cpu/step_cache.cpp checks it, its snapshot.
         self.params: List[torch.Tensor] = []
+        self.locals: List[torch.Tensor] = []
         self.snapshot: Optional[torch.Tensor] = None
 
 
@@ -253,7 +211,6 @@ class _LambFamily(Optimizer):
         self.backend = backend
         self._backend_of_device: Dict[torch.device, Tuple[str, ModuleType]] = {}
         self._bucket_caches: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
-        self._changes = _Changes()
         self._step_cache: Optional[_StepCache] = None
         super().__init__(params, defaults)
 
@@ -264,14 +221,6 @@ class _LambFamily(Optimizer):
                 "max_grad_norm clips the global gradient norm over all param groups; "
                 "set it on the optimizer, not per param group"
             )
-
-    def _track_groups(self) -> None:
-        """Every param group a _ParamGroup counting into this optimizer's changes (NOTE [step cache])."""
-        for i, group in enumerate(self.param_groups):
-            if not (isinstance(group, _ParamGroup) and group.changes is self._changes):
-                self.param_groups[i] = tracked = _ParamGroup(group)
-                tracked.changes = self._changes
-        self._changes.count += 1
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -289,7 +238,7 @@ class _LambFamily(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        self._track_groups()
+        self._step_cache = None
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load param groups and state; state goes to each parameter's device.
@@ -300,7 +249,6 @@ class _LambFamily(Optimizer):
         """
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
-        self._track_groups()
         self._step_cache = None
         ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
@@ -365,15 +313,17 @@ class _LambFamily(Optimizer):
         groups = self.param_groups
         if cache is None or cache.state is not self.state or list(map(id, groups)) != cache.group_ids:
             return self._rebuild()
-        if cache.changes != self._changes.count:
-            for group in groups:
-                self._check_group(group)
-            cache.changes = self._changes.count
+        try:
+            hypers = list(map(_HYPERS, groups))
+        except KeyError:  # a hyper-parameter deleted: the rebuild's checks say which
+            return self._rebuild()
+        if hypers != cache.hypers:
+            cache.hypers = self._accept_hypers()
             for b, _, _ in cache.buckets:
                 b.hyper_version = next(_VERSIONS)
         params = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
         if cache.snapshot is not None:
-            verdict, grads = _NATIVE.check_step_cache(params, cache.params, cache.snapshot)
+            verdict, grads = _NATIVE.check_step_cache(params, cache.params, cache.locals, cache.snapshot)
             new_addresses = verdict == _NEW_GRADIENT_ADDRESSES
             if verdict == _REBUILD:
                 return self._rebuild()
@@ -400,14 +350,18 @@ class _LambFamily(Optimizer):
             if any(grads[i] is not None for i in cache.without_grad):
                 return None
             grads = [grads[i] for i in cache.with_grad]
+        xs = cache.xs
         try:
-            if cache.sharded:
-                grads = [_local(g) for g in grads]  # placements are checked by _check_grad on a rebuild
+            if cache.sharded:  # placements are checked by _check_grad on a rebuild
+                grads = list(map(_local, grads))
+                xs = list(map(_local, params if not cache.without_grad else [params[i] for i in cache.with_grad]))
+                if list(map(id, xs)) != cache.x_ids:
+                    return None
             if (
                 list(map(_DTYPE, grads)) != cache.grad_dtypes
                 or list(map(_STRIDE, grads)) != cache.grad_strides
-                or list(map(_STRIDE, cache.xs)) != cache.x_strides
-                or list(map(_DATA_PTR, cache.xs)) != cache.x_ptrs
+                or list(map(_STRIDE, xs)) != cache.x_strides
+                or list(map(_DATA_PTR, xs)) != cache.x_ptrs
             ):
                 return None
             grad_ptrs = list(map(_DATA_PTR, grads))
@@ -417,13 +371,18 @@ class _LambFamily(Optimizer):
         cache.grad_ptrs = grad_ptrs
         return grads, new_addresses
 
-    def _rebuild(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
-        self._track_groups()
+    def _accept_hypers(self) -> List[Tuple[Any, ...]]:
+        """Every group's hyper-parameters, checked, as the step cache compares them."""
         for group in self.param_groups:
             self._check_group(group)
+            group["betas"] = tuple(group["betas"])  # compared by value: no list to change in place
+        return list(map(_HYPERS, self.param_groups))
+
+    def _rebuild(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
+        hypers = self._accept_hypers()
         buckets, cache = self._build()
+        cache.hypers = hypers
         self._step_cache = cache
-        cache.changes = self._changes.count
         return buckets
 
     def _build(self) -> Tuple[List[Tuple[Bucket, ModuleType, ShardKey]], _StepCache]:
@@ -473,9 +432,11 @@ class _LambFamily(Optimizer):
         cache.sharded = any(key[3] for key in buckets)
         if not compiling:
             cache.params = params
-            if _NATIVE is not None and not cache.sharded:
+            cache.locals = list(map(_local, params))
+            if _NATIVE is not None:
                 snapshot = torch.empty(len(params), _SNAPSHOT_COLUMNS, dtype=torch.int64)
                 cache.snapshot = snapshot if _NATIVE.step_cache_snapshot(params, snapshot) else None
+            cache.x_ids = list(map(id, xs))
             cache.x_ptrs = list(map(_DATA_PTR, xs))
             cache.x_strides = list(map(_STRIDE, xs))
             cache.grad_ptrs = list(map(_DATA_PTR, grads))

@@ -212,7 +212,7 @@ def test_sanitize_step_fails_when_a_backend_cannot_run(capsys):
 
 
 def test_sanitize_step_buckets_take_the_path_they_name():
-    # One misaligned tensor sends its whole bucket down the scalar path: the aligned bucket must have none.
+    # The misaligned bucket holds one tensor that takes the scalar path; the aligned bucket holds none.
     for bucket, vector in sanitize_step.VECTOR_PATH.items():
         params = sanitize_step.make_params(bucket, torch.device("cpu"), torch.float32)
         assert all(p.data_ptr() % 16 == 0 for p in params) == vector

@@ -29,9 +29,9 @@ int64_t address(const at::Tensor& t) { return reinterpret_cast<int64_t>(t.data_p
 
 bool plain_dense(const at::Tensor& t) { return t.layout() == at::kStrided && t.has_storage(); }
 
-// The row of parameter x as it is now; false when x or its gradient is of a kind the cache does not watch.
-bool describe(const at::Tensor& x, int64_t* row) {
-  const at::Tensor& g = x.grad();
+// The row of a parameter whose local tensor is x and gradient g (undefined for none); false when either is of a
+// kind the cache does not watch.
+bool describe(const at::Tensor& x, const at::Tensor& g, int64_t* row) {
   row[kHasGrad] = g.defined();
   if (!plain_dense(x) || (g.defined() && !plain_dense(g))) return false;
   row[kParamAddress] = address(x);
@@ -40,6 +40,49 @@ bool describe(const at::Tensor& x, int64_t* row) {
   row[kGradDtype] = g.defined() ? static_cast<int64_t>(g.scalar_type()) : -1;
   row[kGradStrides] = g.defined() ? layout_hash(g) : 0;
   return true;
+}
+
+// A DTensor's local tensor as a new reference (DTensor._local_tensor, what to_local() returns under
+// no_grad), a plain tensor itself; nullptr with no error set when `t` is not a tensor at all.
+PyObject* local_of(PyObject* t) {
+  static PyObject* name = PyUnicode_InternFromString("_local_tensor");
+  PyObject* local = PyObject_GetAttr(t, name);
+  if (local == nullptr) {
+    PyErr_Clear();
+    local = t;
+    Py_INCREF(local);
+  }
+  if (!THPVariable_Check(local)) {
+    Py_DECREF(local);
+    return nullptr;
+  }
+  return local;
+}
+
+// The local tensor and the local gradient of parameter p, as new references (grad is Py_None for none).
+bool locals_of(PyObject* p, PyObject** x, PyObject** grad) {
+  *x = local_of(p);
+  if (*x == nullptr) return false;
+  const at::Tensor& g = THPVariable_Unpack(p).grad();
+  if (!g.defined()) {
+    *grad = Py_None;
+    Py_INCREF(Py_None);
+    return true;
+  }
+  PyObject* wrapped = THPVariable_Wrap(g);
+  *grad = wrapped == nullptr ? nullptr : local_of(wrapped);
+  Py_XDECREF(wrapped);
+  if (*grad == nullptr) {
+    PyErr_Clear();
+    Py_DECREF(*x);
+    return false;
+  }
+  return true;
+}
+
+const at::Tensor& tensor_or_undefined(PyObject* t) {
+  static const at::Tensor undefined;
+  return t == Py_None ? undefined : THPVariable_Unpack(t);
 }
 
 bool tensor_list(PyObject* list) {
@@ -66,53 +109,72 @@ PyObject* step_cache_snapshot(PyObject*, PyObject* const* args, Py_ssize_t nargs
   }
   int64_t* rows = snapshot.data_ptr<int64_t>();
   for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!describe(THPVariable_Unpack(PyList_GET_ITEM(args[0], i)), rows + i * kColumns)) Py_RETURN_FALSE;
+    PyObject *x, *grad;
+    if (!locals_of(PyList_GET_ITEM(args[0], i), &x, &grad)) Py_RETURN_FALSE;
+    const bool ok = describe(THPVariable_Unpack(x), tensor_or_undefined(grad), rows + i * kColumns);
+    Py_DECREF(x);
+    Py_DECREF(grad);
+    if (!ok) Py_RETURN_FALSE;
   }
   Py_RETURN_TRUE;
 }
 
-// check_step_cache(params: list, cached: list, snapshot) -> (int, list | None): kUnchanged or
-// kNewGradientAddresses (the snapshot then holds the new ones) with the gradients of the parameters that
-// have one, in order; or kRebuild, None (a parameter, its storage or layout, or a gradient's presence,
-// dtype or layout changed).
+// check_step_cache(params: list, cached: list, locals: list, snapshot) -> (int, list | None): kUnchanged or
+// kNewGradientAddresses (the snapshot then holds the new ones) with the local gradients of the parameters
+// that have one, in order; or kRebuild, None (a parameter, its local tensor, storage or layout, or a
+// gradient's presence, dtype or layout changed). `cached` and `locals` are the parameters and their local
+// tensors when the snapshot was taken.
 PyObject* check_step_cache(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
-  if (nargs != 3 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !THPVariable_Check(args[2])) {
-    PyErr_SetString(PyExc_TypeError, "check_step_cache(params: list, cached: list, snapshot: Tensor)");
+  if (nargs != 4 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[2]) ||
+      !THPVariable_Check(args[3])) {
+    PyErr_SetString(PyExc_TypeError, "check_step_cache(params: list, cached: list, locals: list, snapshot: Tensor)");
     return nullptr;
   }
   PyObject* params = args[0];
   PyObject* cached = args[1];
-  const at::Tensor& snapshot = THPVariable_Unpack(args[2]);
+  PyObject* cached_locals = args[2];
+  const at::Tensor& snapshot = THPVariable_Unpack(args[3]);
   const Py_ssize_t n = PyList_GET_SIZE(params);
   const auto rebuild = [] { return Py_BuildValue("(lO)", static_cast<long>(kRebuild), Py_None); };
-  if (n != PyList_GET_SIZE(cached) || snapshot.numel() != n * kColumns) return rebuild();
+  if (n != PyList_GET_SIZE(cached) || n != PyList_GET_SIZE(cached_locals) || snapshot.numel() != n * kColumns) {
+    return rebuild();
+  }
   int64_t* rows = snapshot.data_ptr<int64_t>();
   long verdict = kUnchanged;
   PyObject* grads = PyList_New(0);
   if (grads == nullptr) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
-    int64_t now[kColumns];
-    int64_t* row = rows + i * kColumns;
-    const bool same = p == PyList_GET_ITEM(cached, i) &&  // cached holds it: its id cannot be reused
-                      describe(THPVariable_Unpack(p), now) && now[kHasGrad] == row[kHasGrad] &&
-                      (!now[kHasGrad] || (now[kParamAddress] == row[kParamAddress] &&
-                                          now[kParamStrides] == row[kParamStrides] &&
-                                          now[kGradDtype] == row[kGradDtype] && now[kGradStrides] == row[kGradStrides]));
-    if (!same) {
+    PyObject *x, *grad;
+    // The cache holds the parameters and their local tensors: their ids cannot be reused.
+    if (p != PyList_GET_ITEM(cached, i) || !locals_of(p, &x, &grad)) {
       Py_DECREF(grads);
       return rebuild();
     }
-    if (!now[kHasGrad]) continue;
-    if (now[kGradAddress] != row[kGradAddress]) {
-      row[kGradAddress] = now[kGradAddress];
-      verdict = kNewGradientAddresses;
-    }
-    PyObject* grad = THPVariable_Wrap(THPVariable_Unpack(p).grad());
-    if (grad == nullptr || PyList_Append(grads, grad) != 0) {
-      Py_XDECREF(grad);
+    int64_t now[kColumns];
+    int64_t* row = rows + i * kColumns;
+    const bool same = x == PyList_GET_ITEM(cached_locals, i) &&
+                      describe(THPVariable_Unpack(x), tensor_or_undefined(grad), now) &&
+                      now[kHasGrad] == row[kHasGrad] &&
+                      (!now[kHasGrad] || (now[kParamAddress] == row[kParamAddress] &&
+                                          now[kParamStrides] == row[kParamStrides] &&
+                                          now[kGradDtype] == row[kGradDtype] && now[kGradStrides] == row[kGradStrides]));
+    Py_DECREF(x);
+    if (!same) {
+      Py_DECREF(grad);
       Py_DECREF(grads);
-      return nullptr;
+      return rebuild();
+    }
+    if (now[kHasGrad]) {
+      if (now[kGradAddress] != row[kGradAddress]) {
+        row[kGradAddress] = now[kGradAddress];
+        verdict = kNewGradientAddresses;
+      }
+      if (PyList_Append(grads, grad) != 0) {
+        Py_DECREF(grad);
+        Py_DECREF(grads);
+        return nullptr;
+      }
     }
     Py_DECREF(grad);
   }

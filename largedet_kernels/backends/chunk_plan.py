@@ -136,12 +136,22 @@ class ChunkPlan:
         if bucket.hyper_version is not None and bucket.hyper_version == self.hyper_version:
             return self.table
         self.hyper_version = bucket.hyper_version
-        rows = [hyper_row(g) for g in bucket.groups]
-        key = tuple(float(v) for row in rows for v in row)
+        # One row per param group, then one per tensor by a gather on the device: a schedule that changes
+        # lr every step costs a row per group, not per tensor.
+        slots: Dict[int, int] = {}
+        rows, which = [], []
+        for group in bucket.groups:
+            slot = slots.get(id(group))
+            if slot is None:
+                slot = slots[id(group)] = len(rows)
+                rows.append(hyper_row(group))
+            which.append(slot)
+        key = (*(float(v) for row in rows for v in row), *which)
         if key != self.hyper_key:
             _refuse_during_capture("a hyper-parameter (lr?)")
             self.hyper_key = key
-            self.table = to_device(rows, HYPER_DTYPE, bucket.device)
+            table = to_device(rows, HYPER_DTYPE, bucket.device)
+            self.table = table if len(rows) == len(which) else table[to_device(which, torch.int64, bucket.device)]
         return self.table
 
 
