@@ -67,7 +67,7 @@ def _shard_key(p: torch.Tensor) -> ShardKey:
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The local tensor of a DTensor itself, a plain tensor as it is. (``to_local()`` would return a new
     view of it for a parameter each call, at ten times the cost; step() runs under no_grad.)"""
-    return getattr(t, "_local_tensor", t)
+    return t._local_tensor if isinstance(t, DTensor) else t
 
 
 # What step() reads from a param group: a change of any re-validates them and refreshes the hyper tables.
@@ -82,7 +82,7 @@ try:
 except ImportError:
     _NATIVE = None  # type: ignore[assignment]
 _NEW_GRADIENT_ADDRESSES, _REBUILD = 1, 2
-_SNAPSHOT_COLUMNS = 6
+_SNAPSHOT_COLUMNS = 7
 
 # Bucket versions, never reused: a table kept across a rebuild must not match a new bucket's
 # version by chance (NOTE [step cache]).
@@ -457,7 +457,8 @@ class _LambFamily(Optimizer):
         local = [(key, backend.grad_sumsq(b)) for b, backend, key in buckets]
         sumsq = _reduce_per_key(local)  # NOTE [sharded norms]
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sumsq) else torch.float32
-        norm = torch.stack([s.to(device, dtype) for s in sumsq]).sum().sqrt()
+        total = sumsq[0].to(dtype) if len(sumsq) == 1 else torch.stack([s.to(device, dtype) for s in sumsq]).sum()
+        norm = total.sqrt()
         if inv_scale is not None:
             norm = norm * inv_scale.to(device)
         clip = torch.where(norm > max_norm, max_norm / norm, 1.0)

@@ -11,7 +11,16 @@ namespace largedet {
 namespace {
 
 // One row per parameter of the flat list: what the cache was built from.
-enum Column : int64_t { kHasGrad = 0, kParamAddress, kParamStrides, kGradAddress, kGradDtype, kGradStrides, kColumns };
+enum Column : int64_t {
+  kDistributed = 0,  // a DTensor: watched through its local tensor
+  kHasGrad,
+  kParamAddress,
+  kParamStrides,
+  kGradAddress,
+  kGradDtype,
+  kGradStrides,
+  kColumns,
+};
 // What check_step_cache finds.
 enum Verdict : long { kUnchanged = 0, kNewGradientAddresses = 1, kRebuild = 2 };
 
@@ -42,26 +51,23 @@ bool describe(const at::Tensor& x, const at::Tensor& g, int64_t* row) {
   return true;
 }
 
-// A DTensor's local tensor as a new reference (DTensor._local_tensor, what to_local() returns under
-// no_grad), a plain tensor itself; nullptr with no error set when `t` is not a tensor at all.
-PyObject* local_of(PyObject* t) {
+PyObject* local_tensor_name() {
   static PyObject* name = PyUnicode_InternFromString("_local_tensor");
-  PyObject* local = PyObject_GetAttr(t, name);
-  if (local == nullptr) {
-    PyErr_Clear();
-    local = t;
-    Py_INCREF(local);
-  }
-  if (!THPVariable_Check(local)) {
-    Py_DECREF(local);
-    return nullptr;
-  }
+  return name;
+}
+
+// A DTensor's local tensor as a new reference (DTensor._local_tensor, what to_local() returns under
+// no_grad), or a plain tensor itself when `distributed` is false; nullptr, no error set, for anything else.
+PyObject* local_of(PyObject* t, bool distributed) {
+  PyObject* local = distributed ? PyObject_GetAttr(t, local_tensor_name()) : (Py_INCREF(t), t);
+  if (local == nullptr) PyErr_Clear();
+  if (local != nullptr && !THPVariable_Check(local)) Py_CLEAR(local);
   return local;
 }
 
 // The local tensor and the local gradient of parameter p, as new references (grad is Py_None for none).
-bool locals_of(PyObject* p, PyObject** x, PyObject** grad) {
-  *x = local_of(p);
+bool locals_of(PyObject* p, bool distributed, PyObject** x, PyObject** grad) {
+  *x = local_of(p, distributed);
   if (*x == nullptr) return false;
   const at::Tensor& g = THPVariable_Unpack(p).grad();
   if (!g.defined()) {
@@ -70,7 +76,7 @@ bool locals_of(PyObject* p, PyObject** x, PyObject** grad) {
     return true;
   }
   PyObject* wrapped = THPVariable_Wrap(g);
-  *grad = wrapped == nullptr ? nullptr : local_of(wrapped);
+  *grad = wrapped == nullptr ? nullptr : local_of(wrapped, distributed);
   Py_XDECREF(wrapped);
   if (*grad == nullptr) {
     PyErr_Clear();
@@ -93,7 +99,7 @@ bool tensor_list(PyObject* list) {
   return true;
 }
 
-// step_cache_snapshot(params: list[Tensor], snapshot: int64 CPU tensor [len(params), 6]) -> bool:
+// step_cache_snapshot(params: list[Tensor], snapshot: int64 CPU tensor [len(params), kColumns]) -> bool:
 // fills the snapshot; False when a tensor cannot be watched here (the Python check then runs).
 PyObject* step_cache_snapshot(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 2 || !tensor_list(args[0]) || !THPVariable_Check(args[1])) {
@@ -104,13 +110,16 @@ PyObject* step_cache_snapshot(PyObject*, PyObject* const* args, Py_ssize_t nargs
   const Py_ssize_t n = PyList_GET_SIZE(args[0]);
   if (!snapshot.is_cpu() || snapshot.scalar_type() != at::kLong || !snapshot.is_contiguous() ||
       snapshot.numel() != n * kColumns) {
-    PyErr_SetString(PyExc_ValueError, "step_cache_snapshot: the snapshot must be a contiguous CPU int64 [n, 6]");
+    PyErr_SetString(PyExc_ValueError, "step_cache_snapshot: the snapshot must be a contiguous CPU int64 [n, 7]");
     return nullptr;
   }
   int64_t* rows = snapshot.data_ptr<int64_t>();
   for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* p = PyList_GET_ITEM(args[0], i);
+    const int distributed = PyObject_HasAttr(p, local_tensor_name());
     PyObject *x, *grad;
-    if (!locals_of(PyList_GET_ITEM(args[0], i), &x, &grad)) Py_RETURN_FALSE;
+    if (!locals_of(p, distributed, &x, &grad)) Py_RETURN_FALSE;
+    rows[i * kColumns + kDistributed] = distributed;
     const bool ok = describe(THPVariable_Unpack(x), tensor_or_undefined(grad), rows + i * kColumns);
     Py_DECREF(x);
     Py_DECREF(grad);
@@ -145,14 +154,14 @@ PyObject* check_step_cache(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (grads == nullptr) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
+    int64_t* row = rows + i * kColumns;
     PyObject *x, *grad;
     // The cache holds the parameters and their local tensors: their ids cannot be reused.
-    if (p != PyList_GET_ITEM(cached, i) || !locals_of(p, &x, &grad)) {
+    if (p != PyList_GET_ITEM(cached, i) || !locals_of(p, row[kDistributed], &x, &grad)) {
       Py_DECREF(grads);
       return rebuild();
     }
     int64_t now[kColumns];
-    int64_t* row = rows + i * kColumns;
     const bool same = x == PyList_GET_ITEM(cached_locals, i) &&
                       describe(THPVariable_Unpack(x), tensor_or_undefined(grad), now) &&
                       now[kHasGrad] == row[kHasGrad] &&
