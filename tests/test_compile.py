@@ -1,7 +1,7 @@
 """torch.compile(opt.step, fullgraph=True) for the backends whose step dynamo can trace.
 
 The triton and cuda backends address tensors through device pointer tables built from
-data_ptr(), which dynamo cannot trace; they are not covered here.
+data_ptr(), which dynamo cannot trace: compiling their step raises and says so.
 """
 
 import pytest
@@ -46,3 +46,15 @@ def test_compiled_step_matches_eager_without_recompiling(backend, max_grad_norm)
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
         for key in ("step", "exp_avg", "exp_avg_sq"):
             torch.testing.assert_close(opt.state[q][key], eager_opt.state[p][key], rtol=1e-6, atol=1e-9)
+
+
+def test_compiling_a_pointer_table_backend_says_why_it_cannot(triton_backend):
+    # The triton and cuda backends read tensors through data_ptr() tables: refused with the reason, not mistraced.
+    torch._dynamo.reset()
+    p = torch.nn.Parameter(torch.randn(5))
+    p.grad = torch.randn(5)
+    opt = PMDLAMB([p], backend="triton")
+    with pytest.raises(Exception, match="cannot trace the triton backend.*backend='torch'"):
+        torch.compile(opt.step, fullgraph=True, backend="eager")()
+    opt.step()  # eager still steps
+    assert opt.state[p]["step"].item() == 1
