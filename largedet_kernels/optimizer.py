@@ -332,6 +332,8 @@ class _LambFamily(Optimizer):
             if checked is None:
                 return self._rebuild()
             grads, new_addresses = checked
+            # The fused kernels write x through pointer tables: tell autograd, as an in-place op would.
+            torch.autograd.graph.increment_version([params[i] for i in cache.with_grad])
         if new_addresses:
             for b, _, _ in cache.buckets:
                 b.address_version = next(_VERSIONS)
@@ -383,6 +385,7 @@ class _LambFamily(Optimizer):
         buckets, cache = self._build()
         cache.hypers = hypers
         self._step_cache = cache
+        torch.autograd.graph.increment_version([cache.params[i] for i in cache.with_grad])  # as in _buckets
         return buckets
 
     def _build(self) -> Tuple[List[Tuple[Bucket, ModuleType, ShardKey]], _StepCache]:

@@ -367,3 +367,19 @@ def test_a_parameter_swapped_for_another_on_the_same_storage(backend):
             opt.state.pop(old)
 
     _check_event(backend, event)
+
+
+def test_a_step_is_an_in_place_write_to_autograd(backend):
+    # Kernels that write through pointer tables must still advance the version counters that autograd
+    # checks: a graph that saved a parameter before the step cannot be back-propagated after it.
+    a, _ = _pair()
+    opt = PMDLAMB(a, lr=0.05, backend=backend)
+    for seed in range(3):  # the first step builds the cache, the others use it
+        _grads(a, seed)
+        with torch.enable_grad():
+            loss = (a[0] * a[0]).sum()
+        versions = [p._version for p in a]
+        opt.step()
+        assert all(p._version > v for p, v in zip(a, versions))
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            loss.backward()

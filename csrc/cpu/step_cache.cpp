@@ -130,7 +130,7 @@ PyObject* step_cache_snapshot(PyObject*, PyObject* const* args, Py_ssize_t nargs
 
 // check_step_cache(params: list, cached: list, locals: list, snapshot) -> (int, list | None): kUnchanged or
 // kNewGradientAddresses (the snapshot then holds the new ones) with the local gradients of the parameters
-// that have one, in order; or kRebuild, None (a parameter, its local tensor, storage or layout, or a
+// that have one, in order, whose version counters it advances for the step; or kRebuild, None (a parameter, its local tensor, storage or layout, or a
 // gradient's presence, dtype or layout changed). `cached` and `locals` are the parameters and their local
 // tensors when the snapshot was taken.
 PyObject* check_step_cache(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -175,6 +175,9 @@ PyObject* check_step_cache(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       return rebuild();
     }
     if (now[kHasGrad]) {
+      // The kernels write x through the pointer table: tell autograd, as an in-place op would.
+      const at::Tensor& written = THPVariable_Unpack(p);
+      if (!written.is_inference()) written.unsafeGetTensorImpl()->bump_version();
       if (now[kGradAddress] != row[kGradAddress]) {
         row[kGradAddress] = now[kGradAddress];
         verdict = kNewGradientAddresses;
