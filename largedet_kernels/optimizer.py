@@ -439,6 +439,7 @@ class _LambFamily(Optimizer):
             if _NATIVE is not None:
                 snapshot = torch.empty(len(params), _SNAPSHOT_COLUMNS, dtype=torch.int64)
                 cache.snapshot = snapshot if _NATIVE.step_cache_snapshot(params, snapshot) else None
+        if not compiling and cache.snapshot is None:  # what _check_in_python compares
             cache.x_ids = list(map(id, xs))
             cache.x_ptrs = list(map(_DATA_PTR, xs))
             cache.x_strides = list(map(_STRIDE, xs))

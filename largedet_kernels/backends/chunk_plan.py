@@ -261,7 +261,7 @@ def fused_begin_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels
     if pending_rest is None:
         return PendingStep(kernel_sums, finish_kernel_part)
     # Sums in bucket order whichever tensors the kernels took: ranks must agree on the layout.
-    order = _split_order(bucket, kernel_part)
+    order = _split_order(bucket)
     n_kernel = len(kernel_part.params)
 
     def finish(sums: torch.Tensor) -> None:
@@ -273,14 +273,13 @@ def fused_begin_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels
     return PendingStep(torch.empty_like(split_sums).index_copy_(0, order, split_sums), finish)
 
 
-def _split_order(bucket: Bucket, kernel_part: Bucket) -> torch.Tensor:
-    """Bucket positions of the kernel part's tensors, then of the rest's (a device index, kept with the split)."""
+def _split_order(bucket: Bucket) -> torch.Tensor:
+    """Bucket positions of the kernel part's tensors, then of the rest's, as split() made them (a device
+    index, kept with the split)."""
     cached = bucket.derived.get("split_order") if bucket.address_version is not None else None
     if cached is None:
-        kernel_ids = {id(p) for p in kernel_part.params}
-        positions = [i for i, p in enumerate(bucket.params) if id(p) in kernel_ids]
-        positions += [i for i, p in enumerate(bucket.params) if id(p) not in kernel_ids]
-        cached = bucket.derived["split_order"] = to_device(positions, torch.int64, bucket.device)
+        _, _, kernel_idx, rest_idx = bucket.derived["split"]
+        cached = bucket.derived["split_order"] = to_device(kernel_idx + rest_idx, torch.int64, bucket.device)
     return cached
 
 
