@@ -17,7 +17,9 @@ constexpr int kBlockSize = 256;  // threads per block: one block per chunk
 constexpr int kILP = 8;          // elements per thread per step of the walk (NOTE [vector and scalar paths])
 
 // Rows of the pointer table (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py).
-enum PointerRow : int { kX = 0, kG = 1, kM = 2, kV = 3, kStep = 4, kPointerRows = 5 };
+// The master row holds 0 in a bucket without fp32 master weights (NOTE [master weights] in
+// largedet_kernels/optimizer.py).
+enum PointerRow : int { kX = 0, kG = 1, kM = 2, kV = 3, kStep = 4, kMaster = 5, kPointerRows = 6 };
 
 // Columns of the per-tensor hyper-parameter table: chunk_plan.HYPER_COLUMNS, in order. The
 // table is double whatever the math type (NOTE [double coefficients] in
@@ -35,12 +37,14 @@ enum HyperColumn : int {
   kEpsInsideSqrt = 9,
   kAdamWMode = 10,
   kUseTrustRatio = 11,
-  kHyperColumns = 12,
+  kStochasticRounding = 12,  // bf16 parameters without masters (NOTE [stochastic rounding] in csrc/rounding.h)
+  kSeed = 13,                // an integer below 2^32
+  kHyperColumns = 14,
 };
 
 // NOTE [pointer tables]: the device tables of one bucket, built by the host once per parameter set.
 struct ChunkTable {
-  const int64_t* ptrs;          // [5, n_tensors]: addresses of x, g, m, v, step
+  const int64_t* ptrs;          // [kPointerRows, n_tensors]: addresses of x, g, m, v, step, master
   const int64_t* numels;        // [n_tensors]
   const int32_t* chunk_tensor;  // [n_chunks]: tensor of each chunk
   const int32_t* chunk_index;   // [n_chunks]: position of the chunk in its tensor

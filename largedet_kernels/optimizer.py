@@ -29,6 +29,19 @@ NOTE [step cache]
     anything else rebuilds the cache. Gradients are not held between steps:
     ``zero_grad(set_to_none=True)`` frees them. Under torch.compile the cache is bypassed and the
     buckets are built as the graph is traced.
+
+NOTE [master weights]
+    PMD-LAMB moves each tensor by η·α of its norm per step (1.2e-5 of it at η = 1e-3, α = 0.012),
+    far below bf16's rounding step of 2⁻⁸ of a value: rounded to nearest, most updates of a bf16
+    parameter vanish. ``master_weights`` keeps an fp32 copy of each fp16/bf16 parameter in its
+    state (``state["master"]``, a DTensor sharded like its parameter under FSDP2): the step reads
+    and writes the master, forms the trust ratio from ‖master‖, and writes the parameter as the
+    master rounded to nearest. A skipped step (GradScaler's found_inf) leaves it as it is. The
+    masters are in state_dict(); a checkpoint without them starts them from the parameters.
+    ``"auto"`` keeps masters for fp16/bf16 parameters unless stochastic_rounding is asked for,
+    which keeps bf16 parameters without them (NOTE [stochastic rounding] in rounding.py).
+    ``moment_dtype=torch.bfloat16`` stores both moments in bf16 (math in fp32, stores rounded to
+    nearest, r formed from the stored values): 4 B per parameter instead of 8.
 """
 
 import itertools
@@ -41,9 +54,8 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from . import dispatch
+from . import dispatch, rounding
 from .backends import Bucket
-from .backends.torch_foreach import compute_dtype
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -72,7 +84,15 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 # What step() reads from a param group: a change of any re-validates them and refreshes the hyper tables.
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", "cycle_length", "bias_correction", "eps_inside_sqrt",
-              "grad_averaging", "adam_w_mode", "use_nvlamb", "max_grad_norm")  # fmt: skip
+              "grad_averaging", "adam_w_mode", "use_nvlamb", "max_grad_norm", "stochastic_rounding",
+              "seed")  # fmt: skip
+# Hyper-parameters of the whole optimizer: a param group may not differ from the defaults in them.
+OPTIMIZER_WIDE = ("max_grad_norm", "stochastic_rounding", "seed")
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+MASTER_DTYPE = torch.float32
+MOMENT_DTYPES = (torch.float32, torch.bfloat16)
+MASTER_WEIGHTS = ("auto", True, False)
 _HYPERS = operator.itemgetter(*HYPER_KEYS)
 
 
@@ -183,11 +203,16 @@ def _check_hyper(group: Dict[str, Any]) -> None:
     max_norm = group["max_grad_norm"]
     if max_norm is not None and (not isinstance(max_norm, numbers.Real) or not max_norm > 0):
         raise ValueError(f"Invalid max_grad_norm: {max_norm!r} (must be > 0, or None to disable clipping)")
+    if not isinstance(group["stochastic_rounding"], bool):
+        raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (must be True or False)")
+    seed = group["seed"]
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < rounding.SEED_LIMIT:
+        raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**32))")
 
 
-def _moment_like(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """A saved moment as a copy in p's device, math dtype and layout (sharded like p when p is a DTensor)."""
-    dtype = compute_dtype(p.dtype)
+def _state_like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A saved state tensor as a copy in p's device and layout and in ``dtype`` (sharded like p when p is a
+    DTensor)."""
     if isinstance(p, DTensor):
         if isinstance(saved, DTensor):
             if saved.device_mesh == p.device_mesh and saved.placements == p.placements:
@@ -206,9 +231,22 @@ class _LambFamily(Optimizer):
     # GradScaler hands us grad_scale/found_inf instead of unscaling and syncing itself.
     _step_supports_amp_scaling = True
 
-    def __init__(self, params: Iterable, defaults: Dict[str, Any], backend: str) -> None:
+    def __init__(self, params: Iterable, defaults: Dict[str, Any], backend: str, master_weights: Any,
+                 moment_dtype: torch.dtype) -> None:  # fmt: skip
         dispatch.check_backend_name(backend)
+        if not any(master_weights is choice for choice in MASTER_WEIGHTS):
+            raise ValueError(f"Invalid master_weights: {master_weights!r} (must be 'auto', True or False)")
+        if moment_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"Invalid moment_dtype: {moment_dtype!r} (must be torch.float32 or torch.bfloat16)")
+        if master_weights is True and defaults["stochastic_rounding"]:
+            raise ValueError(
+                "stochastic_rounding rounds bf16 parameters that have no fp32 master weights, and "
+                "master_weights=True gives every one a master: pass master_weights='auto' (masters for fp16 only) "
+                "or False"
+            )
         self.backend = backend
+        self.master_weights = master_weights
+        self.moment_dtype = moment_dtype
         self._backend_of_device: Dict[torch.device, Tuple[str, ModuleType]] = {}
         self._bucket_caches: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
         self._step_cache: Optional[_StepCache] = None
@@ -216,11 +254,33 @@ class _LambFamily(Optimizer):
 
     def _check_group(self, group: Dict[str, Any]) -> None:
         _check_hyper(group)
-        if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
-            raise ValueError(
-                "max_grad_norm clips the global gradient norm over all param groups; "
-                "set it on the optimizer, not per param group"
-            )
+        for key in OPTIMIZER_WIDE:
+            if group[key] != self.defaults[key]:
+                why = "clips the global gradient norm over all param groups" if key == "max_grad_norm" else "is"
+                raise ValueError(f"{key} {why} a setting of the whole optimizer: set it on the optimizer, "
+                                 "not per param group")  # fmt: skip
+
+    def _has_master(self, p: torch.Tensor) -> bool:
+        """Whether p's step runs on an fp32 master (NOTE [master weights])."""
+        if p.dtype not in LOW_PRECISION or self.master_weights is False:
+            return False
+        return self.master_weights is True or not (self.defaults["stochastic_rounding"] and p.dtype == torch.bfloat16)
+
+    def _moment_dtype(self, p: torch.Tensor) -> torch.dtype:
+        """The dtype p's moments are stored in."""
+        if p.dtype == torch.float64:
+            if self.moment_dtype != torch.float32:
+                raise ValueError(f"moment_dtype={self.moment_dtype} is for fp32 math: float64 parameters keep "
+                                 "float64 moments; step them with another optimizer, or make them float32")  # fmt: skip
+            return torch.float64
+        return self.moment_dtype
+
+    def _check_parameter_dtype(self, p: torch.Tensor) -> None:
+        self._moment_dtype(p)
+        if p.dtype == torch.float16 and self.defaults["stochastic_rounding"] and not self._has_master(p):
+            raise ValueError("stochastic_rounding rounds bfloat16 parameters; a float16 parameter without a master "
+                             "would be rounded to nearest: pass master_weights='auto' to keep masters for "
+                             "float16")  # fmt: skip
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -234,6 +294,7 @@ class _LambFamily(Optimizer):
                     raise ValueError(f"complex parameters are not supported (got a {p.dtype} parameter)")
                 if not p.is_floating_point():
                     raise ValueError(f"parameters must be floating point (got a {p.dtype} parameter)")
+                self._check_parameter_dtype(p)
                 self._backend(p.device)  # an explicit backend that cannot run raises now, not at the first step
         except Exception:
             self.param_groups.pop()
@@ -243,9 +304,11 @@ class _LambFamily(Optimizer):
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load param groups and state; state goes to each parameter's device.
 
-        torch's default would cast the moments to the parameter dtype (bf16 moments
-        for bf16 parameters) and alias the source tensors; here the moments keep
-        their compute dtype, ``step`` stays a float32 tensor, and everything is copied.
+        torch's default would cast the moments and masters to the parameter dtype (bf16
+        for bf16 parameters) and alias the source tensors; here the moments take this
+        optimizer's ``moment_dtype`` (converted when the checkpoint's differs), masters stay
+        fp32 (started from the parameters when the checkpoint has none; dropped when this
+        optimizer keeps none), ``step`` stays a float32 tensor, and everything is copied.
         """
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
@@ -256,12 +319,15 @@ class _LambFamily(Optimizer):
             if pid not in saved:
                 continue
             s = saved[pid]
+            moment = self._moment_dtype(p)
             state = {
                 "step": torch.as_tensor(s["step"]).to(device=p.device, dtype=torch.float32, copy=True),
-                "exp_avg": _moment_like(s["exp_avg"], p),
-                "exp_avg_sq": _moment_like(s["exp_avg_sq"], p),
+                "exp_avg": _state_like(s["exp_avg"], p, moment),
+                "exp_avg_sq": _state_like(s["exp_avg_sq"], p, moment),
             }
-            for key in ("exp_avg", "exp_avg_sq"):
+            if "master" in s and self._has_master(p):
+                state["master"] = _state_like(s["master"], p, MASTER_DTYPE)
+            for key in state.keys() - {"step"}:
                 if state[key].shape != p.shape:
                     raise ValueError(
                         f"loaded state {key!r} has shape {tuple(state[key].shape)} "
@@ -284,18 +350,26 @@ class _LambFamily(Optimizer):
             if p.grad is None:
                 continue
             state = self.state[p]
+            self._check_parameter_dtype(p)
+            moment_dtype = self._moment_dtype(p)
             if not state:
-                moment = {"dtype": compute_dtype(p.dtype), "memory_format": torch.preserve_format}
+                moment = {"dtype": moment_dtype, "memory_format": torch.preserve_format}
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, **moment)
                 state["exp_avg_sq"] = torch.zeros_like(p, **moment)
-                continue
             for key in ("exp_avg", "exp_avg_sq"):
                 m = state[key]
-                if m.device != p.device or m.dtype != compute_dtype(p.dtype):
-                    state[key] = _moment_like(m, p)
+                if m.device != p.device or m.dtype != moment_dtype:
+                    state[key] = _state_like(m, p, moment_dtype)
             if state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device)
+            # NOTE [master weights]: a new parameter, or a checkpoint without masters, starts them from p.
+            if not self._has_master(p):
+                state.pop("master", None)
+            elif "master" not in state:
+                state["master"] = p.detach().to(MASTER_DTYPE, memory_format=torch.preserve_format, copy=True)
+            elif state["master"].device != p.device:
+                state["master"] = _state_like(state["master"], p, MASTER_DTYPE)
 
     def _buckets(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
         """This step's buckets: from the step cache when nothing they were built from changed."""
@@ -409,7 +483,7 @@ class _LambFamily(Optimizer):
             x, grad = _local(p), _local(p.grad)
             xs.append(x)
             grads.append(grad)
-            key = (x.device, x.dtype, grad.dtype, _shard_key(p))
+            key = (x.device, x.dtype, grad.dtype, _shard_key(p))  # which have masters follows from the dtype
             if key not in buckets:
                 # Under torch.compile the tables are built inside the graph: a cache filled by the first
                 # compiled step would fail its guards and recompile the second.
@@ -425,6 +499,8 @@ class _LambFamily(Optimizer):
             b.exp_avg_sqs.append(_local(state["exp_avg_sq"]))
             b.steps.append(state["step"])
             b.groups.append(group_of[i])
+            if "master" in state:
+                b.masters.append(_local(state["master"]))
         result = [(b, self._backend(b.device)[1], key[3]) for key, b in buckets.items()]
         cache = _StepCache(result, self.state)
         cache.group_ids = list(map(id, groups))
@@ -517,7 +593,13 @@ class PMDLAMB(_LambFamily):
         grad_averaging: weight g by (1−β1) in m (True) or by 1.
         max_grad_norm: clip the global gradient norm over all groups to this
             before the moments; None disables clipping.
-        backend: ``"auto" | "cuda" | "triton" | "torch"``.
+        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
+        master_weights: ``"auto"`` (fp32 masters for fp16/bf16 parameters, but none for
+            bf16 ones under stochastic rounding), True or False (NOTE [master weights]).
+        moment_dtype: ``torch.float32`` or ``torch.bfloat16``: how m and v are stored.
+        stochastic_rounding: round bf16 parameters without masters stochastically, with
+            a dither hashed from (seed, step, element): reproducible on every backend.
+        seed: the dither's seed, an integer in [0, 2**32).
     """
 
     def __init__(
@@ -534,14 +616,19 @@ class PMDLAMB(_LambFamily):
         grad_averaging: bool = True,
         max_grad_norm: Optional[float] = None,
         backend: str = "auto",
+        master_weights: Any = "auto",
+        moment_dtype: torch.dtype = torch.float32,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha,
             cycle_length=cycle_length, bias_correction=bias_correction,
             eps_inside_sqrt=eps_inside_sqrt, grad_averaging=grad_averaging,
             max_grad_norm=max_grad_norm, adam_w_mode=True, use_nvlamb=True,
+            stochastic_rounding=stochastic_rounding, seed=seed,
         )  # fmt: skip
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights, moment_dtype)
 
 
 class LAMB(_LambFamily):
@@ -554,6 +641,7 @@ class LAMB(_LambFamily):
     disables clipping (apex's 0 zeroes every gradient; here 0 is an error),
     gradients are never overwritten (apex writes its update into them), and
     ``max_grad_norm`` cannot differ per param group (apex reads only the default).
+    ``master_weights``, ``moment_dtype``, ``stochastic_rounding`` and ``seed`` are PMDLAMB's.
     """
 
     def __init__(
@@ -571,6 +659,10 @@ class LAMB(_LambFamily):
         max_grad_norm: Optional[float] = 1.0,
         use_nvlamb: bool = False,
         backend: str = "auto",
+        master_weights: Any = "auto",
+        moment_dtype: torch.dtype = torch.float32,
+        stochastic_rounding: bool = False,
+        seed: int = 0,
     ) -> None:
         if amsgrad:
             raise RuntimeError("LAMB does not support the AMSGrad variant.")
@@ -580,8 +672,9 @@ class LAMB(_LambFamily):
             cycle_length=None, bias_correction=bias_correction, eps_inside_sqrt=False,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm,
             adam_w_mode=adam_w_mode, use_nvlamb=use_nvlamb,
+            stochastic_rounding=stochastic_rounding, seed=seed,
         )  # fmt: skip
-        super().__init__(params, defaults, backend)
+        super().__init__(params, defaults, backend, master_weights, moment_dtype)
 
     def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
         super().zero_grad(self.set_grad_none if set_to_none is None else set_to_none)

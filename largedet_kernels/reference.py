@@ -16,12 +16,24 @@ Per parameter tensor x with gradient g and step t (counted from 1)::
 plus the options the optimizers expose: bias correction, no gradient averaging,
 L2 (non-decoupled) weight decay as in apex's ``adam_w_mode=False``, and LAMB's
 rule that skips the trust ratio when weight decay is 0 (``use_nvlamb=False``).
+
+Mixed precision, as plainly:
+
+- master weights: the step runs on the fp32 master (pass it as x), and the
+  parameter is ``store_parameter(master, its dtype)``, rounded to nearest;
+- ``moment_dtype``: m and v are rounded to it (nearest) once updated, and r is
+  formed from the rounded values, which are the state;
+- stochastic rounding: without a master, a bf16 parameter is
+  ``store_parameter(x, bf16, stochastic_rounding=True, seed=..., t=...)``
+  (NOTE [stochastic rounding] in largedet_kernels/rounding.py).
 """
 
 import math
 from typing import Optional, Sequence, Union
 
 import torch
+
+from . import rounding
 
 
 def xi(t: Union[int, torch.Tensor], cycle_length: Optional[int]) -> Union[float, torch.Tensor]:
@@ -65,6 +77,7 @@ def pmd_lamb_step(
     grad_averaging: bool = True,
     adam_w_mode: bool = True,
     use_nvlamb: bool = True,
+    moment_dtype: Optional[torch.dtype] = None,
 ) -> None:
     """One PMD-LAMB step of Algorithm 1 for one tensor; updates x, m and v in place.
 
@@ -72,16 +85,36 @@ def pmd_lamb_step(
     ``t`` may be a 0-d tensor, so that ``torch.compile`` does not specialise on it.
     ``adam_w_mode=False`` adds λx to the gradient instead of to the update
     (apex's L2 mode); ``use_nvlamb=False`` drops the trust ratio when λ = 0.
+    ``moment_dtype`` rounds m and v to that dtype once updated. The two halves,
+    :func:`update_moments` and :func:`update_parameter`, can be called alone.
     """
-    lam = weight_decay
-    if not adam_w_mode:
-        g = g + lam * x
+    update_moments(x, g, m, v, t, beta1=beta1, beta2=beta2, weight_decay=weight_decay, cycle_length=cycle_length,
+                   grad_averaging=grad_averaging, adam_w_mode=adam_w_mode, moment_dtype=moment_dtype)  # fmt: skip
+    update_parameter(x, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, alpha=alpha,
+                     bias_correction=bias_correction, eps_inside_sqrt=eps_inside_sqrt, adam_w_mode=adam_w_mode,
+                     use_nvlamb=use_nvlamb)  # fmt: skip
 
-    # Lines 5–7: decayed moments.
+
+@torch.no_grad()
+def update_moments(x, g, m, v, t, *, beta1: float, beta2: float, weight_decay: float, cycle_length: Optional[int],
+                   grad_averaging: bool, adam_w_mode: bool, moment_dtype: Optional[torch.dtype]) -> None:  # fmt: skip
+    """Lines 5–7 of Algorithm 1: m and v in place, decayed by ξ (rounded to ``moment_dtype`` when given)."""
+    if not adam_w_mode:
+        g = g + weight_decay * x
     decay = xi(t, cycle_length)
     m.mul_(decay * beta1).add_(g, alpha=(1 - beta1) if grad_averaging else 1.0)
     v.mul_(decay * beta2).add_(g * g, alpha=1 - beta2)
+    if moment_dtype is not None:  # the state is what is stored
+        m.copy_(m.to(moment_dtype))
+        v.copy_(v.to(moment_dtype))
 
+
+@torch.no_grad()
+def update_parameter(x, m, v, t, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                     alpha: float, bias_correction: bool, eps_inside_sqrt: bool, adam_w_mode: bool,
+                     use_nvlamb: bool) -> None:  # fmt: skip
+    """Lines 8–10 of Algorithm 1: x in place from the updated m and v."""
+    lam = weight_decay
     # Line 8: the update step r.
     m_hat, v_hat = m, v
     if bias_correction:
@@ -99,3 +132,13 @@ def pmd_lamb_step(
         x_norm, u_norm = torch.linalg.vector_norm(x), torch.linalg.vector_norm(u)
         trust_ratio = torch.where((x_norm > 0) & (u_norm > 0), x_norm / u_norm, 1.0)
     x.sub_(lr * alpha * trust_ratio * u)
+
+
+def store_parameter(
+    x: torch.Tensor, dtype: torch.dtype, *, stochastic_rounding: bool = False, seed: int = 0, t: int = 0
+) -> torch.Tensor:
+    """What a parameter of ``dtype`` holds after a step whose exact result is x: x rounded to nearest, or
+    for bf16 with stochastic rounding, x in float32 rounded with the dither of (seed, t, element index)."""
+    if stochastic_rounding and dtype == torch.bfloat16:
+        return rounding.stochastic_bf16(x.float(), rounding.step_key(seed, torch.tensor(t)))
+    return x.to(dtype)

@@ -48,13 +48,27 @@ def reference_kwargs(group: Dict) -> Dict:
     return kwargs
 
 
+def stepped_value(opt: torch.optim.Optimizer, p: torch.Tensor) -> torch.Tensor:
+    """What a step changes of p: its fp32 master when it has one, else p."""
+    master = opt.state[p].get("master") if opt.state[p] else None
+    return (p if master is None else master).detach()
+
+
+def bf16_moments(opt: torch.optim.Optimizer, p: torch.Tensor) -> bool:
+    return opt.moment_dtype == torch.bfloat16 and p.dtype != torch.float64
+
+
 class ReferenceRun:
-    """The reference's own copy of params, moments and step counts, in float64."""
+    """The reference's own copy of params (their masters, when kept), moments and step counts, in float64.
+
+    With bf16 moments each step is judged in its two halves: the moments within one bf16 rounding of
+    the reference's (float32 and float64 math may round a value near a tie apart), then the parameter
+    from the optimizer's stored moments, which are the state the update is formed from."""
 
     def __init__(self, optimizer: torch.optim.Optimizer) -> None:
         self.opt = optimizer
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.x = [p.detach().double().clone() for p in self.params]
+        self.x = [stepped_value(optimizer, p).double().clone() for p in self.params]
         self.m = [torch.zeros_like(x) for x in self.x]
         self.v = [torch.zeros_like(x) for x in self.x]
         self.t = [0] * len(self.params)
@@ -67,7 +81,7 @@ class ReferenceRun:
         """Start the next reference step from the optimizer's current values."""
         for i, p in enumerate(self.params):
             state = self.opt.state[p]
-            self.x[i] = p.detach().double().clone()
+            self.x[i] = stepped_value(self.opt, p).double().clone()
             if state:
                 self.m[i] = state["exp_avg"].double().clone()
                 self.v[i] = state["exp_avg_sq"].double().clone()
@@ -84,10 +98,26 @@ class ReferenceRun:
         i = 0
         for group in self.opt.param_groups:
             kwargs = reference_kwargs(group)
-            for _ in group["params"]:
+            moment_kwargs = {k: kwargs[k] for k in ("beta1", "beta2", "weight_decay", "cycle_length",
+                                                     "grad_averaging", "adam_w_mode")}  # fmt: skip
+            update_kwargs = {k: kwargs[k] for k in kwargs if k not in ("cycle_length", "grad_averaging")}
+            for p in group["params"]:
                 if g64[i] is not None:
                     self.t[i] += 1
-                    reference.pmd_lamb_step(self.x[i], g64[i] * factor, self.m[i], self.v[i], self.t[i], **kwargs)
+                    x, m, v, t = self.x[i], self.m[i], self.v[i], self.t[i]
+                    if not bf16_moments(self.opt, p):
+                        reference.pmd_lamb_step(x, g64[i] * factor, m, v, t, **kwargs)
+                    else:
+                        reference.update_moments(x, g64[i] * factor, m, v, t, moment_dtype=torch.bfloat16,
+                                                 **moment_kwargs)  # fmt: skip
+                        # The moments are judged against the reference's by assert_close_to_reference.
+                        stored = [self.opt.state[p][k].double() for k in ("exp_avg", "exp_avg_sq")]
+                        reference.update_parameter(x, *stored, t, **update_kwargs)
+                    if "master" in self.opt.state[p]:
+                        x.copy_(x.float())  # what the master stores
+                    else:
+                        x.copy_(reference.store_parameter(x, p.dtype, stochastic_rounding=group["stochastic_rounding"],
+                                                          seed=group["seed"], t=t))  # fmt: skip
                 i += 1
 
 
@@ -107,13 +137,17 @@ def assert_close_to_reference(opt: torch.optim.Optimizer, ref: ReferenceRun, bef
     cancel, and its rounding follows the terms, not the sum."""
     x_before, m_before, v_before = before
     for i, p in enumerate(ref.params):
-        got, want = p.detach().double(), ref.x[i]
+        value = stepped_value(opt, p)
+        got, want = value.double(), ref.x[i]
         update = (want - x_before[i]).abs().max() if want.numel() else torch.tensor(0.0)
-        bound = rtol * update + ulps * ulp(want, p.dtype)
+        bound = rtol * update + ulps * ulp(want, value.dtype)
         err = (got - want).abs()
         assert bool((err <= bound).all()), (
-            f"param {i} {tuple(p.shape)} {p.dtype}: max error {err.max().item():.3e}, update size {update.item():.3e}"
+            f"param {i} {tuple(p.shape)} {value.dtype}: max error {err.max().item():.3e}, "
+            f"update size {update.item():.3e}"
         )
+        if opt.state[p] and "master" in opt.state[p]:  # NOTE [master weights]: the parameter is its master rounded to nearest
+            assert torch.equal(p.detach(), value.to(p.dtype)), f"param {i} is not its master rounded"
         state = opt.state[p]
         if not state:
             continue
@@ -121,7 +155,8 @@ def assert_close_to_reference(opt: torch.optim.Optimizer, ref: ReferenceRun, bef
             got_s = state[name].double()
             scale = torch.maximum(want_s.abs().max(), was.abs().max()) if want_s.numel() else torch.tensor(0.0)
             err = (got_s - want_s).abs()
-            assert bool((err <= rtol * scale + 1e-300).all()), (
+            rounding = ulp(want_s, torch.bfloat16) if bf16_moments(opt, p) else 0.0
+            assert bool((err <= rtol * scale + rounding + 1e-300).all()), (
                 f"{name} of param {i}: max error {err.max().item():.3e} of {scale.item():.3e}"
             )
         assert state["step"].item() == ref.t[i], f"step of param {i}"

@@ -11,7 +11,9 @@
 //   results are the same for 1 and N threads. A tensor of one chunk is one work item: one
 //   thread runs both passes back to back while its x, m and v are still in cache (fp32:
 //   28 B/elem from memory instead of 40). Larger tensors run pass 1 over all their chunks
-//   in parallel, then pass 2.
+//   in parallel, then pass 2. With fp32 masters (NOTE [master weights] in
+//   largedet_kernels/optimizer.py) x is read from the master and written to both; moments
+//   stored in bf16 are read back once stored, so that r is formed from the state.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -22,6 +24,7 @@
 #include <vector>
 
 #include "../pmd_lamb_math.h"
+#include "../rounding.h"
 
 namespace largedet {
 
@@ -41,8 +44,6 @@ constexpr int64_t kTile = 512;       // elements summed in vector lanes before t
 // Math in float32, or float64 for float64 parameters (as on the GPU).
 template <typename X>
 using MathOf = std::conditional_t<std::is_same_v<X, double>, double, float>;
-
-at::ScalarType math_type(const Tensor& param) { return param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename M, typename T>
 at::vec::Vectorized<M> load(const T* p, int64_t n) {
@@ -77,18 +78,48 @@ double lanes_sum(const at::vec::Vectorized<M>& v) {
   return sum;
 }
 
-// One tensor of a bucket: where it lives and what its update needs this step.
-template <typename X, typename G>
+// One tensor of a bucket: where it lives and what its update needs this step. X, G and S are
+// the stored types of the parameter, its gradient and its moments.
+template <typename X, typename G, typename S>
 struct TensorStep {
   using M = MathOf<X>;
   X* x;
   const G* g;
-  M* m;
-  M* v;
+  S* m;
+  S* v;
+  float* master;  // the fp32 master, or null
   int64_t numel;
   const double* row;  // its row of the hyper-parameter table, in double (NOTE [double coefficients]
                       // in largedet_kernels/backends/chunk_plan.py)
   double t;           // the step being taken
+  bool stochastic;    // x rounded stochastically (NOTE [stochastic rounding] in csrc/rounding.h)
+  uint32_t key;       // the rounding key of this step
+
+  // x as the math sees it: the master when there is one.
+  at::vec::Vectorized<M> load_x(int64_t i, int64_t n) const {
+    if constexpr (std::is_same_v<M, float>) {
+      if (master != nullptr) return load<M>(master + i, n);
+    }
+    return load<M>(x + i, n);
+  }
+
+  // The new x, to the master and the parameter.
+  void store_x(const at::vec::Vectorized<M>& value, int64_t i, int64_t n) const {
+    if constexpr (std::is_same_v<X, at::BFloat16>) {
+      if (stochastic && master == nullptr) {
+        M values[at::vec::Vectorized<M>::size()];
+        value.store(values);
+        for (int64_t j = 0; j < n; ++j) {
+          x[i + j] = at::BFloat16(stochastic_bf16_bits(values[j], dither(key, i + j)), at::BFloat16::from_bits());
+        }
+        return;
+      }
+    }
+    if constexpr (std::is_same_v<M, float>) {
+      if (master != nullptr) store(value, master + i, n);
+    }
+    store(value, x + i, n);
+  }
 };
 
 struct Sums {
@@ -96,8 +127,8 @@ struct Sums {
 };
 
 // Pass 1 over [begin, end) of one tensor: m, v in place; returns Σx², Σu² of the range.
-template <typename X, typename G>
-Sums moments_range(const TensorStep<X, G>& s, MathOf<X> factor, int64_t begin, int64_t end) {
+template <typename X, typename G, typename S>
+Sums moments_range(const TensorStep<X, G, S>& s, MathOf<X> factor, int64_t begin, int64_t end) {
   using M = MathOf<X>;
   using Vec = at::vec::Vectorized<M>;
   const StepCoefficients<Vec> c{StepCoefficients<M>(s.row, s.t)};
@@ -108,11 +139,15 @@ Sums moments_range(const TensorStep<X, G>& s, MathOf<X> factor, int64_t begin, i
     Vec acc_x(0), acc_u(0);
     for (int64_t i = tile; i < tile_end; i += Vec::size()) {
       const int64_t n = std::min<int64_t>(Vec::size(), tile_end - i);
-      const Vec x = load<M>(s.x + i, n);
+      const Vec x = s.load_x(i, n);
       Vec m = load<M>(s.m + i, n), v = load<M>(s.v + i, n);
       update_moments(m, v, load<M>(s.g + i, n), x, f, c);
       store(m, s.m + i, n);
       store(v, s.v + i, n);
+      if constexpr (!std::is_same_v<S, M>) {  // r from the stored moments
+        m = load<M>(s.m + i, n);
+        v = load<M>(s.v + i, n);
+      }
       const Vec u = Vec::set(Vec(0), direction(m, v, x, c), n);  // lanes past the end add nothing
       acc_x = acc_x + x * x;
       acc_u = acc_u + u * u;
@@ -124,21 +159,21 @@ Sums moments_range(const TensorStep<X, G>& s, MathOf<X> factor, int64_t begin, i
 }
 
 // Pass 2 over [begin, end) of one tensor: x ← x − ratio·u, u recomputed from the new m, v.
-template <typename X, typename G>
-void update_range(const TensorStep<X, G>& s, MathOf<X> ratio, int64_t begin, int64_t end) {
+template <typename X, typename G, typename S>
+void update_range(const TensorStep<X, G, S>& s, MathOf<X> ratio, int64_t begin, int64_t end) {
   using M = MathOf<X>;
   using Vec = at::vec::Vectorized<M>;
   const StepCoefficients<Vec> c{StepCoefficients<M>(s.row, s.t)};
   const Vec r(ratio);
   for (int64_t i = begin; i < end; i += Vec::size()) {
     const int64_t n = std::min<int64_t>(Vec::size(), end - i);
-    const Vec x = load<M>(s.x + i, n);
-    store(x - r * direction(load<M>(s.m + i, n), load<M>(s.v + i, n), x, c), s.x + i, n);
+    const Vec x = s.load_x(i, n);
+    s.store_x(x - r * direction(load<M>(s.m + i, n), load<M>(s.v + i, n), x, c), i, n);
   }
 }
 
-template <typename X, typename G>
-MathOf<X> ratio_of(const TensorStep<X, G>& s, const Sums& sums) {
+template <typename X, typename G, typename S>
+MathOf<X> ratio_of(const TensorStep<X, G, S>& s, const Sums& sums) {
   using M = MathOf<X>;
   return trust_ratio<M>(s.row, static_cast<M>(sums.x), static_cast<M>(sums.u));
 }
@@ -170,12 +205,12 @@ std::vector<Sums> per_tensor(const std::vector<Item>& items, const std::vector<S
 // NOTE [cpu pointer tables]
 //   Each op comes twice. The tensor-list form (step_, moments_, update_, grad_sumsq) declares what
 //   it mutates, so torch.compile can trace it, and checks every tensor. The table form (table_step_,
-//   ...) takes the addresses from an int64 table [5, n] of x, g, m, v and step, as the GPU kernels
+//   ...) takes the addresses from an int64 table [6, n] of x, g, m, v, step and master, as the GPU kernels
 //   do (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py): converting five lists
 //   of tensors costs ~1.5 us per tensor at the call, more than the step of a small tensor. The
 //   table is the optimizer's, built from tensors it checked and keeps alive, and refreshed when an
 //   address changes (NOTE [step cache] in largedet_kernels/optimizer.py); eager mode only.
-enum Row : int64_t { kRowX = 0, kRowG = 1, kRowM = 2, kRowV = 3, kRowStep = 4, kRows = 5 };
+enum Row : int64_t { kRowX = 0, kRowG = 1, kRowM = 2, kRowV = 3, kRowStep = 4, kRowMaster = 5, kRows = 6 };
 
 // A bucket's addresses and sizes as the table form takes them, from its tensors for the list form.
 struct Table {
@@ -183,9 +218,11 @@ struct Table {
   std::vector<int64_t> numels;
   int64_t n = 0;
 
-  Table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps)
+  Table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
+        TensorList masters)
       : ptrs(kRows * params.size(), 0), n(static_cast<int64_t>(params.size())) {
     for (int64_t i = 0; i < n; ++i) {
+      if (!masters.empty()) ptrs[kRowMaster * n + i] = reinterpret_cast<int64_t>(masters[i].data_ptr());
       ptrs[kRowX * n + i] = reinterpret_cast<int64_t>(params[i].data_ptr());
       if (!grads.empty()) ptrs[kRowG * n + i] = reinterpret_cast<int64_t>(grads[i].data_ptr());
       ptrs[kRowM * n + i] = reinterpret_cast<int64_t>(exp_avgs[i].data_ptr());
@@ -209,7 +246,7 @@ struct Table {
 
   // Only the gradient row filled: what Σg² reads.
   static Table of_gradients(TensorList grads) {
-    Table table({}, {}, {}, {}, {});
+    Table table({}, {}, {}, {}, {}, {});
     table.n = static_cast<int64_t>(grads.size());
     table.ptrs.assign(kRows * table.n, 0);
     for (int64_t i = 0; i < table.n; ++i) {
@@ -225,10 +262,10 @@ struct Table {
   }
 };
 
-template <typename X, typename G>
+template <typename X, typename G, typename S>
 struct BucketStep {
   using M = MathOf<X>;
-  std::vector<TensorStep<X, G>> tensors;
+  std::vector<TensorStep<X, G, S>> tensors;
   const std::vector<int64_t>& numels;
   M factor = 1;
 
@@ -241,8 +278,11 @@ struct BucketStep {
     for (int64_t i = 0; i < table.n; ++i) {
       float* step = table.at<float>(kRowStep, i);
       if (advance) *step += 1.0f;
-      tensors.push_back({table.at<X>(kRowX, i), table.at<const G>(kRowG, i), table.at<M>(kRowM, i),
-                         table.at<M>(kRowV, i), numels[i], rows + i * kHyperColumns, *step});
+      const double* row = rows + i * kHyperColumns;
+      const uint32_t key = rounding_key(static_cast<uint32_t>(row[kSeed]), static_cast<uint32_t>(*step));
+      tensors.push_back({table.at<X>(kRowX, i), table.at<const G>(kRowG, i), table.at<S>(kRowM, i),
+                         table.at<S>(kRowV, i), table.at<float>(kRowMaster, i), numels[i], row, *step,
+                         row[kStochasticRounding] != 0, key});
     }
   }
 
@@ -273,7 +313,7 @@ bool skipped(const c10::optional<Tensor>& found_inf) { return found_inf && found
 
 // Calls f(X{}, G{}) for the bucket's (parameter, gradient) dtypes.
 template <typename F>
-void dispatch(at::ScalarType x, at::ScalarType g, F&& f) {
+void dispatch_xg(at::ScalarType x, at::ScalarType g, F&& f) {
   using at::BFloat16;
   using at::Half;
   if (x == at::kFloat && g == at::kFloat) return f(float{}, float{});
@@ -285,23 +325,44 @@ void dispatch(at::ScalarType x, at::ScalarType g, F&& f) {
   TORCH_CHECK(false, "largedet_cpu: no kernel for ", x, " parameters with ", g, " gradients");
 }
 
+// Calls f(X{}, G{}, S{}) for the bucket's (parameter, gradient, moment) dtypes: moments are stored
+// in the math type, or in bfloat16 beside float32 math.
+template <typename F>
+void dispatch(at::ScalarType x, at::ScalarType g, at::ScalarType m, F&& f) {
+  dispatch_xg(x, g, [&](auto x_tag, auto g_tag) {
+    using X = decltype(x_tag);
+    using M = MathOf<X>;
+    if (m == c10::CppTypeToScalarType<M>::value) return f(x_tag, g_tag, M{});
+    if constexpr (std::is_same_v<M, float>) {
+      if (m == at::kBFloat16) return f(x_tag, g_tag, at::BFloat16{});
+    }
+    TORCH_CHECK(false, "largedet_cpu: no kernel for ", m, " moments of ", x, " parameters");
+  });
+}
+
 void check_bucket(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
-                  TensorList steps) {
+                  TensorList steps, TensorList masters) {
   const size_t n = params.size();
   TORCH_CHECK(n > 0, "largedet_cpu: no tensors to step");
   TORCH_CHECK((grads.empty() || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
-                  steps.size() == n,
-              "largedet_cpu: params, grads, exp_avgs, exp_avg_sqs and steps must have one tensor each per parameter");
-  const at::ScalarType math = math_type(params[0]);
+                  steps.size() == n && (masters.empty() || masters.size() == n),
+              "largedet_cpu: params, grads, exp_avgs, exp_avg_sqs, steps and masters (if any) must have one tensor "
+              "each per parameter");
+  const at::ScalarType moment = exp_avgs[0].scalar_type();
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
     TORCH_CHECK(p.device().is_cpu() && p.is_non_overlapping_and_dense(), "largedet_cpu: parameter ", i,
                 " must be a dense CPU tensor");
     TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "largedet_cpu: parameters of one bucket share a dtype");
     for (const Tensor* t : {&exp_avgs[i], &exp_avg_sqs[i]}) {
-      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == math && t->strides() == p.strides() &&
+      TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == moment && t->strides() == p.strides() &&
                       t->sizes() == p.sizes(),
-                  "largedet_cpu: the moments of parameter ", i, " must be ", math, " CPU tensors laid out like it");
+                  "largedet_cpu: the moments of parameter ", i, " must be ", moment, " CPU tensors laid out like it");
+    }
+    if (!masters.empty()) {
+      TORCH_CHECK(masters[i].device().is_cpu() && masters[i].scalar_type() == at::kFloat &&
+                      masters[i].strides() == p.strides() && masters[i].sizes() == p.sizes(),
+                  "largedet_cpu: the master of parameter ", i, " must be a float32 CPU tensor laid out like it");
     }
     if (!grads.empty()) {
       TORCH_CHECK(grads[i].device().is_cpu() && grads[i].strides() == p.strides() && grads[i].sizes() == p.sizes() &&
@@ -327,14 +388,12 @@ void check_sums(const Tensor& sums, at::ScalarType x, int64_t n) {
 }
 
 // Both passes (NOTE [cpu passes]).
-void step(const Table& table, at::ScalarType x, at::ScalarType g, const Tensor& hyper,
+void step(const Table& table, at::ScalarType x, at::ScalarType g, at::ScalarType m, const Tensor& hyper,
           const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
   check_hyper(hyper, table.n);
   if (skipped(found_inf)) return;  // NOTE [skipped steps]: nothing changes
-  dispatch(x, g, [&](auto x_tag, auto g_tag) {
-    using X = decltype(x_tag);
-    using G = decltype(g_tag);
-    const BucketStep<X, G> b(table, hyper, grad_factor, true);
+  dispatch(x, g, m, [&](auto x_tag, auto g_tag, auto s_tag) {
+    const BucketStep<decltype(x_tag), decltype(g_tag), decltype(s_tag)> b(table, hyper, grad_factor, true);
     // Tensors of one chunk: both passes in one work item, while the tensor is in cache.
     const std::vector<Item> small = chunks_of(b.numels, false);
     at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t lo, int64_t hi) {
@@ -351,17 +410,15 @@ void step(const Table& table, at::ScalarType x, at::ScalarType g, const Tensor& 
 
 // Pass 1 and each tensor's local Σx², Σu² into sums [n, 2] (NOTE [sharded norms] in
 // largedet_kernels/optimizer.py); the steps advance here.
-void moments(const Table& table, at::ScalarType x, at::ScalarType g, const Tensor& hyper,
+void moments(const Table& table, at::ScalarType x, at::ScalarType g, at::ScalarType m, const Tensor& hyper,
              const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf, Tensor& sums) {
   check_hyper(hyper, table.n);
   check_sums(sums, x, table.n);
   sums.zero_();
   if (skipped(found_inf)) return;
-  dispatch(x, g, [&](auto x_tag, auto g_tag) {
-    using X = decltype(x_tag);
-    using G = decltype(g_tag);
-    using M = MathOf<X>;
-    const BucketStep<X, G> b(table, hyper, grad_factor, true);
+  dispatch(x, g, m, [&](auto x_tag, auto g_tag, auto s_tag) {
+    using M = MathOf<decltype(x_tag)>;
+    const BucketStep<decltype(x_tag), decltype(g_tag), decltype(s_tag)> b(table, hyper, grad_factor, true);
     const std::vector<Item> small = chunks_of(b.numels, false), large = chunks_of(b.numels, true);
     const std::vector<Sums> of_small = per_tensor(small, b.moments(small), table.n);
     const std::vector<Sums> of_large = per_tensor(large, b.moments(large), table.n);
@@ -374,19 +431,19 @@ void moments(const Table& table, at::ScalarType x, at::ScalarType g, const Tenso
 }
 
 // Pass 2 with the norms of sums [n, 2] (summed over the shards of each tensor).
-void update(const Table& table, at::ScalarType x, const Tensor& hyper, const c10::optional<Tensor>& found_inf,
-            const Tensor& sums) {
+void update(const Table& table, at::ScalarType x, at::ScalarType m, const Tensor& hyper,
+            const c10::optional<Tensor>& found_inf, const Tensor& sums) {
   check_hyper(hyper, table.n);
   TORCH_CHECK(sums.device().is_cpu() && sums.numel() == 2 * table.n,
               "largedet_cpu: sums must hold 2 values per tensor");
   if (skipped(found_inf)) return;
   const Tensor sums64 = sums.to(at::kDouble).contiguous();
   const double* s = sums64.data_ptr<double>();
-  dispatch(x, x, [&](auto x_tag, auto) {
+  dispatch(x, x, m, [&](auto x_tag, auto, auto s_tag) {
     using X = decltype(x_tag);
     using M = MathOf<X>;
     // The gradient type does not matter to pass 2.
-    const BucketStep<X, X> b(table, hyper, c10::nullopt, false);
+    const BucketStep<X, X, decltype(s_tag)> b(table, hyper, c10::nullopt, false);
     std::vector<M> ratios(table.n);
     for (int64_t i = 0; i < table.n; ++i) {
       ratios[i] = trust_ratio<M>(b.tensors[i].row, static_cast<M>(s[2 * i]), static_cast<M>(s[2 * i + 1]));
@@ -427,24 +484,26 @@ Tensor grad_sumsq(const Table& table, at::ScalarType g_type) {
 
 // The tensor-list form (NOTE [cpu pointer tables]): every tensor checked, then the same work.
 void step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-           const Tensor& hyper, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
-  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps);
-  step(Table(params, grads, exp_avgs, exp_avg_sqs, steps), params[0].scalar_type(), grads[0].scalar_type(), hyper,
-       grad_factor, found_inf);
+           TensorList masters, const Tensor& hyper, const c10::optional<Tensor>& grad_factor,
+           const c10::optional<Tensor>& found_inf) {
+  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, masters);
+  step(Table(params, grads, exp_avgs, exp_avg_sqs, steps, masters), params[0].scalar_type(), grads[0].scalar_type(),
+       exp_avgs[0].scalar_type(), hyper, grad_factor, found_inf);
 }
 
 void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-              const Tensor& hyper, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf,
-              Tensor& sums) {
-  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps);
-  moments(Table(params, grads, exp_avgs, exp_avg_sqs, steps), params[0].scalar_type(), grads[0].scalar_type(),
-          hyper, grad_factor, found_inf, sums);
+              TensorList masters, const Tensor& hyper, const c10::optional<Tensor>& grad_factor,
+              const c10::optional<Tensor>& found_inf, Tensor& sums) {
+  check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, masters);
+  moments(Table(params, grads, exp_avgs, exp_avg_sqs, steps, masters), params[0].scalar_type(),
+          grads[0].scalar_type(), exp_avgs[0].scalar_type(), hyper, grad_factor, found_inf, sums);
 }
 
-void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps, const Tensor& hyper,
-             const c10::optional<Tensor>& found_inf, const Tensor& sums) {
-  check_bucket(params, {}, exp_avgs, exp_avg_sqs, steps);
-  update(Table(params, {}, exp_avgs, exp_avg_sqs, steps), params[0].scalar_type(), hyper, found_inf, sums);
+void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps, TensorList masters,
+             const Tensor& hyper, const c10::optional<Tensor>& found_inf, const Tensor& sums) {
+  check_bucket(params, {}, exp_avgs, exp_avg_sqs, steps, masters);
+  update(Table(params, {}, exp_avgs, exp_avg_sqs, steps, masters), params[0].scalar_type(),
+         exp_avgs[0].scalar_type(), hyper, found_inf, sums);
 }
 
 Tensor grad_sumsq_(TensorList grads) {
@@ -458,18 +517,19 @@ Tensor grad_sumsq_(TensorList grads) {
 
 // The table form (NOTE [cpu pointer tables]).
 void table_step_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x, at::ScalarType g,
-                 const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
-  step(Table(ptrs, numels), x, g, hyper, grad_factor, found_inf);
+                 at::ScalarType m, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
+  step(Table(ptrs, numels), x, g, m, hyper, grad_factor, found_inf);
 }
 
 void table_moments_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x, at::ScalarType g,
-                    const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf, Tensor& sums) {
-  moments(Table(ptrs, numels), x, g, hyper, grad_factor, found_inf, sums);
+                    at::ScalarType m, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf,
+                    Tensor& sums) {
+  moments(Table(ptrs, numels), x, g, m, hyper, grad_factor, found_inf, sums);
 }
 
-void table_update_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x,
+void table_update_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x, at::ScalarType m,
                    const c10::optional<Tensor>& found_inf, const Tensor& sums) {
-  update(Table(ptrs, numels), x, hyper, found_inf, sums);
+  update(Table(ptrs, numels), x, m, hyper, found_inf, sums);
 }
 
 Tensor table_grad_sumsq(const Tensor& ptrs, const Tensor& numels, at::ScalarType g) {
@@ -481,24 +541,25 @@ Tensor table_grad_sumsq(const Tensor& ptrs, const Tensor& numels, at::ScalarType
 TORCH_LIBRARY(largedet_cpu, m) {
   m.def(
       "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] steps, Tensor hyper, Tensor? grad_factor, Tensor? found_inf) -> ()");
+      "Tensor(d!)[] steps, Tensor(e!)[] masters, Tensor hyper, Tensor? grad_factor, Tensor? found_inf) -> ()");
   m.def(
       "moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-      "Tensor(c!)[] steps, Tensor hyper, Tensor? grad_factor, Tensor? found_inf, Tensor(d!) sums) -> ()");
+      "Tensor(c!)[] steps, Tensor[] masters, Tensor hyper, Tensor? grad_factor, Tensor? found_inf, "
+      "Tensor(d!) sums) -> ()");
   m.def(
-      "update_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] steps, Tensor hyper, "
-      "Tensor? found_inf, Tensor sums) -> ()");
+      "update_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] steps, Tensor(b!)[] masters, "
+      "Tensor hyper, Tensor? found_inf, Tensor sums) -> ()");
   m.def("grad_sumsq(Tensor[] grads) -> Tensor");
   // NOTE [cpu pointer tables]: what these write is addressed by `ptrs`, not declared; never traced.
   m.def(
       "table_step_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, ScalarType g_dtype, "
-      "Tensor? grad_factor, Tensor? found_inf) -> ()");
+      "ScalarType m_dtype, Tensor? grad_factor, Tensor? found_inf) -> ()");
   m.def(
       "table_moments_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, ScalarType g_dtype, "
-      "Tensor? grad_factor, Tensor? found_inf, Tensor(a!) sums) -> ()");
+      "ScalarType m_dtype, Tensor? grad_factor, Tensor? found_inf, Tensor(a!) sums) -> ()");
   m.def(
-      "table_update_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, Tensor? found_inf, "
-      "Tensor sums) -> ()");
+      "table_update_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, ScalarType m_dtype, "
+      "Tensor? found_inf, Tensor sums) -> ()");
   m.def("table_grad_sumsq(Tensor ptrs, Tensor numels, ScalarType g_dtype) -> Tensor");
 }
 

@@ -12,6 +12,11 @@ per tensor). A backend module provides:
 ``step(bucket, grad_factor, found_inf) -> None``
     One step for every tensor of the bucket: advance each ``steps`` entry by 1,
     update ``exp_avgs``/``exp_avg_sqs``/``params`` in place, never write ``grads``.
+    With ``masters`` the update reads and writes them, and ``params`` gets them rounded
+    to nearest; without, a bf16 parameter of a group with ``stochastic_rounding`` is
+    rounded stochastically (NOTE [stochastic rounding] in largedet_kernels/rounding.py).
+    The moments are stored in their own dtype (float32, or bfloat16 rounded to
+    nearest; float64 for float64 parameters), and r is formed from the stored values.
     ``grad_factor`` (0-d tensor or None) multiplies every gradient first (it holds
     the GradScaler's 1/scale and the clipping factor). When ``found_inf`` (0-d
     tensor or None) is non-zero, nothing changes: not params, moments nor steps.
@@ -46,6 +51,9 @@ class Bucket:
     exp_avgs: List[torch.Tensor] = field(default_factory=list)
     exp_avg_sqs: List[torch.Tensor] = field(default_factory=list)
     steps: List[torch.Tensor] = field(default_factory=list)
+    # The fp32 master weights of params, or empty: the kernels step them and write params rounded
+    # (NOTE [master weights] in largedet_kernels/optimizer.py).
+    masters: List[torch.Tensor] = field(default_factory=list)
     # groups[i] is the param group of params[i]: per-tensor hyper-parameters.
     groups: List[Dict[str, Any]] = field(default_factory=list)
     # Lives as long as the optimizer: where a backend keeps device-side tables.

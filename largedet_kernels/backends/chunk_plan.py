@@ -2,7 +2,8 @@
 
 NOTE [pointer tables] (also in triton_kernels.py and csrc/multi_tensor_apply.cuh)
     A fused step addresses a bucket's tensors through tables kept on the device:
-    ``ptrs[5, n]`` (int64 addresses of x, g, m, v, step of tensor i), ``numels[n]``
+    ``ptrs[6, n]`` (int64 addresses of x, g, m, v, step and the fp32 master of tensor i,
+    0 for a bucket without masters: NOTE [master weights] in optimizer.py), ``numels[n]``
     (int64: tensors may exceed 2**31 elements), and one entry per chunk of CHUNK
     elements: ``chunk_tensor``/``chunk_index``; ``first_chunk``/``chunk_count``
     per tensor let pass 2 find a tensor's partial norms. Each GPU program/block
@@ -41,7 +42,7 @@ from . import Bucket, PendingStep, torch_foreach
 # weight_g2 weigh g in m and g² in v: 1−β1 (or 1 without grad averaging) and 1−β2.
 HYPER_COLUMNS = (
     "lr_alpha", "beta1", "beta2", "weight_g", "weight_g2", "eps", "weight_decay", "cycle_length",
-    "bias_correction", "eps_inside_sqrt", "adam_w_mode", "use_trust_ratio",
+    "bias_correction", "eps_inside_sqrt", "adam_w_mode", "use_trust_ratio", "stochastic_rounding", "seed",
 )  # fmt: skip
 HYPER_DTYPE = torch.float64  # NOTE [double coefficients]
 
@@ -52,6 +53,7 @@ def hyper_row(group: Dict) -> List[float]:
         group["lr"] * group["alpha"], *group["betas"], *torch_foreach.gradient_weights(group),
         group["eps"], group["weight_decay"], group["cycle_length"] or 0, group["bias_correction"],
         group["eps_inside_sqrt"], group["adam_w_mode"], group["use_nvlamb"] or group["weight_decay"] != 0,
+        group["stochastic_rounding"], group["seed"],
     ]  # fmt: skip
 
 
@@ -126,6 +128,7 @@ class ChunkPlan:
         self.address_version = bucket.address_version
         lists = (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps)
         key = tuple(t.data_ptr() for ts in lists for t in ts)
+        key += tuple(t.data_ptr() for t in bucket.masters) if bucket.masters else (0,) * len(bucket.params)
         if key != self.address_key:
             _refuse_during_capture("a tensor's address (a new gradient tensor?)")
             self.address_key = key
@@ -187,8 +190,8 @@ def split(bucket: Bucket) -> Tuple[Bucket, Optional[Bucket]]:
             rest_idx = [i for i, ok in enumerate(friendly) if not ok]
             kernel_part, rest = Bucket(bucket.device, cache=bucket.cache), Bucket(bucket.device)
             for part, idx in ((kernel_part, kernel_idx), (rest, rest_idx)):
-                for name in ("params", "exp_avgs", "exp_avg_sqs", "steps", "groups"):
-                    setattr(part, name, [getattr(bucket, name)[i] for i in idx])
+                for name in ("params", "exp_avgs", "exp_avg_sqs", "steps", "groups", "masters"):
+                    setattr(part, name, [getattr(bucket, name)[i] for i in idx] if getattr(bucket, name) else [])
             parts = bucket.derived["split"] = (kernel_part, rest, kernel_idx, rest_idx)
             bucket.derived["parts"] = (kernel_part, rest)
     kernel_part, rest, kernel_idx, rest_idx = parts

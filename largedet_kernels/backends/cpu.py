@@ -62,29 +62,32 @@ class _CpuKernels:
     def step(self, bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf) -> None:
         if torch.compiler.is_compiling():
             torch.ops.largedet_cpu.step_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
-                                         bucket.steps, plan.hyper(bucket), grad_factor, found_inf)  # fmt: skip
+                                         bucket.steps, bucket.masters, plan.hyper(bucket), grad_factor,
+                                         found_inf)  # fmt: skip
         else:
             torch.ops.largedet_cpu.table_step_(plan.pointers(bucket), plan.numels, plan.hyper(bucket),
-                                               bucket.params[0].dtype, bucket.grads[0].dtype, grad_factor,
-                                               found_inf)  # fmt: skip
+                                               bucket.params[0].dtype, bucket.grads[0].dtype,
+                                               bucket.exp_avgs[0].dtype, grad_factor, found_inf)  # fmt: skip
 
     def moments(self, bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf) -> None:
         if torch.compiler.is_compiling():
             torch.ops.largedet_cpu.moments_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
-                                            bucket.steps, plan.hyper(bucket), grad_factor, found_inf,
+                                            bucket.steps, bucket.masters, plan.hyper(bucket), grad_factor, found_inf,
                                             plan.sums)  # fmt: skip
         else:
             torch.ops.largedet_cpu.table_moments_(plan.pointers(bucket), plan.numels, plan.hyper(bucket),
-                                                  bucket.params[0].dtype, bucket.grads[0].dtype, grad_factor,
-                                                  found_inf, plan.sums)  # fmt: skip
+                                                  bucket.params[0].dtype, bucket.grads[0].dtype,
+                                                  bucket.exp_avgs[0].dtype, grad_factor, found_inf,
+                                                  plan.sums)  # fmt: skip
 
     def update(self, bucket: Bucket, plan: ChunkPlan, found_inf, sums: torch.Tensor) -> None:
         if torch.compiler.is_compiling():
             torch.ops.largedet_cpu.update_(bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps,
-                                           plan.hyper(bucket), found_inf, sums)  # fmt: skip
+                                           bucket.masters, plan.hyper(bucket), found_inf, sums)  # fmt: skip
         else:
             torch.ops.largedet_cpu.table_update_(plan.pointers(bucket), plan.numels, plan.hyper(bucket),
-                                                 bucket.params[0].dtype, found_inf, sums)  # fmt: skip
+                                                 bucket.params[0].dtype, bucket.exp_avgs[0].dtype, found_inf,
+                                                 sums)  # fmt: skip
 
     def grad_sumsq(self, bucket: Bucket, plan: ChunkPlan) -> torch.Tensor:
         if torch.compiler.is_compiling():

@@ -17,6 +17,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .. import rounding
 from . import Bucket, PendingStep
 
 # Elements per slice on CPU: x, g, m, v and two temporaries of 4 B stay within ~6 MiB.
@@ -82,6 +83,12 @@ def _constants(bucket: Bucket) -> Tuple[torch.Tensor, Dict[str, list]]:
         "decay_in_grad": [0.0 if w else wd for w, wd in zip(adam_w, lam)],
         "decay_in_update": [wd if w else 0.0 for w, wd in zip(adam_w, lam)],
         "bias_correction": [bool(bc) for bc in hyper("bias_correction")],
+        # NOTE [stochastic rounding]: bf16 parameters without masters, in groups that ask for it.
+        "stochastic": [
+            sr and not bucket.masters and p.dtype == torch.bfloat16
+            for sr, p in zip(hyper("stochastic_rounding"), bucket.params)
+        ],
+        "seed": hyper("seed"),
     }
     bucket.derived["constants"] = (bucket.hyper_version, (table, host))
     return table, host
@@ -149,7 +156,7 @@ def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optiona
     for lo, hi in _slices(bucket):
         c = {k: v[lo:hi] for k, v in coeff.items()}
         x, u = _moments(bucket, lo, hi, c, dtype, grad_factor, keep)
-        _apply(bucket.params[lo:hi], x, u, _sums(x, u), c, keep)
+        _apply(bucket, lo, hi, x, u, _sums(x, u), c, keep)
 
 
 def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
@@ -162,7 +169,7 @@ def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: O
 
     def finish(sums: torch.Tensor) -> None:
         for lo, hi, c, x, u in slices:
-            _apply(bucket.params[lo:hi], x, u, sums[lo:hi], c, keep)
+            _apply(bucket, lo, hi, x, u, sums[lo:hi], c, keep)
 
     # u is kept between the passes: this path is for shards, and recomputing u costs more.
     return PendingStep(torch.cat([_sums(x, u) for *_, x, u in slices]), finish)
@@ -170,10 +177,16 @@ def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: O
 
 def _moments(bucket: Bucket, lo: int, hi: int, c, dtype, grad_factor, keep):
     """Pass 1 of Algorithm 1 on tensors [lo, hi) of the bucket (see reference.pmd_lamb_step):
-    m and v in place; returns x in the math dtype and u = r + λx."""
+    m and v in place; returns x in the math dtype (the masters themselves, when kept) and u = r + λx."""
     xs, grads, m, v = bucket.params[lo:hi], bucket.grads[lo:hi], bucket.exp_avgs[lo:hi], bucket.exp_avg_sqs[lo:hi]
     # Working copies in the compute dtype: grads are never written.
-    x = xs if xs[0].dtype == dtype else [p.to(dtype) for p in xs]
+    if bucket.masters:
+        x = bucket.masters[lo:hi]
+    else:
+        x = xs if xs[0].dtype == dtype else [p.to(dtype) for p in xs]
+    stored_m, stored_v = m, v
+    if m[0].dtype != dtype:  # moments stored in another dtype: the math in dtype, the stores rounded
+        m, v = [t.to(dtype) for t in m], [t.to(dtype) for t in v]
     g = [gi.to(dtype) for gi in grads] if grads[0].dtype != dtype else list(grads)
     if keep is not None:  # with found_inf set the factor is 0: make 0·g exactly 0
         g = [torch.nan_to_num(gi, nan=0.0, posinf=0.0, neginf=0.0) for gi in g]
@@ -190,6 +203,10 @@ def _moments(bucket: Bucket, lo: int, hi: int, c, dtype, grad_factor, keep):
         torch._foreach_add_(m, torch._foreach_mul(g, c["weight_g"]))
     torch._foreach_mul_(v, c["decay_v"])
     torch._foreach_addcmul_(v, g, g, c["weight_g2"])
+    if m is not stored_m:  # r is formed from what is stored
+        torch._foreach_copy_(stored_m, m)
+        torch._foreach_copy_(stored_v, v)
+        m, v = [t.to(dtype) for t in stored_m], [t.to(dtype) for t in stored_v]
 
     # r = m̂ / √(v̂ + ε)  or  m̂ / (√v̂ + ε), as m / (denominator · (1−β1^t))
     bias_correction = any(c["bias_correction"])
@@ -218,13 +235,20 @@ def _sums(x: List[torch.Tensor], u: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack([torch.stack(torch._foreach_norm(x)), torch.stack(torch._foreach_norm(u))], 1).square()
 
 
-def _apply(xs, x, u, sums: torch.Tensor, c, keep) -> None:
-    """Pass 2: x ← x − η·α·(‖x‖/‖u‖)·u, the ratio taken as 1 when a norm is 0."""
+def _apply(bucket: Bucket, lo: int, hi: int, x, u, sums: torch.Tensor, c, keep) -> None:
+    """Pass 2: x ← x − η·α·(‖x‖/‖u‖)·u, the ratio taken as 1 when a norm is 0; then the parameters
+    [lo, hi) of the bucket get x rounded, when x is a master or a working copy."""
     x_norm, u_norm = sums.sqrt().unbind(1)
     trusted = c["use_trust"] & (x_norm > 0) & (u_norm > 0)
     ratio = c["lr_alpha"] * torch.where(trusted, x_norm / u_norm, 1.0)
     if keep is not None:
         ratio = torch.where(keep, ratio, 0.0)
     torch._foreach_addcmul_(x, u, ratio.unbind(), value=-1)
-    if x is not xs:
+    xs = bucket.params[lo:hi]
+    if x is xs:
+        return
+    if not any(c["stochastic"]):
         torch._foreach_copy_(xs, x)
+        return
+    for p, xi, stochastic, seed, t in zip(xs, x, c["stochastic"], c["seed"], bucket.steps[lo:hi]):
+        p.copy_(rounding.stochastic_bf16(xi, rounding.step_key(seed, t)) if stochastic else xi)
