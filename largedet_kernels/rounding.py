@@ -28,6 +28,7 @@ MIX_SHIFTS = (16, 15, 16)
 MIX_MULTIPLIERS = (0x7FEB352D, 0x1B873593)
 DITHER_BITS = 16  # the bits float32 has beyond bfloat16's mantissa
 SEED_LIMIT = 1 << 32
+BFLOAT16_QUIET_NAN = 0x7FC0  # what a NaN becomes, as csrc/rounding.h makes it
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
@@ -60,9 +61,8 @@ def dither(key: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def stochastic_bf16(y: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-    """y (float32) rounded stochastically to bfloat16 under a step key."""
+    """y (float32) rounded stochastically to bfloat16 under a step key, formed as bf16 bits."""
     bits = y.view(torch.int32).to(torch.int64) & MASK32
-    kept = (bits + dither(key, memory_index(y))) & (MASK32 ^ ((1 << DITHER_BITS) - 1))
-    kept = torch.where(kept >= 1 << 31, kept - (1 << 32), kept).to(torch.int32)  # back to int32's bit pattern
-    rounded = kept.view(torch.float32).to(torch.bfloat16)  # exact: the dropped bits are zero
-    return torch.where(torch.isnan(y), y.to(torch.bfloat16), rounded)
+    kept = (bits + dither(key, memory_index(y))) >> DITHER_BITS
+    kept = torch.where(torch.isnan(y), BFLOAT16_QUIET_NAN, kept)
+    return torch.where(kept >= 1 << 15, kept - (1 << 16), kept).to(torch.int16).view(torch.bfloat16)

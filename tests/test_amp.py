@@ -43,9 +43,15 @@ def test_scaled_step_equals_unscaled_step(backend, max_grad_norm):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_non_finite_step_changes_nothing(backend, bad, dtype):
-    params, opt, _, _ = _pair(backend, dtype=dtype, max_grad_norm=1.0)
+@pytest.mark.parametrize(
+    "dtype,options",
+    [(torch.float32, {}), (torch.bfloat16, {}), (torch.float16, {}), (torch.float16, dict(moment_dtype=torch.bfloat16)),
+     (torch.bfloat16, dict(stochastic_rounding=True))],
+    ids=["fp32", "bf16-masters", "fp16-masters", "fp16-masters-bf16-moments", "bf16-stochastic"],
+)  # fmt: skip
+def test_non_finite_step_changes_nothing(backend, bad, dtype, options):
+    # Masters included (NOTE [master weights]): _snapshot copies every state tensor.
+    params, opt, _, _ = _pair(backend, dtype=dtype, max_grad_norm=1.0, **options)
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
     for p in params:  # one good step first so that moments and steps are non-trivial
         p.grad = torch.randn_like(p)

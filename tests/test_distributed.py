@@ -126,6 +126,47 @@ def test_fsdp2_shards_step_like_one_process(backend, world, offload):
             assert r["collectives"] == [1 if name == "PMDLAMB" else 2] * STEPS, (name, r["collectives"])
 
 
+def _fsdp_bf16_worker(rank, world, backend):
+    """bf16 parameters with fp32 masters (NOTE [master weights]), sharded and whole, fed the same
+    gradients: the masters are DTensors sharded like their parameters and follow the whole run's."""
+    _use_backend(backend)
+    mesh = init_device_mesh("cpu", (world,))
+    sharded, whole = _model().to(torch.bfloat16), _model().to(torch.bfloat16)
+    fully_shard(sharded, mesh=mesh)
+    opt, ref = (PMDLAMB(m.parameters(), lr=0.05, weight_decay=0.01, cycle_length=3, backend=backend)
+                for m in (sharded, whole))  # fmt: skip
+    worst = 0.0
+    for step in range(STEPS):
+        gen = torch.Generator().manual_seed(200 + step)
+        for p, q in zip(sharded.parameters(), whole.parameters()):
+            g = torch.randn(q.shape, generator=gen).to(torch.bfloat16)
+            q.grad = g
+            p.grad = distribute_tensor(g, mesh, p.placements, src_data_rank=None)
+        opt.step()
+        ref.step()
+        for p, q in zip(sharded.parameters(), whole.parameters()):
+            got, want = opt.state[p]["master"], ref.state[q]["master"]
+            worst = max(worst, ((got.full_tensor() - want).abs().max() / want.abs().max()).item())
+    masters = [opt.state[p]["master"] for p in sharded.parameters()]
+    return dict(
+        worst=worst,
+        sharded_like_params=all(isinstance(m, DTensor) and m.placements == p.placements and m.dtype == torch.float32
+                                for m, p in zip(masters, sharded.parameters())),
+        params_are_rounded_masters=all(torch.equal(p.to_local(), m.to_local().to(torch.bfloat16))
+                                       for m, p in zip(masters, sharded.parameters())),
+        moved=max((p.full_tensor().float() - q.float()).abs().max().item()
+                  for p, q in zip(sharded.parameters(), _model().parameters())),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_fsdp2_bf16_parameters_with_masters_step_like_one_process(backend, world):
+    for r in run_ranks(_fsdp_bf16_worker, world, backend):
+        assert r["sharded_like_params"] and r["params_are_rounded_masters"], r
+        assert r["moved"] > 1e-3, r
+        assert r["worst"] < 1e-6, r
+
+
 def _state_dict_worker(rank, world, backend):
     _use_backend(backend)
     mesh = init_device_mesh("cpu", (world,))
