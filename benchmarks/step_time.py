@@ -8,8 +8,8 @@ set and dtype, all contenders share the parameters and gradients, keep their own
 state, and run interleaved, round after round, so a noisy machine hurts them alike.
 Reported per contender: median (min, max) step time — CUDA events after warm-up on
 a GPU, perf_counter on CPU — effective bytes per element (time × the copy bandwidth
-measured in the same run / N) against the 28 B/elem floor and the 40 B/elem
-two-pass design, kernel launches per step (torch.profiler), host time per step,
+measured in the same run / N) against the one-pass floor and the two-pass design
+of element_bytes (fp32: 28 and 40 B/elem; fp16/bf16 with fp32 masters: 28 and 40 too), kernel launches per step (torch.profiler), host time per step,
 peak extra memory, CUDA-graph replay time where the step is capturable, and the
 speed-up over apex FusedLAMB when apex is present. Writes the table, a JSON of
 every number, and a PNG chart to --out.
@@ -25,7 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -34,9 +34,25 @@ from benchmarks.contenders import CONTENDERS, Contender
 SHAPES_DIR = Path(__file__).parent / "shapes"
 RESULTS_DIR = Path(__file__).parent / "results"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FLOOR_BYTES, TWO_PASS_BYTES = 28, 40  # fp32 bytes per element: one pass (r x,g,m,v; w x,m,v), two passes
+LOW_PRECISION = (torch.bfloat16, torch.float16)
 GPU_SETS, CPU_SETS = ("faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn", "bert_large", "many_small"), (
     "faster_rcnn_r50_fpn", "many_small")  # fmt: skip
+
+
+def element_bytes(x: torch.dtype, g: torch.dtype, masters: bool, moments: torch.dtype) -> Tuple[int, int]:
+    """Bytes per element of a step (NOTE [two passes] in csrc/pmd_lamb.cuh): one pass reads x (its fp32 master,
+    when kept), g, m, v and writes x, the master, m, v; two passes read x or the master, m and v once more.
+    fp32: 28 and 40; bf16 with fp32 gradients and masters: 30 and 42."""
+    size = {d: torch.empty((), dtype=d).element_size() for d in (x, g, moments, torch.float32)}
+    source = size[torch.float32] if masters else size[x]
+    one_pass = source + size[g] + 2 * size[moments] + size[x] + (size[torch.float32] if masters else 0)
+    one_pass += 2 * size[moments]
+    return one_pass, one_pass + source + 2 * size[moments]
+
+
+def default_bytes(dtype: torch.dtype) -> Tuple[int, int]:
+    """element_bytes of PMDLAMB's defaults for parameters and gradients of dtype (masters for fp16/bf16)."""
+    return element_bytes(dtype, dtype, dtype in LOW_PRECISION, torch.float32)
 
 
 def load_shapes(name: str, limit: Optional[int] = None) -> List[List[int]]:
@@ -180,6 +196,7 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
               bandwidth: float) -> Dict:  # fmt: skip
     shapes = load_shapes(name, args.limit)
     numel = sum(torch.Size(s).numel() for s in shapes)
+    floor_bytes, two_pass_bytes = default_bytes(DTYPES[dtype_name])
     params = make_params(shapes, device, DTYPES[dtype_name])
     steps: Dict[str, Callable[[], None]] = {}
     skipped: Dict[str, str] = {}
@@ -205,7 +222,7 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
         row = {
             "median_ms": median, "min_ms": min(times[n]), "max_ms": max(times[n]), "samples": len(times[n]),
             "bytes_per_elem": median / 1e3 * bandwidth / numel,
-            "two_pass_roofline": TWO_PASS_BYTES * numel / bandwidth * 1e3 / median,
+            "two_pass_roofline": two_pass_bytes * numel / bandwidth * 1e3 / median,
             "launches": launches_per_step(step, device), "host_ms": host_ms(step, device, args.steps),
             "peak_extra_mib": None, "graph_replay_ms": None,
         }  # fmt: skip
@@ -222,7 +239,7 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
         row["speedup_vs_apex"] = apex / row["median_ms"] if apex else None
     del steps, params
     return {"set": name, "dtype": dtype_name, "tensors": len(shapes), "params": numel, "rows": rows,
-            "skipped": skipped}  # fmt: skip
+            "skipped": skipped, "floor_bytes": floor_bytes, "two_pass_bytes": two_pass_bytes}  # fmt: skip
 
 
 def _fmt(value, spec: str) -> str:
@@ -232,7 +249,8 @@ def _fmt(value, spec: str) -> str:
 def print_table(result: Dict, meta: Dict) -> None:
     print(f"\n{result['set']} ({result['tensors']} tensors, {result['params'] / 1e6:.1f}M params, {result['dtype']}) "
           f"on {meta['device_name']}; copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s")  # fmt: skip
-    head = ("contender", "median ms", "min", "max", "B/elem", "of 40B", "launches", "host ms", "extra MiB", "graph ms",
+    of = f"of {result['two_pass_bytes']}B"
+    head = ("contender", "median ms", "min", "max", "B/elem", of, "launches", "host ms", "extra MiB", "graph ms",
             "vs apex")  # fmt: skip
     print(f"{head[0]:<21}" + "".join(f"{h:>10}" for h in head[1:]))
     for name, r in result["rows"].items():
@@ -261,7 +279,8 @@ def plot(results: List[Dict], meta: Dict, path: Path) -> None:
         ax_t.set_xlabel("median step time, ms (lower is better)")
         ax_t.set_title(f"{res['set']}, {res['dtype']}: {res['tensors']} tensors, {res['params'] / 1e6:.1f}M params")
         ax_b.barh(names, bpe, color=colors)
-        for x, label in ((FLOOR_BYTES, "28 B floor"), (TWO_PASS_BYTES, "40 B two-pass")):
+        floor_bytes, two_pass_bytes = res["floor_bytes"], res["two_pass_bytes"]
+        for x, label in ((floor_bytes, f"{floor_bytes} B floor"), (two_pass_bytes, f"{two_pass_bytes} B two-pass")):
             ax_b.axvline(x, ls="--", color="k", lw=0.8)
             ax_b.text(x, len(names) - 0.5, label, fontsize=7, ha="left")
         ax_b.set_xlabel("effective bytes per element (time × copy bandwidth / N)")

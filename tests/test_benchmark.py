@@ -5,8 +5,9 @@ import json
 import math
 
 import pytest
+import torch
 
-from benchmarks import host_overhead, step_time
+from benchmarks import host_overhead, mixed_precision, step_time
 from benchmarks.contenders import CONTENDERS
 from conftest import CPU_BACKENDS
 
@@ -105,3 +106,28 @@ def test_host_overhead_times_binding_cpp_under_the_emulator(tmp_path, cuda_emula
         if variant != "sharded" or "cuda/sharded" in result["rows"]:
             row = result["rows"][f"cuda/{variant}"]
             assert row["launch_mode"].startswith("emulated") and row["launches"] >= 1
+
+
+def test_element_bytes_counts_each_stream():
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert step_time.element_bytes(f32, f32, False, f32) == (28, 40)  # r x,g,m,v; w x,m,v; pass 2 r x,m,v
+    assert step_time.element_bytes(bf16, f32, True, f32) == (4 + 4 + 8 + 2 + 4 + 8, 30 + 4 + 8)  # NOTE [master weights]
+    assert step_time.element_bytes(bf16, bf16, False, bf16) == (2 + 2 + 4 + 2 + 4, 14 + 2 + 4)
+
+
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in ("torch", "cpu")])
+def test_mixed_precision_benchmark_smoke(backend, tmp_path):
+    doc = mixed_precision.main(["--device", "cpu", "--backend", backend, "--limit", "4", "--rounds", "1", "--steps", "1",
+                                "--scenario-steps", "1", "3", "--out", str(tmp_path)])  # fmt: skip
+    (written,) = tmp_path.glob("mixed-precision-*.json")
+    assert json.loads(written.read_text()) == json.loads(json.dumps(doc))
+    rows = doc["rows"]
+    assert set(rows) == set(mixed_precision.SETTINGS)
+    assert rows["fp32"]["vs_fp32"] == 1.0
+    # Bytes per parameter, from the tensors: fp32 x, g and two moments; bf16 x, g, an fp32 master, fp32 moments.
+    assert rows["fp32"]["memory_bytes_per_param"] == dict(param=4, grad=4, state=8, total=16)
+    assert rows["bf16 + masters"]["memory_bytes_per_param"] == dict(param=2, grad=2, state=12, total=16)
+    assert rows["bf16 + stochastic rounding + bf16 moments"]["memory_bytes_per_param"]["total"] == 8
+    for name, row in rows.items():
+        assert math.isfinite(row["ns_per_elem"]) and row["ns_per_elem"] > 0, name
+        assert set(row["scenario_loss"]) == {"start", "after_1", "after_3"}, name

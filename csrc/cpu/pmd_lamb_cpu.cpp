@@ -16,6 +16,7 @@
 //   stored in bf16 are read back once stored, so that r is formed from the state.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -45,27 +46,58 @@ constexpr int64_t kTile = 512;       // elements summed in vector lanes before t
 template <typename X>
 using MathOf = std::conditional_t<std::is_same_v<X, double>, double, float>;
 
+// Whether T is a 16-bit float that at::vec widens to, and narrows from, float vectors in registers.
+template <typename M, typename T>
+constexpr bool kWidened = std::is_same_v<M, float> && at::vec::is_reduced_floating_point_v<T>;
+
+// n elements of p as a vector of M: full vectors of 16-bit floats convert in registers (most of the
+// traffic of bf16 training: parameters, gradients, bf16 moments), the rest through a buffer.
 template <typename M, typename T>
 at::vec::Vectorized<M> load(const T* p, int64_t n) {
   using Vec = at::vec::Vectorized<M>;
   if constexpr (std::is_same_v<T, M>) {
     return n == Vec::size() ? Vec::loadu(p) : Vec::loadu(p, n);
   } else {
+    if constexpr (kWidened<M, T>) {
+      if (n == Vec::size()) {
+        Vec out;
+        at::vec::load_to_float(p, out);
+        return out;
+      }
+    }
     M buf[Vec::size()] = {};
     for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<M>(p[j]);
     return Vec::loadu(buf);
   }
 }
 
+// v's first n lanes to p, rounded to nearest.
 template <typename M, typename T>
 void store(const at::vec::Vectorized<M>& v, T* p, int64_t n) {
   using Vec = at::vec::Vectorized<M>;
   if constexpr (std::is_same_v<T, M>) {
     n == Vec::size() ? v.store(p) : v.store(p, n);
   } else {
+    if constexpr (kWidened<M, T>) {
+      if (n == Vec::size()) {
+        at::vec::convert_from_float<T>(v, v).store(p, Vec::size());
+        return;
+      }
+    }
     M buf[Vec::size()];
     v.store(buf);
     for (int64_t j = 0; j < n; ++j) p[j] = static_cast<T>(buf[j]);
+  }
+}
+
+// v as it reads back once stored as T (rounded to nearest), without the round trip through memory.
+template <typename T, typename M>
+at::vec::Vectorized<M> rounded(const at::vec::Vectorized<M>& v) {
+  if constexpr (kWidened<M, T>) {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(v, v)));
+  } else {
+    static_assert(std::is_same_v<T, M>, "moments are stored in the math type or in a 16-bit float");
+    return v;
   }
 }
 
@@ -142,12 +174,10 @@ Sums moments_range(const TensorStep<X, G, S>& s, MathOf<X> factor, int64_t begin
       const Vec x = s.load_x(i, n);
       Vec m = load<M>(s.m + i, n), v = load<M>(s.v + i, n);
       update_moments(m, v, load<M>(s.g + i, n), x, f, c);
+      m = rounded<S>(m);  // r from the moments as stored
+      v = rounded<S>(v);
       store(m, s.m + i, n);
       store(v, s.v + i, n);
-      if constexpr (!std::is_same_v<S, M>) {  // r from the stored moments
-        m = load<M>(s.m + i, n);
-        v = load<M>(s.v + i, n);
-      }
       const Vec u = Vec::set(Vec(0), direction(m, v, x, c), n);  // lanes past the end add nothing
       acc_x = acc_x + x * x;
       acc_u = acc_u + u * u;
