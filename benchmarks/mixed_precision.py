@@ -140,7 +140,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         rows[name]["scenario_loss"] = scenario(backend, dtype, options, device, args.scenario_steps)
     print(f"{args.set}: {meta['tensors']} tensors, {meta['params'] / 1e6:.1f}M params, backend {backend} on "
           f"{meta['device_name']}, {meta['threads']} threads")  # fmt: skip
-    head = ("setting", "ns/elem", "vs fp32", "B/param", "state B", "B/step", *(f"loss@{n}" for n in args.scenario_steps))
+    losses = tuple(f"loss@{n}" for n in args.scenario_steps)
+    head = ("setting", "ns/elem", "vs fp32", "B/param", "state B", "B/step", *losses)
     print(f"{head[0]:<44}" + "".join(f"{h:>10}" for h in head[1:]))
     for name, r in rows.items():
         mem, loss = r["memory_bytes_per_param"], r["scenario_loss"]

@@ -9,7 +9,8 @@ state, and run interleaved, round after round, so a noisy machine hurts them ali
 Reported per contender: median (min, max) step time — CUDA events after warm-up on
 a GPU, perf_counter on CPU — effective bytes per element (time × the copy bandwidth
 measured in the same run / N) against the one-pass floor and the two-pass design
-of element_bytes (fp32: 28 and 40 B/elem; fp16/bf16 with fp32 masters: 28 and 40 too), kernel launches per step (torch.profiler), host time per step,
+of element_bytes (fp32: 28 and 40 B/elem; fp16/bf16 with fp32 masters: 28 and 40 too),
+kernel launches per step (torch.profiler), host time per step,
 peak extra memory, CUDA-graph replay time where the step is capturable, and the
 speed-up over apex FusedLAMB when apex is present. Writes the table, a JSON of
 every number, and a PNG chart to --out.

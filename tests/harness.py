@@ -146,7 +146,7 @@ def assert_close_to_reference(opt: torch.optim.Optimizer, ref: ReferenceRun, bef
             f"param {i} {tuple(p.shape)} {value.dtype}: max error {err.max().item():.3e}, "
             f"update size {update.item():.3e}"
         )
-        if opt.state[p] and "master" in opt.state[p]:  # NOTE [master weights]: the parameter is its master rounded to nearest
+        if opt.state[p] and "master" in opt.state[p]:  # NOTE [master weights]: p is its master rounded to nearest
             assert torch.equal(p.detach(), value.to(p.dtype)), f"param {i} is not its master rounded"
         state = opt.state[p]
         if not state:

@@ -117,8 +117,8 @@ def test_element_bytes_counts_each_stream():
 
 @pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b in ("torch", "cpu")])
 def test_mixed_precision_benchmark_smoke(backend, tmp_path):
-    doc = mixed_precision.main(["--device", "cpu", "--backend", backend, "--limit", "4", "--rounds", "1", "--steps", "1",
-                                "--scenario-steps", "1", "3", "--out", str(tmp_path)])  # fmt: skip
+    doc = mixed_precision.main(["--device", "cpu", "--backend", backend, "--limit", "4", "--rounds", "1",
+                                "--steps", "1", "--scenario-steps", "1", "3", "--out", str(tmp_path)])  # fmt: skip
     (written,) = tmp_path.glob("mixed-precision-*.json")
     assert json.loads(written.read_text()) == json.loads(json.dumps(doc))
     rows = doc["rows"]
