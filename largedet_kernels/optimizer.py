@@ -37,7 +37,10 @@ NOTE [master weights]
     state (``state["master"]``, a DTensor sharded like its parameter under FSDP2): the step reads
     and writes the master, forms the trust ratio from ‖master‖, and writes the parameter as the
     master rounded to nearest. A skipped step (GradScaler's found_inf) leaves it as it is. The
-    masters are in state_dict(); a checkpoint without them starts them from the parameters.
+    masters are in state_dict(); a checkpoint without them starts them from the parameters. A
+    parameter written by anything but the optimizer between two steps (``model.load_state_dict``,
+    an in-place re-initialisation: its version counter moved) hands its new value to its master
+    at the next step, so the master never writes an old value back over it.
     ``"auto"`` keeps masters for fp16/bf16 parameters unless stochastic_rounding is asked for,
     which keeps bf16 parameters without them (NOTE [stochastic rounding] in rounding.py).
     ``moment_dtype=torch.bfloat16`` stores both moments in bf16 (math in fp32, stores rounded to
@@ -102,7 +105,7 @@ try:
 except ImportError:
     _NATIVE = None  # type: ignore[assignment]
 _NEW_GRADIENT_ADDRESSES, _REBUILD = 1, 2
-_SNAPSHOT_COLUMNS = 7
+_SNAPSHOT_COLUMNS = 8
 
 # Bucket versions, never reused: a table kept across a rebuild must not match a new bucket's
 # version by chance (NOTE [step cache]).
@@ -144,6 +147,31 @@ class _StepCache:
         self.params: List[torch.Tensor] = []
         self.locals: List[torch.Tensor] = []
         self.snapshot: Optional[torch.Tensor] = None
+        # Positions of the parameters with masters, and (the Python check's) their version counters.
+        self.with_master: List[int] = []
+        self.versions: List[int] = []
+
+    def watch(self, grads: List[torch.Tensor]) -> None:
+        """Take what the per-step check compares: in C++ (a snapshot) where it can, else as lists."""
+        if _NATIVE is not None:
+            snapshot = torch.empty(len(self.params), _SNAPSHOT_COLUMNS, dtype=torch.int64)
+            self.snapshot = snapshot if _NATIVE.step_cache_snapshot(self.params, snapshot) else None
+        if self.snapshot is None:
+            xs = self.xs
+            self.x_ids = list(map(id, xs))
+            self.x_ptrs = list(map(_DATA_PTR, xs))
+            self.x_strides = list(map(_STRIDE, xs))
+            self.grad_ptrs = list(map(_DATA_PTR, grads))
+            self.grad_dtypes = list(map(_DTYPE, grads))
+            self.grad_strides = list(map(_STRIDE, grads))
+
+    def record_versions(self) -> None:
+        """The version counters of the parameters with masters as this step leaves them (NOTE [master weights]):
+        the next check tells writes from outside by them."""
+        if self.snapshot is not None:
+            _NATIVE.record_versions(self.params, self.snapshot, self.with_master)
+        else:
+            self.versions = [self.params[i]._version for i in self.with_master]
 
 
 def _all_reduce(key: ShardKey, tensor: torch.Tensor) -> None:
@@ -397,7 +425,7 @@ class _LambFamily(Optimizer):
                 b.hyper_version = next(_VERSIONS)
         params = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
         if cache.snapshot is not None:
-            verdict, grads = _NATIVE.check_step_cache(params, cache.params, cache.locals, cache.snapshot)
+            verdict, grads, written = _NATIVE.check_step_cache(params, cache.params, cache.locals, cache.snapshot)
             new_addresses = verdict == _NEW_GRADIENT_ADDRESSES
             if verdict == _REBUILD:
                 return self._rebuild()
@@ -406,8 +434,12 @@ class _LambFamily(Optimizer):
             if checked is None:
                 return self._rebuild()
             grads, new_addresses = checked
+            versions = [params[i]._version for i in cache.with_master] if cache.versions else []
+            written = [i for i, v, was in zip(cache.with_master, versions, cache.versions) if v != was]
             # The fused kernels write x through pointer tables: tell autograd, as an in-place op would.
             torch.autograd.graph.increment_version([params[i] for i in cache.with_grad])
+        if written:
+            self._refresh_masters([params[i] for i in written])
         if new_addresses:
             for b, _, _ in cache.buckets:
                 b.address_version = next(_VERSIONS)
@@ -447,6 +479,14 @@ class _LambFamily(Optimizer):
         cache.grad_ptrs = grad_ptrs
         return grads, new_addresses
 
+    def _refresh_masters(self, written: List[torch.Tensor]) -> None:
+        """NOTE [master weights]: parameters written from outside since the last step hand their masters the
+        value they hold now."""
+        for p in written:
+            state = self.state.get(p)
+            if state and "master" in state:
+                state["master"].copy_(p.detach())
+
     def _accept_hypers(self) -> List[Tuple[Any, ...]]:
         """Every group's hyper-parameters, checked, as the step cache compares them."""
         for group in self.param_groups:
@@ -456,15 +496,16 @@ class _LambFamily(Optimizer):
 
     def _rebuild(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
         hypers = self._accept_hypers()
-        buckets, cache = self._build()
+        buckets, cache, grads = self._build()
         cache.hypers = hypers
         self._step_cache = cache
         torch.autograd.graph.increment_version([cache.params[i] for i in cache.with_grad])  # as in _buckets
+        cache.watch(grads)  # after the bump: the version counters as this step leaves them
         return buckets
 
-    def _build(self) -> Tuple[List[Tuple[Bucket, ModuleType, ShardKey]], _StepCache]:
+    def _build(self) -> Tuple[List[Tuple[Bucket, ModuleType, ShardKey]], _StepCache, List[torch.Tensor]]:
         """(bucket, backend module, shard key) per (device, param dtype, grad dtype, shard key), state
-        initialised, and the step cache that describes them."""
+        initialised, the step cache that describes them, and the local gradients of the parameters with one."""
         groups = self.param_groups
         params = list(itertools.chain.from_iterable(g["params"] for g in groups))
         group_of = [g for g in groups for _ in g["params"]]
@@ -512,19 +553,10 @@ class _LambFamily(Optimizer):
         if not compiling:
             cache.params = params
             cache.locals = list(map(_local, params))
-            if _NATIVE is not None:
-                snapshot = torch.empty(len(params), _SNAPSHOT_COLUMNS, dtype=torch.int64)
-                cache.snapshot = snapshot if _NATIVE.step_cache_snapshot(params, snapshot) else None
-        if not compiling and cache.snapshot is None:  # what _check_in_python compares
-            cache.x_ids = list(map(id, xs))
-            cache.x_ptrs = list(map(_DATA_PTR, xs))
-            cache.x_strides = list(map(_STRIDE, xs))
-            cache.grad_ptrs = list(map(_DATA_PTR, grads))
-            cache.grad_dtypes = list(map(_DTYPE, grads))
-            cache.grad_strides = list(map(_STRIDE, grads))
+            cache.with_master = [i for i in with_grad if "master" in self.state[params[i]]]
         in_order = len(buckets) == 1
         cache.positions = [None if in_order else positions[key] for key in buckets]
-        return result, cache
+        return result, cache, grads
 
     def _grad_factor(self, buckets: List[Tuple[Bucket, ModuleType, ShardKey]]) -> Optional[torch.Tensor]:
         """What every gradient is multiplied by: GradScaler's 1/scale × the clip factor."""
@@ -572,6 +604,8 @@ class _LambFamily(Optimizer):
                 p.finish(global_sums)
         for bucket, _, _ in buckets:
             bucket.release()
+        if self._step_cache is not None and self._step_cache.with_master and not torch.compiler.is_compiling():
+            self._step_cache.record_versions()
         return loss
 
 

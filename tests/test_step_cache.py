@@ -383,3 +383,29 @@ def test_a_step_is_an_in_place_write_to_autograd(backend):
         assert all(p._version > v for p, v in zip(a, versions))
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             loss.backward()
+
+
+def test_a_parameter_written_from_outside_hands_its_value_to_its_master(backend):
+    # NOTE [master weights]: the step's own writes move the version counters too; only the others count.
+    a, b = _pair(torch.bfloat16)
+    opt = PMDLAMB(a, lr=0.05, backend=backend)
+    for seed in range(2):
+        _grads(a, seed)
+        opt.step()
+    with torch.no_grad():  # as model.load_state_dict writes a parameter
+        a[1].copy_(torch.randn(SHAPES[1], generator=torch.Generator().manual_seed(5)))
+    for p, q in zip(a, b):
+        q.data.copy_(p.data)
+    saved = opt.state_dict()
+    saved["state"] = {k: dict(v) for k, v in saved["state"].items()}
+    del saved["state"][1]["master"]  # the twin starts that master from the written value
+    twin = PMDLAMB(b, lr=0.05, backend=backend)
+    twin.load_state_dict(saved)
+    for seed in (10, 11):
+        _grads(a, seed)
+        _grads(b, seed)
+        opt.step()
+        twin.step()
+        _assert_same(a, b)
+        for p, q in zip(a, b):
+            assert torch.equal(opt.state[p]["master"], twin.state[q]["master"])

@@ -19,6 +19,7 @@ enum Column : int64_t {
   kGradAddress,
   kGradDtype,
   kGradStrides,
+  kVersion,  // the parameter's version counter as the last step left it (record_versions), or -1: unwatched
   kColumns,
 };
 // What check_step_cache finds.
@@ -49,6 +50,12 @@ bool describe(const at::Tensor& x, const at::Tensor& g, int64_t* row) {
   row[kGradDtype] = g.defined() ? static_cast<int64_t>(g.scalar_type()) : -1;
   row[kGradStrides] = g.defined() ? layout_hash(g) : 0;
   return true;
+}
+
+// The version counter of a parameter (of the DTensor itself, for one: what an in-place op on it advances).
+int64_t version(PyObject* p) {
+  const at::Tensor& t = THPVariable_Unpack(p);
+  return t.is_inference() ? 0 : static_cast<int64_t>(t.unsafeGetTensorImpl()->version_counter().current_version());
 }
 
 PyObject* local_tensor_name() {
@@ -110,7 +117,7 @@ PyObject* step_cache_snapshot(PyObject*, PyObject* const* args, Py_ssize_t nargs
   const Py_ssize_t n = PyList_GET_SIZE(args[0]);
   if (!snapshot.is_cpu() || snapshot.scalar_type() != at::kLong || !snapshot.is_contiguous() ||
       snapshot.numel() != n * kColumns) {
-    PyErr_SetString(PyExc_ValueError, "step_cache_snapshot: the snapshot must be a contiguous CPU int64 [n, 7]");
+    PyErr_SetString(PyExc_ValueError, "step_cache_snapshot: the snapshot must be a contiguous CPU int64 [n, 8]");
     return nullptr;
   }
   int64_t* rows = snapshot.data_ptr<int64_t>();
@@ -120,6 +127,7 @@ PyObject* step_cache_snapshot(PyObject*, PyObject* const* args, Py_ssize_t nargs
     PyObject *x, *grad;
     if (!locals_of(p, distributed, &x, &grad)) Py_RETURN_FALSE;
     rows[i * kColumns + kDistributed] = distributed;
+    rows[i * kColumns + kVersion] = -1;
     const bool ok = describe(THPVariable_Unpack(x), tensor_or_undefined(grad), rows + i * kColumns);
     Py_DECREF(x);
     Py_DECREF(grad);
@@ -128,11 +136,12 @@ PyObject* step_cache_snapshot(PyObject*, PyObject* const* args, Py_ssize_t nargs
   Py_RETURN_TRUE;
 }
 
-// check_step_cache(params: list, cached: list, locals: list, snapshot) -> (int, list | None): kUnchanged or
-// kNewGradientAddresses (the snapshot then holds the new ones) with the local gradients of the parameters
-// that have one, in order, whose version counters it advances for the step; or kRebuild, None (a parameter, its local tensor, storage or layout, or a
-// gradient's presence, dtype or layout changed). `cached` and `locals` are the parameters and their local
-// tensors when the snapshot was taken.
+// check_step_cache(params: list, cached: list, locals: list, snapshot) -> (int, list | None, list | None):
+// kUnchanged or kNewGradientAddresses (the snapshot then holds the new ones) with the local gradients of the
+// parameters that have one, in order, whose version counters it advances for the step, and the positions of
+// the parameters written since the last step by anything else (their version counters moved); or kRebuild,
+// None, None (a parameter, its local tensor, storage or layout, or a gradient's presence, dtype or layout
+// changed). `cached` and `locals` are the parameters and their local tensors when the snapshot was taken.
 PyObject* check_step_cache(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 4 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[2]) ||
       !THPVariable_Check(args[3])) {
@@ -144,23 +153,30 @@ PyObject* check_step_cache(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   PyObject* cached_locals = args[2];
   const at::Tensor& snapshot = THPVariable_Unpack(args[3]);
   const Py_ssize_t n = PyList_GET_SIZE(params);
-  const auto rebuild = [] { return Py_BuildValue("(lO)", static_cast<long>(kRebuild), Py_None); };
+  const auto rebuild = [] { return Py_BuildValue("(lOO)", static_cast<long>(kRebuild), Py_None, Py_None); };
   if (n != PyList_GET_SIZE(cached) || n != PyList_GET_SIZE(cached_locals) || snapshot.numel() != n * kColumns) {
     return rebuild();
   }
   int64_t* rows = snapshot.data_ptr<int64_t>();
   long verdict = kUnchanged;
   PyObject* grads = PyList_New(0);
-  if (grads == nullptr) return nullptr;
+  PyObject* written = PyList_New(0);
+  if (grads == nullptr || written == nullptr) {
+    Py_XDECREF(grads);
+    Py_XDECREF(written);
+    return nullptr;
+  }
+  const auto fail = [&](PyObject* result) {
+    Py_DECREF(grads);
+    Py_DECREF(written);
+    return result;
+  };
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* p = PyList_GET_ITEM(params, i);
     int64_t* row = rows + i * kColumns;
     PyObject *x, *grad;
     // The cache holds the parameters and their local tensors: their ids cannot be reused.
-    if (p != PyList_GET_ITEM(cached, i) || !locals_of(p, row[kDistributed], &x, &grad)) {
-      Py_DECREF(grads);
-      return rebuild();
-    }
+    if (p != PyList_GET_ITEM(cached, i) || !locals_of(p, row[kDistributed], &x, &grad)) return fail(rebuild());
     int64_t now[kColumns];
     const bool same = x == PyList_GET_ITEM(cached_locals, i) &&
                       describe(THPVariable_Unpack(x), tensor_or_undefined(grad), now) &&
@@ -171,33 +187,67 @@ PyObject* check_step_cache(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     Py_DECREF(x);
     if (!same) {
       Py_DECREF(grad);
-      Py_DECREF(grads);
-      return rebuild();
+      return fail(rebuild());
+    }
+    if (row[kVersion] >= 0 && version(p) != row[kVersion]) {
+      PyObject* position = PyLong_FromSsize_t(i);
+      const int appended = position == nullptr ? -1 : PyList_Append(written, position);
+      Py_XDECREF(position);
+      if (appended != 0) {
+        Py_DECREF(grad);
+        return fail(nullptr);
+      }
     }
     if (now[kHasGrad]) {
       // The kernels write x through the pointer table: tell autograd, as an in-place op would.
-      const at::Tensor& written = THPVariable_Unpack(p);
-      if (!written.is_inference()) written.unsafeGetTensorImpl()->bump_version();
+      const at::Tensor& stepped = THPVariable_Unpack(p);
+      if (!stepped.is_inference()) stepped.unsafeGetTensorImpl()->bump_version();
       if (now[kGradAddress] != row[kGradAddress]) {
         row[kGradAddress] = now[kGradAddress];
         verdict = kNewGradientAddresses;
       }
       if (PyList_Append(grads, grad) != 0) {
         Py_DECREF(grad);
-        Py_DECREF(grads);
-        return nullptr;
+        return fail(nullptr);
       }
     }
     Py_DECREF(grad);
   }
-  PyObject* result = Py_BuildValue("(lO)", verdict, grads);
+  PyObject* result = Py_BuildValue("(lOO)", verdict, grads, written);
   Py_DECREF(grads);
+  Py_DECREF(written);
   return result;
+}
+
+// record_versions(params: list, snapshot, positions: list[int]) -> None: the version counters of the
+// parameters at `positions`, as a step leaves them, for the next check_step_cache to compare.
+PyObject* record_versions(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 3 || !tensor_list(args[0]) || !THPVariable_Check(args[1]) || !PyList_Check(args[2])) {
+    PyErr_SetString(PyExc_TypeError, "record_versions(params: list of tensors, snapshot: Tensor, positions: list)");
+    return nullptr;
+  }
+  const Py_ssize_t n = PyList_GET_SIZE(args[0]);
+  const at::Tensor& snapshot = THPVariable_Unpack(args[1]);
+  if (snapshot.numel() != n * kColumns) {
+    PyErr_SetString(PyExc_ValueError, "record_versions: the snapshot is not of these parameters");
+    return nullptr;
+  }
+  int64_t* rows = snapshot.data_ptr<int64_t>();
+  for (Py_ssize_t k = 0; k < PyList_GET_SIZE(args[2]); ++k) {
+    const Py_ssize_t i = PyLong_AsSsize_t(PyList_GET_ITEM(args[2], k));
+    if (i < 0 || i >= n) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_IndexError, "record_versions: a position out of range");
+      return nullptr;
+    }
+    rows[i * kColumns + kVersion] = version(PyList_GET_ITEM(args[0], i));
+  }
+  Py_RETURN_NONE;
 }
 
 PyMethodDef methods[] = {
     {"step_cache_snapshot", reinterpret_cast<PyCFunction>(step_cache_snapshot), METH_FASTCALL, nullptr},
     {"check_step_cache", reinterpret_cast<PyCFunction>(check_step_cache), METH_FASTCALL, nullptr},
+    {"record_versions", reinterpret_cast<PyCFunction>(record_versions), METH_FASTCALL, nullptr},
     {nullptr, nullptr, 0, nullptr},
 };
 
