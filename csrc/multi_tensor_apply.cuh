@@ -77,6 +77,13 @@ __device__ __forceinline__ __nv_bfloat16 convert<__nv_bfloat16, float>(float v) 
   return __float2bfloat16_rn(v);
 }
 
+// v as a stream of T holds it: rounded to T (to nearest) and back. What a kernel that stores
+// a value narrower than its math type reads back, without the load.
+template <typename T, typename R>
+__device__ __forceinline__ R as_stored(R v) {
+  return convert<R>(convert<T>(v));
+}
+
 // How a stream is read. Addresses come from the pointer table as integers, so the
 // compiler cannot tell they are global memory: these say it (LDG, not generic LD).
 enum class Read {
@@ -125,15 +132,17 @@ __device__ __forceinline__ void load_group(R (&r)[kILP], const T* p, int count) 
   }
 }
 
-template <bool kVector, typename T, typename R>
-__device__ __forceinline__ void store_group(T* p, const R (&r)[kILP], int count) {
+// Stores a group, each value made a T by round(value, j), j its place in the group: a
+// rounding that depends on where the element is (NOTE [stochastic rounding] in csrc/rounding.h).
+template <bool kVector, typename T, typename R, typename Round>
+__device__ __forceinline__ void store_group(T* p, const R (&r)[kILP], int count, const Round& round) {
   if constexpr (kVector) {
     constexpr int kPer = 16 / sizeof(T);
 #pragma unroll
     for (int k = 0; k < kILP / kPer; ++k) {
       T values[kPer];
 #pragma unroll
-      for (int j = 0; j < kPer; ++j) values[j] = convert<T>(r[k * kPer + j]);
+      for (int j = 0; j < kPer; ++j) values[j] = round(r[k * kPer + j], k * kPer + j);
       uint4 pack;
       memcpy(&pack, values, sizeof pack);
       store16(reinterpret_cast<uint4*>(p) + k, pack);
@@ -141,9 +150,15 @@ __device__ __forceinline__ void store_group(T* p, const R (&r)[kILP], int count)
   } else {
 #pragma unroll
     for (int j = 0; j < kILP; ++j) {
-      if (j < count) p[j] = convert<T>(r[j]);
+      if (j < count) p[j] = round(r[j], j);
     }
   }
+}
+
+// Stores a group rounded to nearest.
+template <bool kVector, typename T, typename R>
+__device__ __forceinline__ void store_group(T* p, const R (&r)[kILP], int count) {
+  store_group<kVector>(p, r, count, [](R v, int) { return convert<T>(v); });
 }
 
 template <bool kValue>

@@ -25,57 +25,90 @@ struct TypeOf<Dtype::kFloat64> {
   using type = double;
 };
 
-// Moments and math in float32, or float64 for float64 parameters.
+// Math in float32, or float64 for float64 parameters.
 template <typename X>
 using MathOf = typename std::conditional<std::is_same<X, double>::value, double, float>::type;
 
-// The element types of one kernel instantiation, as values for dispatch().
-template <typename X_, typename G_>
+template <typename T>
+constexpr bool kLowPrecision = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
+
+// The element types of one step's kernels, as values for dispatch(): parameters X, gradients G,
+// moments stored as S (NOTE [stored moments] in csrc/pmd_lamb.cuh), math M, and whether x is
+// an fp32 master.
+template <typename X_, typename G_, typename S_, bool kHasMaster_>
 struct Instance {
   using X = X_;
   using G = G_;
+  using S = S_;
   using M = MathOf<X_>;
+  static constexpr bool kHasMaster = kHasMaster_;
+  // What pass 1 reads x as, and from where: the master, when there is one, and not the parameter.
+  using XRead = typename std::conditional<kHasMaster, float, X>::type;
+  static constexpr PointerRow kXRow = kHasMaster ? kMaster : kX;
 };
 
-// Calls f(Instance<X, G>{}) for the configuration's types; an unsupported pair gives
-// cudaErrorInvalidValue.
+// Calls f(TypeOf<x>{}, TypeOf<g>{}) for a supported (parameter, gradient) pair; any other
+// gives cudaErrorInvalidValue.
 template <typename F>
-cudaError_t dispatch(const LaunchConfig& cfg, F&& f) {
-  auto with_types = [&](auto x_tag, auto g_tag) {
-    using X = typename decltype(x_tag)::type;
-    using G = typename decltype(g_tag)::type;
-    return f(Instance<X, G>{});
-  };
-  const bool fp32_grads = cfg.g_dtype == Dtype::kFloat32;
-  switch (cfg.x_dtype) {
+cudaError_t dispatch_pair(Dtype x, Dtype g, F&& f) {
+  const bool fp32_grads = g == Dtype::kFloat32;
+  switch (x) {
     case Dtype::kFloat32:
-      if (fp32_grads) return with_types(TypeOf<Dtype::kFloat32>{}, TypeOf<Dtype::kFloat32>{});
+      if (fp32_grads) return f(TypeOf<Dtype::kFloat32>{}, TypeOf<Dtype::kFloat32>{});
       break;
     case Dtype::kFloat64:
-      if (cfg.g_dtype == Dtype::kFloat64) return with_types(TypeOf<Dtype::kFloat64>{}, TypeOf<Dtype::kFloat64>{});
+      if (g == Dtype::kFloat64) return f(TypeOf<Dtype::kFloat64>{}, TypeOf<Dtype::kFloat64>{});
       break;
     case Dtype::kFloat16:
-      if (cfg.g_dtype == Dtype::kFloat16) return with_types(TypeOf<Dtype::kFloat16>{}, TypeOf<Dtype::kFloat16>{});
-      if (fp32_grads) return with_types(TypeOf<Dtype::kFloat16>{}, TypeOf<Dtype::kFloat32>{});
+      if (g == Dtype::kFloat16) return f(TypeOf<Dtype::kFloat16>{}, TypeOf<Dtype::kFloat16>{});
+      if (fp32_grads) return f(TypeOf<Dtype::kFloat16>{}, TypeOf<Dtype::kFloat32>{});
       break;
     case Dtype::kBFloat16:
-      if (cfg.g_dtype == Dtype::kBFloat16) return with_types(TypeOf<Dtype::kBFloat16>{}, TypeOf<Dtype::kBFloat16>{});
-      if (fp32_grads) return with_types(TypeOf<Dtype::kBFloat16>{}, TypeOf<Dtype::kFloat32>{});
+      if (g == Dtype::kBFloat16) return f(TypeOf<Dtype::kBFloat16>{}, TypeOf<Dtype::kBFloat16>{});
+      if (fp32_grads) return f(TypeOf<Dtype::kBFloat16>{}, TypeOf<Dtype::kFloat32>{});
       break;
   }
   return cudaErrorInvalidValue;
 }
 
+// Calls f(Instance<X, G, S, kHasMaster>{}) for the configuration; one without kernels gives
+// cudaErrorInvalidValue. Only meaningful combinations are instantiated: bf16 moments beside
+// float32 math, masters beside fp16/bf16 parameters.
+template <typename F>
+cudaError_t dispatch(const LaunchConfig& cfg, F&& f) {
+  return dispatch_pair(cfg.x_dtype, cfg.g_dtype, [&](auto x_tag, auto g_tag) {
+    using X = typename decltype(x_tag)::type;
+    using G = typename decltype(g_tag)::type;
+    using M = MathOf<X>;
+    auto with_moments = [&](auto s_tag) -> cudaError_t {
+      using S = typename decltype(s_tag)::type;
+      if constexpr (kLowPrecision<X>) {
+        if (cfg.masters) return f(Instance<X, G, S, true>{});
+      } else if (cfg.masters) {
+        return cudaErrorInvalidValue;
+      }
+      return f(Instance<X, G, S, false>{});
+    };
+    constexpr Dtype kMath = std::is_same<M, double>::value ? Dtype::kFloat64 : Dtype::kFloat32;
+    if (cfg.m_dtype == kMath) return with_moments(TypeOf<kMath>{});
+    if constexpr (std::is_same<M, float>::value) {
+      if (cfg.m_dtype == Dtype::kBFloat16) return with_moments(TypeOf<Dtype::kBFloat16>{});
+    }
+    return cudaErrorInvalidValue;
+  });
+}
+
 template <typename I>
 cudaError_t moments(const ChunkTable& table, const StepScalars& s, const LaunchConfig& cfg) {
-  pmd_lamb_moments_kernel<typename I::X, typename I::G, typename I::M><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(
-      table, s);
+  pmd_lamb_moments_kernel<typename I::XRead, typename I::G, typename I::S, typename I::M, I::kXRow>
+      <<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, s);
   return cudaGetLastError();
 }
 
 template <typename I>
 cudaError_t update(const ChunkTable& table, const StepScalars& s, const LaunchConfig& cfg) {
-  pmd_lamb_update_kernel<typename I::X, typename I::M><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, s);
+  pmd_lamb_update_kernel<typename I::X, typename I::S, typename I::M, I::kHasMaster>
+      <<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, s);
   return cudaGetLastError();
 }
 
@@ -110,10 +143,10 @@ cudaError_t launch_pmd_lamb_update(const ChunkTable& table, const StepScalars& s
 
 cudaError_t launch_grad_sumsq(const ChunkTable& table, void* partials, const LaunchConfig& cfg) {
   if (cfg.n_chunks == 0) return cudaSuccess;
-  return dispatch(cfg, [&](auto instance) {
-    using I = decltype(instance);
-    grad_sumsq_kernel<typename I::G, typename I::M><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(
-        table, static_cast<typename I::M*>(partials));
+  return dispatch_pair(cfg.g_dtype, cfg.g_dtype, [&](auto g_tag, auto) {
+    using G = typename decltype(g_tag)::type;
+    using M = MathOf<G>;
+    grad_sumsq_kernel<G, M><<<cfg.n_chunks, kBlockSize, 0, cfg.stream>>>(table, static_cast<M*>(partials));
     return cudaGetLastError();
   });
 }
@@ -121,5 +154,12 @@ cudaError_t launch_grad_sumsq(const ChunkTable& table, void* partials, const Lau
 bool supported_dtypes(Dtype x, Dtype g) {
   return g == x || (g == Dtype::kFloat32 && (x == Dtype::kFloat16 || x == Dtype::kBFloat16));
 }
+
+bool supported_moments(Dtype x, Dtype m) {
+  const Dtype math = x == Dtype::kFloat64 ? Dtype::kFloat64 : Dtype::kFloat32;
+  return m == math || (m == Dtype::kBFloat16 && math == Dtype::kFloat32);
+}
+
+bool supported_masters(Dtype x) { return x == Dtype::kFloat16 || x == Dtype::kBFloat16; }
 
 }  // namespace largedet

@@ -7,6 +7,9 @@
 // NVRTC has no C++ standard library headers.
 typedef long long int64_t;
 typedef int int32_t;
+typedef unsigned long long uint64_t;
+typedef unsigned int uint32_t;
+typedef unsigned short uint16_t;
 #else
 #include <cstdint>
 #endif

@@ -122,9 +122,15 @@ def test_a_misaligned_vector_access_is_reported(cuda_emulator):
 
 # --- What only the emulator shows of the kernels on CPU.
 
-# 16-byte packs per whole group of kILP = 8 elements of each stream: fp32 takes two, bf16 x and g one
-# (the moments are fp32).
-PACKS_PER_GROUP = {torch.float32: dict(x=2, g=2, m=2, v=2), torch.bfloat16: dict(x=1, g=1, m=2, v=2)}
+# Buckets whose streams differ in width: fp16/bf16 parameters read as their fp32 masters (the parameter
+# only written in pass 2), moments of bf16.
+VECTOR_SETTINGS = {
+    "fp32": dict(dtype=torch.float32),
+    "bf16": dict(dtype=torch.bfloat16, master_weights=False),
+    "bf16-masters": dict(dtype=torch.bfloat16, master_weights="auto"),
+    "fp16-masters-bf16-moments": dict(dtype=torch.float16, master_weights="auto", moment_dtype=torch.bfloat16),
+    "fp32-bf16-moments": dict(dtype=torch.float32, moment_dtype=torch.bfloat16),
+}
 
 
 def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
@@ -134,23 +140,42 @@ def _misaligned_copy(t: torch.Tensor) -> torch.Tensor:
     return view.copy_(t)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_each_tensor_takes_the_vector_path_when_its_own_streams_are_aligned(emulated_cuda, dtype):
+def _vector_accesses(widths, vector):
+    """16-byte loads and stores of the kernels' vector paths over whole groups of kILP = 8 elements, from the
+    streams each kernel moves (NOTE [two passes]) and their bytes per element (`widths`, master 0 when none):
+    Σg² reads g; pass 1 reads x (the master when there is one), g, m, v and writes m, v; pass 2 reads x, m, v and
+    writes the master and the parameter. `vector`: (numel, whether Σg², pass 1, pass 2 take the vector path)."""
+    x_read = widths["master"] or widths["x"]
+    loads = dict(sumsq=widths["g"], moments=x_read + widths["g"] + 2 * widths["m"], update=x_read + 2 * widths["m"])
+    stores = dict(sumsq=0, moments=2 * widths["m"], update=widths["x"] + widths["master"])
+    total_loads = total_stores = 0
+    for numel, paths in vector:
+        groups = numel // 8  # the partial group of each tensor takes the scalar path
+        for kernel, taken in zip(("sumsq", "moments", "update"), paths):
+            total_loads += taken * groups * 8 * loads[kernel] // 16
+            total_stores += taken * groups * 8 * stores[kernel] // 16
+    return total_loads, total_stores
+
+
+@pytest.mark.parametrize("setting", VECTOR_SETTINGS.values(), ids=VECTOR_SETTINGS.keys())
+def test_each_tensor_takes_the_vector_path_when_its_own_streams_are_aligned(emulated_cuda, setting):
     # NOTE [vector and scalar paths]: a kernel moves a tensor's whole groups 128 bits at a time when
     # the streams it moves of that tensor are aligned, whatever the other tensors of the bucket.
+    options = dict(setting)
+    dtype = options.pop("dtype")
     aligned = make_params([(1,), (7,), (8,), (15,), (16385,), (64, 3, 3, 3)], dtype)
     x_view = torch.nn.Parameter(_misaligned_copy(torch.randn(4096, dtype=dtype)))
     g_view = torch.nn.Parameter(torch.randn(2056, dtype=dtype))  # its gradient will be misaligned
     params = aligned + [x_view, g_view]
-    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, cycle_length=3, max_grad_norm=1.0, backend="cuda")
-    # Which kernels take the vector path per tensor: (Σg², pass 1, pass 2), reading g; x, g, m, v; x, m, v.
-    vector = [(True, True, True)] * len(aligned) + [(True, False, False), (False, False, True)]
-    packs = PACKS_PER_GROUP[dtype]
-    loads = stores = 0
-    for p, (sumsq, moments, update) in zip(params, vector):
-        groups = p.numel() // 8  # the partial group of each tensor takes the scalar path
-        loads += groups * (sumsq * packs["g"] + moments * sum(packs.values()) + update * (packs["x"] + 2 * packs["m"]))
-        stores += groups * (moments * 2 * packs["m"] + update * packs["x"])
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, cycle_length=3, max_grad_norm=1.0, backend="cuda", **options)
+    masters = dtype != torch.float32 and options.get("master_weights") == "auto"
+    moment_dtype = options.get("moment_dtype", torch.float32)
+    widths = dict(x=dtype.itemsize, g=dtype.itemsize, m=moment_dtype.itemsize, master=4 if masters else 0)
+    # Which kernels take the vector path per tensor: (Σg², pass 1, pass 2). A master (aligned: the optimizer
+    # allocates it) stands in for a misaligned parameter in pass 1, which then does not read the parameter.
+    vector = [(p.numel(), (True, True, True)) for p in aligned]
+    vector += [(x_view.numel(), (True, masters, False)), (g_view.numel(), (False, False, True))]
+    loads, stores = _vector_accesses(widths, vector)
     ref, gen = ReferenceRun(opt), torch.Generator().manual_seed(1)
     for _ in range(2):
         ref.resync()
@@ -162,18 +187,28 @@ def test_each_tensor_takes_the_vector_path_when_its_own_streams_are_aligned(emul
         emulated_cuda.reset_counters()
         opt.step()
         assert emulated_cuda.counters() == dict(launches=3, blocks=3 * 9, vector_loads=loads, vector_stores=stores)
+        assert all(("master" in opt.state[p]) == masters for p in params)
         ref.step(grads)
         assert_close_to_reference(opt, ref, before, FP32_MATH_RTOL, ulps=1)
 
 
+MANY_CHUNK_SETTINGS = {
+    "fp32": dict(dtype=torch.float32),
+    "bf16-masters": dict(dtype=torch.bfloat16, master_weights="auto"),
+    "bf16-stochastic-bf16-moments": dict(dtype=torch.bfloat16, stochastic_rounding=True, moment_dtype=torch.bfloat16),
+}
+
+
 @pytest.mark.parametrize("schedule", TEST_SCHEDULES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_many_chunks_per_tensor(emulated_cuda, monkeypatch, schedule, dtype):
+@pytest.mark.parametrize("setting", MANY_CHUNK_SETTINGS.values(), ids=MANY_CHUNK_SETTINGS.keys())
+def test_many_chunks_per_tensor(emulated_cuda, monkeypatch, schedule, setting):
     # 64-element chunks: eight groups per block, most threads idle, tensors of up to 65 chunks.
     monkeypatch.setattr(cuda, "CHUNK", 64)
     emulated_cuda.configure(schedule)
-    params = make_params(SHAPES + [(4099,), (64 * 7 + 3,), (63,), (65,)], dtype, zero=(2,))
-    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0, backend="cuda")
+    options = dict(setting)
+    params = make_params(SHAPES + [(4099,), (64 * 7 + 3,), (63,), (65,)], options.pop("dtype"), zero=(2,))
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0, backend="cuda",
+                  **options)  # fmt: skip
     emulated_cuda.reset_counters()
     run_against_reference(opt, steps=4, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
     chunks = sum(max(1, -(-p.numel() // 64)) for p in params)

@@ -21,12 +21,54 @@ from benchmarks.gpu_check import ptxas_report
 ROOT = Path(__file__).resolve().parent.parent
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
-# Streams of each kernel's main loop: (loads, stores), each at least one 128-bit access.
-STREAMS = {"pmd_lamb_moments_kernel": (4, 2), "pmd_lamb_update_kernel": (3, 1), "grad_sumsq_kernel": (1, 0)}
-# Kernel instantiations per target: moments 6 dtype pairs, update 4 and Σg² 4 element types, each with its
-# vector and scalar paths (NOTE [vector and scalar paths]); and the per-tensor sums for the 2 math types.
-STREAMING_PER_ARCH = 6 + 4 + 4
-ENTRIES_PER_ARCH = STREAMING_PER_ARCH + 2
+
+def _pointer_row(name: str) -> int:
+    """A row of the pointer table, from csrc/tables.h: how a kernel's template argument prints."""
+    return int(re.search(rf"\b{name} = (\d+)", (ROOT / "csrc" / "tables.h").read_text()).group(1))
+
+
+# What csrc/pmd_lamb_launch.cu's dispatch() instantiates, in C++'s names: (parameter, gradient) pairs; moments
+# stored as the math type, or bf16 beside float math; fp32 masters beside fp16 and bf16 parameters.
+PAIRS = [("float", "float"), ("double", "double"), ("__half", "__half"), ("__half", "float"),
+         ("__nv_bfloat16", "__nv_bfloat16"), ("__nv_bfloat16", "float")]  # fmt: skip
+BYTES = {"float": 4, "double": 8, "__half": 2, "__nv_bfloat16": 2}
+
+
+def _math(t: str) -> str:
+    return "double" if t == "double" else "float"
+
+
+def _packs(*streams: str) -> int:
+    """128-bit accesses of a whole group of kILP = 8 elements of each stream (NOTE [vector and scalar paths])."""
+    return sum(8 * BYTES[t] // 16 for t in streams)
+
+
+def _streaming_kernels():
+    """Every kernel instantiation with a streaming loop, as c++filt names it, with the 128-bit loads and stores of
+    its vector path over one group: pass 1 reads x (the fp32 master in its place when there is one, from pointer
+    row kMaster), g, m, v and writes m, v; pass 2 reads x, m, v and writes x, the master too, and for bf16
+    parameters without masters has a second store of x, rounded stochastically; Σg² reads g."""
+    rows = {master: f"(largedet::PointerRow){_pointer_row(row)}" for master, row in ((False, "kX"), (True, "kMaster"))}
+    kernels = {}
+    for x, g in PAIRS:
+        m = _math(x)
+        for s in [m] + (["__nv_bfloat16"] if m == "float" else []):
+            for master in [False] + ([True] if x in ("__half", "__nv_bfloat16") else []):
+                x_read = "float" if master else x
+                kernels[f"largedet::pmd_lamb_moments_kernel<{x_read}, {g}, {s}, {m}, {rows[master]}>"] = (
+                    _packs(x_read, g, s, s), _packs(s, s))
+                stochastic = x == "__nv_bfloat16" and not master
+                stores = _packs(x) * (1 + stochastic) + _packs("float") * master
+                kernels[f"largedet::pmd_lamb_update_kernel<{x}, {s}, {m}, {str(master).lower()}>"] = (
+                    _packs(x_read, s, s), stores)
+        kernels[f"largedet::grad_sumsq_kernel<{g}, {_math(g)}>"] = (_packs(g), 0)
+    return kernels
+
+
+STREAMING = _streaming_kernels()
+# Entries per target: the streaming kernels, each with its vector and scalar paths, and the per-tensor sums of the
+# 2 math types.
+ENTRIES_PER_ARCH = len(STREAMING) + 2
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +97,7 @@ def test_extension_builds_for_sm80_and_sm90_without_spills(built):
 
 
 def _sass_by_function(binary: Path):
+    """SASS lines per (target, function), functions named as c++filt demangles them."""
     sass = subprocess.run([CUOBJDUMP, "-sass", binary], capture_output=True, text=True, check=True).stdout
     functions = defaultdict(list)
     arch = name = None
@@ -65,18 +108,22 @@ def _sass_by_function(binary: Path):
             name = line.split("Function :")[1].strip()
         elif name:
             functions[arch, name].append(line)
-    return functions
+    mangled = sorted({name for _, name in functions})
+    demangled = subprocess.run(["c++filt"], input="\n".join(mangled), capture_output=True, text=True, check=True)
+    names = dict(zip(mangled, (n.split("(largedet::ChunkTable")[0] for n in demangled.stdout.splitlines())))
+    return {(arch, names[name].removeprefix("void ")): body for (arch, name), body in functions.items()}
 
 
 def test_streaming_loops_use_128_bit_accesses(built):
     functions = _sass_by_function(built[1])
-    streaming = {k: body for k, body in functions.items() if any(kernel in k[1] for kernel in STREAMS)}
-    assert {arch for arch, _ in streaming} == {"sm_80", "sm_90"}
-    assert len(streaming) == 2 * STREAMING_PER_ARCH  # two targets
-    for (arch, name), body in streaming.items():
+    for arch in ("sm_80", "sm_90"):
+        streaming = {name for a, name in functions if a == arch and "tensor_sums_kernel" not in name}
+        assert streaming == set(STREAMING), (arch, streaming ^ set(STREAMING))
+    for (arch, name), body in functions.items():
+        if name not in STREAMING:
+            continue
         text = "\n".join(body)
-        kernel = next(k for k in STREAMS if k in name)
-        loads, stores = STREAMS[kernel]
+        loads, stores = STREAMING[name]
         assert len(re.findall(r"\bLDG\.E(?:\.EF)?\.128\b", text)) >= loads, (arch, name)
         assert len(re.findall(r"\bSTG\.E\.128\b", text)) >= stores, (arch, name)
 
@@ -87,29 +134,29 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from largedet_kernels.backends import cuda
 
 assert cuda.unavailable_reason(torch.device("cuda")) is None, cuda.unavailable_reason(torch.device("cuda"))
-step = torch.ops.largedet.pmd_lamb_step_.default._schema
-written = {a.name for a in step.arguments if a.alias_info is not None and a.alias_info.is_write}
-assert written == {"params", "exp_avgs", "exp_avg_sqs", "steps", "partials", "t_now"}, written
 def written(op):
     return {a.name for a in op.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
 
+assert written(torch.ops.largedet.pmd_lamb_step_) == {"params", "exp_avgs", "exp_avg_sqs", "steps", "masters",
+                                                      "partials", "t_now"}
 assert written(torch.ops.largedet.pmd_lamb_moments_) == {"exp_avgs", "exp_avg_sqs", "partials", "t_now", "sums"}
-assert written(torch.ops.largedet.pmd_lamb_update_) == {"params", "steps"}
-sumsq = torch.ops.largedet.grad_sumsq.default._schema
-assert {a.name for a in sumsq.arguments if a.alias_info is not None and a.alias_info.is_write} == {"partials"}
+assert written(torch.ops.largedet.pmd_lamb_update_) == {"params", "steps", "masters"}
+assert written(torch.ops.largedet.grad_sumsq) == {"partials"}
 
 with FakeTensorMode():
     grads = [torch.empty(5, device="cuda"), torch.empty(3, 3, device="cuda")]
     i32 = lambda n: torch.empty(n, dtype=torch.int32, device="cuda")
-    tables = (torch.empty(5, 2, dtype=torch.int64, device="cuda"), torch.empty(2, dtype=torch.int64, device="cuda"),
+    tables = (torch.empty(6, 2, dtype=torch.int64, device="cuda"), torch.empty(2, dtype=torch.int64, device="cuda"),
               i32(2), i32(2), i32(2), i32(2))
     partials = torch.empty(4, device="cuda")
     out = torch.ops.largedet.grad_sumsq(grads, *tables, partials, 16384, torch.float32)
     assert out.shape == () and out.device.type == "cuda"
-    none = torch.ops.largedet.pmd_lamb_step_(grads, grads, grads, grads, [torch.empty((), device="cuda")] * 2,
-                                            *tables, torch.empty(2, 11, device="cuda"), torch.empty((), device="cuda"),
-                                            torch.empty((), device="cuda"), partials, torch.empty(2, device="cuda"),
-                                            16384, torch.float32, torch.float32)
+    params = [g.bfloat16() for g in grads]
+    none = torch.ops.largedet.pmd_lamb_step_(params, grads, params, params, [torch.empty((), device="cuda")] * 2,
+                                            grads, *tables, torch.empty(2, 14, dtype=torch.float64, device="cuda"),
+                                            torch.empty((), device="cuda"), torch.empty((), device="cuda"), partials,
+                                            torch.empty(2, device="cuda"), 16384, torch.bfloat16, torch.float32,
+                                            torch.bfloat16, True)
     assert none is None
 print("ok")
 """
@@ -128,13 +175,15 @@ def test_ops_have_mutation_schemas_and_fake_implementations(built, tmp_path):
 # --- V100 (sm_70): CUDA 13 has no sm_70, so NVRTC and ptxas of CUDA 12 compile the same sources.
 
 SM70_KERNELS = [
-    "largedet::pmd_lamb_moments_kernel<float, float, float>",
-    "largedet::pmd_lamb_moments_kernel<__half, __half, float>",
-    "largedet::pmd_lamb_moments_kernel<__nv_bfloat16, float, float>",
-    "largedet::pmd_lamb_moments_kernel<double, double, double>",
-    "largedet::pmd_lamb_update_kernel<float, float>",
-    "largedet::pmd_lamb_update_kernel<__half, float>",
-    "largedet::pmd_lamb_update_kernel<__nv_bfloat16, float>",
+    "largedet::pmd_lamb_moments_kernel<float, float, float, float, largedet::kX>",
+    "largedet::pmd_lamb_moments_kernel<__half, __half, float, float, largedet::kX>",
+    "largedet::pmd_lamb_moments_kernel<__nv_bfloat16, float, float, float, largedet::kX>",
+    "largedet::pmd_lamb_moments_kernel<double, double, double, double, largedet::kX>",
+    "largedet::pmd_lamb_moments_kernel<float, __nv_bfloat16, __nv_bfloat16, float, largedet::kMaster>",
+    "largedet::pmd_lamb_update_kernel<float, float, float, false>",
+    "largedet::pmd_lamb_update_kernel<__half, float, float, true>",
+    "largedet::pmd_lamb_update_kernel<__nv_bfloat16, float, float, false>",
+    "largedet::pmd_lamb_update_kernel<__nv_bfloat16, __nv_bfloat16, float, true>",
     "largedet::grad_sumsq_kernel<float, float>",
     "largedet::grad_sumsq_kernel<__nv_bfloat16, float>",
     "largedet::tensor_sums_kernel<float>",

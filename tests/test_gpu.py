@@ -76,6 +76,22 @@ def test_float32_gradients_of_low_precision_parameters(target, dtype):
     run_against_reference(opt, steps=4, rtol=FP32_MATH_RTOL, ulps=1, resync=True, grad_dtype=torch.float32)
 
 
+@pytest.mark.parametrize(
+    "options",
+    [dict(moment_dtype=torch.bfloat16), dict(stochastic_rounding=True),
+     dict(stochastic_rounding=True, moment_dtype=torch.bfloat16)],
+    ids=["masters+bf16-moments", "stochastic", "stochastic+bf16-moments"],
+)  # fmt: skip
+def test_bf16_moments_and_stochastic_rounding(target, options):
+    # bf16 parameters with fp32 masters, or without them rounded stochastically (NOTE [stochastic rounding] in
+    # largedet_kernels/rounding.py); moments stored in bf16 (NOTE [stored moments] in csrc/pmd_lamb.cuh).
+    params = make_params(_shapes(target), torch.bfloat16, zero=(2,), device=target.device)
+    opt = PMDLAMB(params, lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0,
+                  backend=target.backend, **options)  # fmt: skip
+    run_against_reference(opt, steps=4, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
+    assert all(("master" in opt.state[p]) != bool(options.get("stochastic_rounding")) for p in params)
+
+
 def test_lamb(target):
     params = make_params(_shapes(target), torch.float32, zero=(2,), device=target.device)
     opt = LAMB([dict(params=params[:5], weight_decay=0.0), dict(params=params[5:])], lr=0.01, backend=target.backend)

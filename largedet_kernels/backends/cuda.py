@@ -63,11 +63,12 @@ class _CudaKernels:
 
     @staticmethod
     def _args(bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf, partials, first_chunk, chunk_count):
-        # No tensor lists: the tables alone (NOTE [tensor lists or tables] in csrc/binding.cpp).
+        # No tensor lists: the tables alone, and what they cannot tell the host (NOTE [tensor lists or
+        # tables] in csrc/binding.cpp).
         return (
-            [], [], [], [], [], plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk,
-            chunk_count, plan.hyper(bucket), grad_factor, found_inf, partials, plan.t_now, plan.chunk,
-            bucket.params[0].dtype, bucket.grads[0].dtype,
+            [], [], [], [], [], [], plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index,
+            first_chunk, chunk_count, plan.hyper(bucket), grad_factor, found_inf, partials, plan.t_now, plan.chunk,
+            bucket.params[0].dtype, bucket.grads[0].dtype, bucket.exp_avgs[0].dtype, bool(bucket.masters),
         )  # fmt: skip
 
     def step(self, bucket, plan, grad_factor, found_inf) -> None:
