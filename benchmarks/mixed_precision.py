@@ -15,7 +15,8 @@ largedet_kernels/optimizer.py), and fp32 parameters with bf16 moments.
 - Accuracy: the bf16 scenario of tests/test_mixed_precision.py (an MLP that trains in fp32 and
   stalls in plain bf16), its loss after 20 and 200 steps at lr 0.13.
 
-Writes mixed-precision-<device>-<date>.json beside step_time.py's results.
+Writes mixed-precision-<device>-<date>.json beside step_time.py's results. ``--table JSON`` prints the
+README's table of a results file instead (tests/test_benchmark.py checks that the README holds it).
 """
 
 import argparse
@@ -118,6 +119,26 @@ def scenario(backend: str, dtype: torch.dtype, options: Dict, device, steps: Lis
     return out
 
 
+def markdown_table(doc: Dict) -> str:
+    """The README's table of one results file."""
+    meta, steps = doc["meta"], doc["scenario"]["steps"]
+    lines = [
+        f"Measured by `{meta['command']}` ({meta['date']}, {meta['device_name']}, {meta['threads']} threads, the "
+        f"{meta['backend']} backend, {meta['set']}: {meta['tensors']} tensors, {meta['params'] / 1e6:.1f}M "
+        f"parameters; the loss is the bf16 scenario's at lr {doc['scenario']['lr']}):",
+        "",
+        "| setting | bytes per parameter (x + g + state) | bytes moved per element and step | step time vs fp32 | "
+        + " | ".join(f"loss after {n} steps" for n in steps) + " |",
+        "|---|---:|---:|---:|" + "---:|" * len(steps),
+    ]
+    for name, r in doc["rows"].items():
+        mem = r["memory_bytes_per_param"]
+        parts = f"{mem['total']:.0f} ({mem['param']:.0f} + {mem['grad']:.0f} + {mem['state']:.0f})"
+        losses = " | ".join(f"{r['scenario_loss'][f'after_{n}']:.4f}" for n in steps)
+        lines.append(f"| {name} | {parts} | {r['two_pass_bytes']} | {r['vs_fp32']:.2f}× | {losses} |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda")
@@ -129,7 +150,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--scenario-steps", type=int, nargs="+", default=list(SCENARIO_STEPS))
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--no-files", action="store_true")
+    parser.add_argument("--table", metavar="JSON", help="print the README's table of a results file, and stop")
     args = parser.parse_args(argv)
+    if args.table:
+        with open(args.table) as f:
+            doc = json.load(f)
+        print(markdown_table(doc))
+        return doc
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     backend = args.backend or ("cuda" if device.type == "cuda" else "cpu")
     shapes = load_shapes(args.set, args.limit)
