@@ -11,8 +11,17 @@ NOTE [two passes]
         in a fixed order, form the trust ratio, read x, m, v, recompute u
         (bitwise the same u as pass 1: same function, same inputs) and write x.
 
+    With fp32 masters (NOTE [master weights] in largedet_kernels/optimizer.py)
+    x is the master in both passes: pass 1 does not read the parameter, pass 2
+    writes the master and the parameter (the master rounded to nearest). Moments
+    stored in bf16 are rounded before pass 1 forms u from them, so that both
+    passes form u from the same, stored, values.
+
     fp32 traffic: 16 + 8 B/elem in pass 1, 12 + 4 B/elem in pass 2, 40 in all;
-    storing u instead would cost 8 more and the memory to hold it.
+    storing u instead would cost 8 more and the memory to hold it. bf16
+    parameters with fp32 gradients and masters: pass 1 reads master 4 + g 4 +
+    m 4 + v 4 and writes m, v 8; pass 2 reads master, m, v 12 and writes
+    master 4 + x 2: 42 in all (30 with bf16 moments).
 
     Each program of pass 2 sums every partial of its tensor, n² loads for a
     tensor of n chunks: cheap up to ChunkPlan.MAX_CHUNKS_SUMMED_IN_PASS_2, where
@@ -41,7 +50,19 @@ NOTE [sharded norms] (in largedet_kernels/optimizer.py)
 
 NOTE [skipped steps]
     With GradScaler's ``found_inf`` non-zero every store is masked off and t
-    does not advance, so params, moments and steps stay bit-identical.
+    does not advance, so params, masters, moments and steps stay bit-identical.
+
+NOTE [bf16 bits]
+    Every bf16 store is spelt in integers: the float32 bits plus an addend, the
+    low 16 dropped. The addend 0x7FFF, plus 1 when the kept bits are odd, rounds
+    to nearest, ties to even, as torch's ``.to(torch.bfloat16)`` does, where
+    Triton's interpreter, which CI tests, truncates ``.to(tl.bfloat16)``. A NaN
+    becomes csrc/rounding.h's quiet NaN 0x7FC0 (torch's CPU and the GPU's cvt
+    make 0xFFFF and 0x7FFF). A 16-bit dither as the addend rounds stochastically
+    (NOTE [stochastic rounding] in largedet_kernels/rounding.py): a bf16
+    parameter without a master whose hyper row asks for it. The few integer ops
+    per element are free in these memory-bound loops; fp32 and fp16 values are
+    stored with plain casts, so their kernels are what they were.
 
 NOTE [double coefficients] (in largedet_kernels/backends/chunk_plan.py)
     The hyper-parameter table is fp64; ξ, ξβ and the bias corrections are
@@ -64,7 +85,9 @@ BIAS_CORRECTION = tl.constexpr(8)  # flags are 0.0 / 1.0
 EPS_INSIDE_SQRT = tl.constexpr(9)
 ADAM_W_MODE = tl.constexpr(10)
 USE_TRUST_RATIO = tl.constexpr(11)
-N_HYPER = tl.constexpr(12)
+STOCHASTIC_ROUNDING = tl.constexpr(12)  # bf16 parameters without masters (NOTE [bf16 bits])
+SEED = tl.constexpr(13)  # an integer below 2**32
+N_HYPER = tl.constexpr(14)
 
 HALF_PI = tl.constexpr(1.5707963267948966)
 
@@ -74,6 +97,9 @@ G = tl.constexpr(1)
 M = tl.constexpr(2)
 V = tl.constexpr(3)
 STEP = tl.constexpr(4)
+MASTER = tl.constexpr(5)  # 0 in a bucket without masters
+
+MASTER_DTYPE = tl.constexpr(tl.float32)  # of every master, whatever its parameter's dtype
 
 VECTOR_BYTES = tl.constexpr(16)  # one 128-bit access (NOTE [vector and scalar paths])
 
@@ -161,14 +187,18 @@ def _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK: tl.constexpr):
 
 
 @triton.jit
-def _tensor_addresses(ptrs, n_tensors, tensor):
-    """The int64 addresses of tensor's x, g, m, v (NOTE [pointer tables]), and a pointer to its step."""
-    x = tl.load(ptrs + X * n_tensors + tensor)
+def _tensor_addresses(ptrs, n_tensors, tensor, HAS_MASTER: tl.constexpr):
+    """The int64 addresses of tensor's parameter, x, g, m, v (NOTE [pointer tables]), and a pointer to its step.
+    x is what the math reads (and pass 2 writes): the fp32 master in a bucket with masters, else the parameter."""
+    param = tl.load(ptrs + X * n_tensors + tensor)
+    x = param
+    if HAS_MASTER:
+        x = tl.load(ptrs + MASTER * n_tensors + tensor)
     g = tl.load(ptrs + G * n_tensors + tensor)
     m = tl.load(ptrs + M * n_tensors + tensor)
     v = tl.load(ptrs + V * n_tensors + tensor)
     step = tl.load(ptrs + STEP * n_tensors + tensor).to(tl.pointer_type(tl.float32))
-    return x, g, m, v, step
+    return param, x, g, m, v, step
 
 
 @triton.jit
@@ -186,21 +216,79 @@ def _pointer(address, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _mix32(x):
+    """rounding.py's mix32 on uint32 values: the products wrap."""
+    x ^= x >> 16
+    x *= 0x7FEB352D
+    x ^= x >> 15
+    x *= 0x1B873593
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _bf16(bits, addend):
+    """fp32 bits as bf16: bits + addend, the low 16 dropped; a NaN becomes the quiet NaN (NOTE [bf16 bits])."""
+    kept = tl.where((bits & 0x7FFFFFFF) > 0x7F800000, 0x7FC0, (bits + addend) >> 16)
+    return kept.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _nearest(bits):
+    """The addend that rounds fp32 bits to the nearest bf16, ties to even."""
+    return 0x7FFF + ((bits >> 16) & 1)
+
+
+@triton.jit
+def _rounded(y, DTYPE: tl.constexpr):
+    """y stored as DTYPE, rounded to nearest."""
+    if DTYPE == tl.bfloat16:
+        bits = y.to(tl.uint32, bitcast=True)
+        return _bf16(bits, _nearest(bits))
+    else:
+        return y.to(DTYPE)
+
+
+@triton.jit
+def _rounding_key(hyper, tensor, t, STOCHASTIC: tl.constexpr):
+    """Whether tensor's parameter rounds stochastically, and the key of step t: mix32(mix32(seed) ^ t)
+    (NOTE [stochastic rounding] in largedet_kernels/rounding.py)."""
+    if STOCHASTIC:
+        row = hyper + tensor * N_HYPER
+        seed = tl.load(row + SEED).to(tl.uint32)
+        return tl.load(row + STOCHASTIC_ROUNDING) != 0, _mix32(_mix32(seed) ^ t.to(tl.uint32))
+    else:
+        return False, 0
+
+
+@triton.jit
+def _parameter_value(y, index, stochastic, key, X_DTYPE: tl.constexpr, STOCHASTIC: tl.constexpr):
+    """y as the parameter stores it: rounded to nearest, or, where stochastic, with the dither of element index
+    (int64, its position in the tensor) under the step's key (NOTE [bf16 bits])."""
+    if STOCHASTIC:
+        bits = y.to(tl.uint32, bitcast=True)
+        dither = _mix32(_mix32(index.to(tl.uint32) ^ key) ^ (index >> 32).to(tl.uint32)) >> 16
+        return _bf16(bits, tl.where(stochastic, dither, _nearest(bits)))
+    else:
+        return _rounded(y, X_DTYPE)
+
+
+@triton.jit
 def _moments_tile(x_ptr, g_ptr, m_ptr, v_ptr, offs, mask, keep, factor, acc_x, acc_u,
                   decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
                   eps_in, eps_out, decay_in_grad, decay_in_update,
-                  MATH: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
+                  M_DTYPE: tl.constexpr, MATH: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
     x = _load(x_ptr + offs, mask, TAIL, "").to(MATH)
     g = _load(g_ptr + offs, mask, TAIL, "evict_first").to(MATH)  # read once: don't keep it in L2
-    m = _load(m_ptr + offs, mask, TAIL, "")
-    v = _load(v_ptr + offs, mask, TAIL, "")
+    m = _load(m_ptr + offs, mask, TAIL, "").to(MATH)
+    v = _load(v_ptr + offs, mask, TAIL, "").to(MATH)
     g = g * factor + decay_in_grad * x
-    m = decay_m * m + weight_g * g
-    v = decay_v * v + weight_g2 * g * g
+    m = _rounded(decay_m * m + weight_g * g, M_DTYPE)
+    v = _rounded(decay_v * v + weight_g2 * g * g, M_DTYPE)
     store_mask = _store_mask(mask, keep, TAIL)
     tl.store(m_ptr + offs, m, mask=store_mask)
     tl.store(v_ptr + offs, v, mask=store_mask)
-    u = _direction(m, v, x, correction_m, correction_v, eps_in, eps_out, decay_in_update, MATH)
+    # u of the moments as stored, which pass 2 reads back (NOTE [two passes]).
+    u = _direction(m.to(MATH), v.to(MATH), x, correction_m, correction_v, eps_in, eps_out, decay_in_update, MATH)
     if TAIL:
         u = tl.where(mask, u, 0.0)
     return acc_x + x * x, acc_u + u * u
@@ -210,13 +298,13 @@ def _moments_tile(x_ptr, g_ptr, m_ptr, v_ptr, offs, mask, keep, factor, acc_x, a
 def _moments_chunk(x_addr, g_addr, m_addr, v_addr, start, length, keep, factor,
                    decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
                    eps_in, eps_out, decay_in_grad, decay_in_update,
-                   X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr,
-                   BLOCK: tl.constexpr):  # fmt: skip
+                   X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MATH: tl.constexpr,
+                   ALIGNED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Pass 1 over one chunk: its Σx², Σu²."""
     x_ptr = _pointer(x_addr, X_DTYPE, ALIGNED)
     g_ptr = _pointer(g_addr, G_DTYPE, ALIGNED)
-    m_ptr = _pointer(m_addr, MATH, ALIGNED)
-    v_ptr = _pointer(v_addr, MATH, ALIGNED)
+    m_ptr = _pointer(m_addr, M_DTYPE, ALIGNED)
+    v_ptr = _pointer(v_addr, M_DTYPE, ALIGNED)
     acc_x = tl.zeros([BLOCK], MATH)
     acc_u = tl.zeros([BLOCK], MATH)
     full = length // BLOCK * BLOCK
@@ -224,13 +312,13 @@ def _moments_chunk(x_addr, g_addr, m_addr, v_addr, start, length, keep, factor,
         offs = start + off + tl.arange(0, BLOCK)
         acc_x, acc_u = _moments_tile(
             x_ptr, g_ptr, m_ptr, v_ptr, offs, None, keep, factor, acc_x, acc_u, decay_m, decay_v, weight_g, weight_g2,
-            correction_m, correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, MATH, False,
+            correction_m, correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, M_DTYPE, MATH, False,
         )  # fmt: skip
     offs = start + full + tl.arange(0, BLOCK)
     tail = full + tl.arange(0, BLOCK) < length
     acc_x, acc_u = _moments_tile(
         x_ptr, g_ptr, m_ptr, v_ptr, offs, tail, keep, factor, acc_x, acc_u, decay_m, decay_v, weight_g, weight_g2,
-        correction_m, correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, MATH, True,
+        correction_m, correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, M_DTYPE, MATH, True,
     )  # fmt: skip
     return tl.sum(acc_x, 0), tl.sum(acc_u, 0)
 
@@ -238,12 +326,14 @@ def _moments_chunk(x_addr, g_addr, m_addr, v_addr, start, length, keep, factor,
 @triton.jit
 def pmd_lamb_moments_kernel(
     ptrs, numels, chunk_tensor, chunk_index, hyper, grad_factor, found_inf, partials, t_now, n_tensors,
-    X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, MATH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
+    X_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MATH: tl.constexpr,
+    HAS_MASTER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Pass 1 (NOTE [two passes]): moments and per-chunk Σx², Σu²."""
     chunk = tl.program_id(0)
     tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
-    x, g, m, v, step_ptr = _tensor_addresses(ptrs, n_tensors, tensor)
+    _, x, g, m, v, step_ptr = _tensor_addresses(ptrs, n_tensors, tensor, HAS_MASTER)
+    X_READ: tl.constexpr = MASTER_DTYPE if HAS_MASTER else X_DTYPE  # the parameter is not read beside a master
 
     keep = tl.load(found_inf) == 0  # NOTE [skipped steps]
     t = tl.load(step_ptr).to(MATH) + keep.to(MATH)
@@ -255,27 +345,33 @@ def pmd_lamb_moments_kernel(
     if _aligned(x) & _aligned(g) & _aligned(m) & _aligned(v):  # NOTE [vector and scalar paths]
         sum_x, sum_u = _moments_chunk(
             x, g, m, v, start, length, keep, factor, decay_m, decay_v, weight_g, weight_g2, correction_m,
-            correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, X_DTYPE, G_DTYPE, MATH, True, BLOCK,
+            correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, X_READ, G_DTYPE, M_DTYPE, MATH, True,
+            BLOCK,
         )  # fmt: skip
     else:
         sum_x, sum_u = _moments_chunk(
             x, g, m, v, start, length, keep, factor, decay_m, decay_v, weight_g, weight_g2, correction_m,
-            correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, X_DTYPE, G_DTYPE, MATH, False, BLOCK,
+            correction_v, eps_in, eps_out, decay_in_grad, decay_in_update, X_READ, G_DTYPE, M_DTYPE, MATH, False,
+            BLOCK,
         )  # fmt: skip
     tl.store(partials + 2 * chunk, sum_x)
     tl.store(partials + 2 * chunk + 1, sum_u)
 
 
 @triton.jit
-def _update_tile(x_ptr, m_ptr, v_ptr, offs, mask, keep, ratio,
+def _update_tile(x_ptr, param_ptr, m_ptr, v_ptr, offs, mask, keep, ratio, stochastic, key,
                  correction_m, correction_v, eps_in, eps_out, decay_in_update,
-                 X_DTYPE: tl.constexpr, MATH: tl.constexpr, TAIL: tl.constexpr):  # fmt: skip
+                 X_DTYPE: tl.constexpr, MATH: tl.constexpr, HAS_MASTER: tl.constexpr, STOCHASTIC: tl.constexpr,
+                 TAIL: tl.constexpr):  # fmt: skip
     x = _load(x_ptr + offs, mask, TAIL, "").to(MATH)
-    m = _load(m_ptr + offs, mask, TAIL, "evict_first")
-    v = _load(v_ptr + offs, mask, TAIL, "evict_first")
+    m = _load(m_ptr + offs, mask, TAIL, "evict_first").to(MATH)
+    v = _load(v_ptr + offs, mask, TAIL, "evict_first").to(MATH)
     u = _direction(m, v, x, correction_m, correction_v, eps_in, eps_out, decay_in_update, MATH)
     store_mask = _store_mask(mask, keep, TAIL)
-    tl.store(x_ptr + offs, (x - ratio * u).to(X_DTYPE), mask=store_mask)
+    x = x - ratio * u
+    if HAS_MASTER:  # the master keeps x, the parameter gets it rounded
+        tl.store(x_ptr + offs, x, mask=store_mask)
+    tl.store(param_ptr + offs, _parameter_value(x, offs, stochastic, key, X_DTYPE, STOCHASTIC), mask=store_mask)
 
 
 @triton.jit
@@ -303,34 +399,41 @@ def tensor_sums_kernel(partials, first_chunk, chunk_count, sums, MATH: tl.conste
 
 
 @triton.jit
-def _update_chunk(x_addr, m_addr, v_addr, start, length, keep, ratio,
+def _update_chunk(x_addr, param_addr, m_addr, v_addr, start, length, keep, ratio, stochastic, key,
                   correction_m, correction_v, eps_in, eps_out, decay_in_update,
-                  X_DTYPE: tl.constexpr, MATH: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    """Pass 2 over one chunk: x ← x − ratio·u."""
-    x_ptr = _pointer(x_addr, X_DTYPE, ALIGNED)
-    m_ptr = _pointer(m_addr, MATH, ALIGNED)
-    v_ptr = _pointer(v_addr, MATH, ALIGNED)
+                  X_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MATH: tl.constexpr, HAS_MASTER: tl.constexpr,
+                  STOCHASTIC: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    """Pass 2 over one chunk: x ← x − ratio·u, and the parameter from x."""
+    param_ptr = _pointer(param_addr, X_DTYPE, ALIGNED)
+    x_ptr = param_ptr
+    if HAS_MASTER:
+        x_ptr = _pointer(x_addr, MASTER_DTYPE, ALIGNED)
+    m_ptr = _pointer(m_addr, M_DTYPE, ALIGNED)
+    v_ptr = _pointer(v_addr, M_DTYPE, ALIGNED)
     full = length // BLOCK * BLOCK
     for off in range(0, full, BLOCK):
         offs = start + off + tl.arange(0, BLOCK)
-        _update_tile(x_ptr, m_ptr, v_ptr, offs, None, keep, ratio, correction_m, correction_v, eps_in, eps_out,
-                     decay_in_update, X_DTYPE, MATH, False)  # fmt: skip
+        _update_tile(x_ptr, param_ptr, m_ptr, v_ptr, offs, None, keep, ratio, stochastic, key, correction_m,
+                     correction_v, eps_in, eps_out, decay_in_update, X_DTYPE, MATH, HAS_MASTER, STOCHASTIC,
+                     False)  # fmt: skip
     offs = start + full + tl.arange(0, BLOCK)
     tail = full + tl.arange(0, BLOCK) < length
-    _update_tile(x_ptr, m_ptr, v_ptr, offs, tail, keep, ratio, correction_m, correction_v, eps_in, eps_out,
-                 decay_in_update, X_DTYPE, MATH, True)  # fmt: skip
+    _update_tile(x_ptr, param_ptr, m_ptr, v_ptr, offs, tail, keep, ratio, stochastic, key, correction_m,
+                 correction_v, eps_in, eps_out, decay_in_update, X_DTYPE, MATH, HAS_MASTER, STOCHASTIC,
+                 True)  # fmt: skip
 
 
 @triton.jit
 def pmd_lamb_update_kernel(
     ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, hyper, found_inf, partials, t_now,
     n_tensors,
-    X_DTYPE: tl.constexpr, MATH: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    X_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MATH: tl.constexpr, HAS_MASTER: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
 ):  # fmt: skip
     """Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u."""
     chunk = tl.program_id(0)
     tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
-    x, _, m, v, step_ptr = _tensor_addresses(ptrs, n_tensors, tensor)
+    param, x, _, m, v, step_ptr = _tensor_addresses(ptrs, n_tensors, tensor, HAS_MASTER)
 
     keep = tl.load(found_inf) == 0
     t = tl.load(t_now + tensor)
@@ -338,6 +441,8 @@ def pmd_lamb_update_kernel(
     _, _, _, _, correction_m, correction_v, eps_in, eps_out, _, decay_in_update = _step_coefficients(
         hyper, tensor, t, MATH
     )
+    STOCHASTIC: tl.constexpr = (X_DTYPE == tl.bfloat16) and not HAS_MASTER  # NOTE [bf16 bits]
+    stochastic, key = _rounding_key(hyper, tensor, t, STOCHASTIC)
 
     sum_x, sum_u = _tensor_sums(partials, first_chunk, chunk_count, tensor, MATH, REDUCE_BLOCK)
     x_norm = _sqrt(sum_x, MATH)
@@ -346,12 +451,17 @@ def pmd_lamb_update_kernel(
     lr_alpha = tl.load(hyper + tensor * N_HYPER + LR_ALPHA).to(MATH)
     ratio = lr_alpha * tl.where(trusted, _div(x_norm, u_norm, MATH), 1.0)
 
-    if _aligned(x) & _aligned(m) & _aligned(v):  # NOTE [vector and scalar paths]
-        _update_chunk(x, m, v, start, length, keep, ratio, correction_m, correction_v, eps_in, eps_out,
-                      decay_in_update, X_DTYPE, MATH, True, BLOCK)  # fmt: skip
+    aligned = _aligned(x) & _aligned(m) & _aligned(v)  # NOTE [vector and scalar paths]
+    if HAS_MASTER:  # the parameter is a stream of its own
+        aligned = aligned & _aligned(param)
+    if aligned:
+        _update_chunk(x, param, m, v, start, length, keep, ratio, stochastic, key, correction_m, correction_v,
+                      eps_in, eps_out, decay_in_update, X_DTYPE, M_DTYPE, MATH, HAS_MASTER, STOCHASTIC, True,
+                      BLOCK)  # fmt: skip
     else:
-        _update_chunk(x, m, v, start, length, keep, ratio, correction_m, correction_v, eps_in, eps_out,
-                      decay_in_update, X_DTYPE, MATH, False, BLOCK)  # fmt: skip
+        _update_chunk(x, param, m, v, start, length, keep, ratio, stochastic, key, correction_m, correction_v,
+                      eps_in, eps_out, decay_in_update, X_DTYPE, M_DTYPE, MATH, HAS_MASTER, STOCHASTIC, False,
+                      BLOCK)  # fmt: skip
 
 
 @triton.jit

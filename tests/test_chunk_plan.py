@@ -37,14 +37,38 @@ def test_hyper_columns_agree_across_languages():
     from largedet_kernels import triton_kernels
 
     triton_names = ["LR_ALPHA", "BETA1", "BETA2", "WEIGHT_G", "WEIGHT_G2", "EPS", "WEIGHT_DECAY", "CYCLE",
-                    "BIAS_CORRECTION", "EPS_INSIDE_SQRT", "ADAM_W_MODE", "USE_TRUST_RATIO"]  # fmt: skip
+                    "BIAS_CORRECTION", "EPS_INSIDE_SQRT", "ADAM_W_MODE", "USE_TRUST_RATIO", "STOCHASTIC_ROUNDING",
+                    "SEED"]  # fmt: skip
     assert [getattr(triton_kernels, n).value for n in triton_names] == list(range(len(chunk_plan.HYPER_COLUMNS)))
+    assert triton_kernels.N_HYPER.value == len(chunk_plan.HYPER_COLUMNS)
     header = (ROOT / "csrc/tables.h").read_text()
     cuda = dict((name, int(v)) for name, v in re.findall(r"^\s+k(\w+) = (\d+),", header, re.M))
     snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in cuda.items()}
     for i, column in enumerate(chunk_plan.HYPER_COLUMNS):
         assert snake[column] == i, column
     assert snake["hyper_columns"] == len(chunk_plan.HYPER_COLUMNS)
+
+
+def test_pointer_rows_agree_across_languages():
+    from largedet_kernels import triton_kernels
+
+    enum = re.search(r"enum PointerRow : int \{([^}]*)\}", (ROOT / "csrc/tables.h").read_text()).group(1)
+    cuda = {name: int(v) for name, v in re.findall(r"k(\w+) = (\d+)", enum)}
+    rows = {name: getattr(triton_kernels, name.upper()).value for name in ("X", "G", "M", "V", "Step", "Master")}
+    assert rows == {name: cuda[name] for name in rows} and cuda["PointerRows"] == len(rows)
+    # The table the host builds: one row of addresses each, the master row 0 in a bucket without masters.
+    xs = [torch.randn(3), torch.randn(5)]
+    bucket = Bucket(torch.device("cpu"), params=xs, grads=[torch.randn_like(x) for x in xs],
+                    exp_avgs=[torch.zeros_like(x) for x in xs], exp_avg_sqs=[torch.zeros_like(x) for x in xs],
+                    steps=[torch.zeros(()) for _ in xs])  # fmt: skip
+    plan = chunk_plan.plan_for(bucket, 16)
+    table = plan.pointers(bucket).view(len(rows), len(xs))
+    assert table[rows["X"]].tolist() == [x.data_ptr() for x in xs]
+    assert table[rows["Step"]].tolist() == [s.data_ptr() for s in bucket.steps]
+    assert table[rows["Master"]].tolist() == [0, 0]
+    bucket.masters = [x.clone() for x in xs]
+    table = plan.pointers(bucket).view(len(rows), len(xs))
+    assert table[rows["Master"]].tolist() == [m.data_ptr() for m in bucket.masters]
 
 
 def test_hyper_row_follows_the_group():

@@ -31,11 +31,11 @@ def test_sizes_around_every_boundary(triton_backend, dtype, rtol, ulps):
     run_against_reference(opt, steps=3, rtol=rtol, ulps=ulps, resync=dtype != torch.float64)
 
 
-def test_bf16_params_and_grads(triton_backend):
-    # The interpreter casts fp32 → bf16 by truncation, not rounding (a GPU rounds):
-    # hence 1 ulp of bf16 allowed, not ½.
+@pytest.mark.parametrize("master_weights", ["auto", False], ids=["masters", "no-masters"])
+def test_bf16_params_and_grads(triton_backend, master_weights):
+    # 1 ulp of bf16 allowed, not ½: fp32 and fp64 math may round a value near a tie apart.
     params = make_params([(CHUNK + 3,), (5, 7), (BLOCK,)], torch.bfloat16, zero=(1,))
-    opt = PMDLAMB(params, lr=0.05, cycle_length=2, max_grad_norm=1.0, backend="triton")
+    opt = PMDLAMB(params, lr=0.05, cycle_length=2, max_grad_norm=1.0, backend="triton", master_weights=master_weights)
     run_against_reference(opt, steps=4, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
 
 
@@ -122,21 +122,35 @@ def compiled():
     return [json.loads(line) for line in out.stdout.splitlines()]
 
 
-# Streams per main loop: (loads, stores) of the kernel, at 16 B per access.
-STREAMS = {"pmd_lamb_moments_kernel": (4, 2), "pmd_lamb_update_kernel": (3, 1), "grad_sumsq_kernel": (1, 0),
-           "tensor_sums_kernel": (0, 0)}  # fmt: skip
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4, "fp64": 8}
+
+
+def _streams(r):
+    """The dtypes of the streams of a variant's main loop, (loads, stores): x is read from its fp32 master
+    when it has one, and pass 2 writes both (NOTE [two passes])."""
+    x = "fp32" if r["masters"] else r["x"]
+    return {
+        "pmd_lamb_moments_kernel": ([x, r["g"], r["moments"], r["moments"]], [r["moments"], r["moments"]]),
+        "pmd_lamb_update_kernel": ([x, r["moments"], r["moments"]], [r["x"], *(["fp32"] if r["masters"] else [])]),
+        "grad_sumsq_kernel": ([r["g"]], []),
+        "tensor_sums_kernel": ([], []),
+    }[r["kernel"].split("[")[0]]
 
 
 def test_every_kernel_compiles_for_sm80_and_sm90_without_spills(compiled):
     assert {r["arch"] for r in compiled} == {"sm_80", "sm_90a"}
-    assert len(compiled) == 2 * (4 * 3 + 2)  # targets × (dtypes × kernels + the sums for 2 math types)
+    # targets × (dtypes × kernels + the sums for 2 math types + 2 mixed-precision variants × 2 passes)
+    assert len(compiled) == 2 * (4 * 3 + 2 + 2 * 2)
     for r in compiled:
         assert r["spill_bytes"] == 0, r
 
 
 def test_main_loops_use_128_bit_global_loads(compiled):
+    from largedet_kernels.backends import triton as backend
+
+    per_thread = backend.BLOCK // (32 * backend.NUM_WARPS)  # elements of a tile each thread moves
     for r in compiled:
-        loads, stores = STREAMS[r["kernel"].split("[")[0]]
+        loads, stores = (sum(per_thread * DTYPE_BYTES[d] // 16 for d in ds) for ds in _streams(r))
         assert r["ldg128"] >= loads, r
         assert r["stg128"] >= stores, r
 

@@ -2,8 +2,8 @@
 
     python tests/triton_aot.py 80 90     # prints one JSON line per kernel variant
 
-For each variant: registers and spill bytes from Triton's bundled ``ptxas -v``,
-and the global load/store widths found in the SASS (``cuobjdump -sass``).
+For each variant: its dtypes, registers and spill bytes from Triton's bundled
+``ptxas -v``, and the global load/store widths found in the SASS (``cuobjdump -sass``).
 Runs in its own process: the kernels must not be imported under
 TRITON_INTERPRET=1, which tests/conftest.py sets.
 """
@@ -26,6 +26,17 @@ from largedet_kernels.backends import triton as backend
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 DTYPES = {"fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16, "fp64": tl.float64}
+# name: (parameter, gradient, moment dtype, fp32 masters). One per parameter dtype with gradients and moments
+# of its own (bf16 without masters is the pass 2 that may round stochastically), then two of mixed precision
+# (NOTE [master weights] in largedet_kernels/optimizer.py), of which only the two passes differ.
+VARIANTS = {
+    "fp32": ("fp32", "fp32", "fp32", False),
+    "fp16": ("fp16", "fp16", "fp32", False),
+    "bf16": ("bf16", "bf16", "fp32", False),
+    "fp64": ("fp64", "fp64", "fp64", False),
+    "bf16+master": ("bf16", "fp32", "fp32", True),
+    "bf16+master+bf16m": ("bf16", "bf16", "bf16", True),
+}
 
 
 def _signature(fn, pointer_types, scalars, constexprs):
@@ -36,19 +47,23 @@ def _signature(fn, pointer_types, scalars, constexprs):
 
 
 def variants():
-    for dtype, tl_dtype in DTYPES.items():
-        math_ = "fp64" if dtype == "fp64" else "fp32"
+    for variant, (x, g, moments, masters) in VARIANTS.items():
+        math_ = "fp64" if x == "fp64" else "fp32"
         common = dict(ptrs="*i64", numels="*i64", chunk_tensor="*i32", chunk_index="*i32", first_chunk="*i32",
                       chunk_count="*i32", hyper="*fp64", grad_factor="*fp32", found_inf="*fp32",
                       partials=f"*{math_}", t_now=f"*{math_}", sums=f"*{math_}")  # fmt: skip
-        consts = dict(X_DTYPE=tl_dtype, G_DTYPE=tl_dtype, MATH=DTYPES[math_], CHUNK=backend.CHUNK,
-                      BLOCK=backend.BLOCK, REDUCE_BLOCK=backend.REDUCE_BLOCK)  # fmt: skip
-        kernels = [k.pmd_lamb_moments_kernel, k.pmd_lamb_update_kernel, k.grad_sumsq_kernel]
-        if dtype in ("fp32", "fp64"):  # it sees only the math type
+        consts = dict(X_DTYPE=DTYPES[x], G_DTYPE=DTYPES[g], M_DTYPE=DTYPES[moments], MATH=DTYPES[math_],
+                      HAS_MASTER=masters, CHUNK=backend.CHUNK, BLOCK=backend.BLOCK,
+                      REDUCE_BLOCK=backend.REDUCE_BLOCK)  # fmt: skip
+        kernels = [k.pmd_lamb_moments_kernel, k.pmd_lamb_update_kernel]
+        if variant in DTYPES:
+            kernels.append(k.grad_sumsq_kernel)
+        if variant in ("fp32", "fp64"):  # it sees only the math type
             kernels.append(k.tensor_sums_kernel)
+        stored = dict(x=x, g=g, moments=moments, masters=masters)
         for fn in kernels:
             c = {name: v for name, v in consts.items() if name in fn.arg_names}
-            yield f"{fn.__name__}[{dtype}]", fn, _signature(fn, common, {"n_tensors": "i32"}, c), c
+            yield f"{fn.__name__}[{variant}]", fn, _signature(fn, common, {"n_tensors": "i32"}, c), c, stored
 
 
 def compile_variant(fn, signature, constexprs, arch: int, tmp: Path) -> dict:
@@ -80,9 +95,9 @@ def compile_variant(fn, signature, constexprs, arch: int, tmp: Path) -> dict:
 def main(archs):
     with tempfile.TemporaryDirectory() as tmp:
         for arch in archs:
-            for name, fn, signature, constexprs in variants():
+            for name, fn, signature, constexprs, stored in variants():
                 result = compile_variant(fn, signature, constexprs, arch, Path(tmp))
-                print(json.dumps({"kernel": name, **result}), flush=True)
+                print(json.dumps({"kernel": name, **stored, **result}), flush=True)
 
 
 if __name__ == "__main__":

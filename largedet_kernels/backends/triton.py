@@ -11,7 +11,7 @@ which is how CI tests them.
 
 import contextlib
 import os
-from typing import Optional
+from typing import Any, Dict, Optional
 
 import torch
 import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is missing)
@@ -53,23 +53,28 @@ def _on(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
+def _stored_dtypes(bucket: Bucket, plan: ChunkPlan) -> Dict[str, Any]:
+    """What both passes specialise on beside the gradient dtype: how x and the moments are stored, the math, and
+    whether x is an fp32 master (NOTE [master weights] in largedet_kernels/optimizer.py)."""
+    return dict(X_DTYPE=_TL_DTYPES[bucket.params[0].dtype], M_DTYPE=_TL_DTYPES[bucket.exp_avgs[0].dtype],
+                MATH=_TL_DTYPES[plan.math_dtype], HAS_MASTER=bool(bucket.masters))  # fmt: skip
+
+
 class _TritonKernels:
     """chunk_plan.Kernels for the kernels of triton_kernels.py."""
 
     def _moments(self, bucket, plan, grad_factor, found_inf) -> None:
         k.pmd_lamb_moments_kernel[(plan.n_chunks,)](
             plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, plan.hyper(bucket), grad_factor,
-            found_inf, plan.partials, plan.t_now, plan.n_tensors, X_DTYPE=_TL_DTYPES[bucket.params[0].dtype],
-            G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], CHUNK=plan.chunk,
-            BLOCK=BLOCK, num_warps=NUM_WARPS,
+            found_inf, plan.partials, plan.t_now, plan.n_tensors, G_DTYPE=_TL_DTYPES[bucket.grads[0].dtype],
+            CHUNK=plan.chunk, BLOCK=BLOCK, num_warps=NUM_WARPS, **_stored_dtypes(bucket, plan),
         )  # fmt: skip
 
     def _update(self, bucket, plan, found_inf, partials, first_chunk, chunk_count) -> None:
         k.pmd_lamb_update_kernel[(plan.n_chunks,)](
             plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk, chunk_count,
-            plan.hyper(bucket), found_inf, partials, plan.t_now, plan.n_tensors,
-            X_DTYPE=_TL_DTYPES[bucket.params[0].dtype], MATH=_TL_DTYPES[plan.math_dtype], CHUNK=plan.chunk,
-            BLOCK=BLOCK, REDUCE_BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS,
+            plan.hyper(bucket), found_inf, partials, plan.t_now, plan.n_tensors, CHUNK=plan.chunk, BLOCK=BLOCK,
+            REDUCE_BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS, **_stored_dtypes(bucket, plan),
         )  # fmt: skip
 
     def step(self, bucket, plan, grad_factor, found_inf) -> None:
