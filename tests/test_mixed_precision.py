@@ -61,6 +61,21 @@ def test_the_trust_ratio_reads_the_master(backend):
     assert torch.equal(p.detach(), master.to(torch.bfloat16))
 
 
+def test_a_master_laid_out_unlike_its_parameter_is_stepped_right(backend):
+    # A master that came back from a checkpoint in another layout: the fused kernels address element i at
+    # offset i of every stream, so such a tensor goes to the torch backend (chunk_plan.kernel_friendly).
+    params = make_params([(3, 5), (64, 3, 3, 3), (7,)], torch.bfloat16)
+    opt = PMDLAMB(params, **KWARGS, backend=backend)
+    run_against_reference(opt, steps=1, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
+    saved = opt.state_dict()
+    for i in (0, 1):
+        master = saved["state"][i]["master"]
+        saved["state"][i] = {**saved["state"][i], "master": master.transpose(0, 1).contiguous().transpose(0, 1)}
+    opt.load_state_dict(saved)
+    assert not any(opt.state[p]["master"].is_contiguous() for p in params[:2])
+    run_against_reference(opt, steps=3, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
+
+
 # NOTE [stochastic rounding]
 
 

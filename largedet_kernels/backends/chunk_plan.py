@@ -166,7 +166,7 @@ def has_kernels(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
 
 
 def kernel_friendly(p: torch.Tensor, others: Tuple[torch.Tensor, ...]) -> bool:
-    """x, g, m, v dense with equal strides: element i is at offset i in all four."""
+    """x, g, m, v (and the master) dense with equal strides: element i is at offset i in all of them."""
     dense = p.is_contiguous() or (p.dim() == 4 and p.is_contiguous(memory_format=torch.channels_last))
     return dense and all(t.stride() == p.stride() for t in others)
 
@@ -179,9 +179,10 @@ def split(bucket: Bucket) -> Tuple[Bucket, Optional[Bucket]]:
     """
     parts = bucket.derived.get("split") if bucket.address_version is not None else None
     if parts is None:
+        masters = bucket.masters or [None] * len(bucket.params)
         friendly = [
-            kernel_friendly(p, (g, m, v))
-            for p, g, m, v in zip(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs)
+            kernel_friendly(p, (g, m, v) if master is None else (g, m, v, master))
+            for p, g, m, v, master in zip(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, masters)
         ]
         if all(friendly):
             parts = bucket.derived["split"] = (bucket, None, None, None)
