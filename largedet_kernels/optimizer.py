@@ -39,8 +39,9 @@ NOTE [master weights]
     master rounded to nearest. A skipped step (GradScaler's found_inf) leaves it as it is. The
     masters are in state_dict(); a checkpoint without them starts them from the parameters. A
     parameter written by anything but the optimizer between two steps (``model.load_state_dict``,
-    an in-place re-initialisation: its version counter moved) hands its new value to its master
-    at the next step, so the master never writes an old value back over it.
+    an in-place re-initialisation: its version counter moved; a write through ``p.data`` is not
+    seen) hands its new value to its master at the next step, so the master never writes an old
+    value back over it.
     ``"auto"`` keeps masters for fp16/bf16 parameters unless stochastic_rounding is asked for,
     which keeps bf16 parameters without them (NOTE [stochastic rounding] in rounding.py).
     ``moment_dtype=torch.bfloat16`` stores both moments in bf16 (math in fp32, stores rounded to
