@@ -32,16 +32,16 @@ NOTE [step cache]
 
 NOTE [master weights]
     PMD-LAMB moves each tensor by η·α of its norm per step (1.2e-5 of it at η = 1e-3, α = 0.012),
-    far below bf16's rounding step of 2⁻⁸ of a value: rounded to nearest, most updates of a bf16
-    parameter vanish. ``master_weights`` keeps an fp32 copy of each fp16/bf16 parameter in its
-    state (``state["master"]``, a DTensor sharded like its parameter under FSDP2): the step reads
-    and writes the master, forms the trust ratio from ‖master‖, and writes the parameter as the
-    master rounded to nearest. A skipped step (GradScaler's found_inf) leaves it as it is. The
-    masters are in state_dict(); a checkpoint without them starts them from the parameters. A
-    parameter written by anything but the optimizer between two steps (``model.load_state_dict``,
-    an in-place re-initialisation: its version counter moved; a write through ``p.data`` is not
-    seen) hands its new value to its master at the next step, so the master never writes an old
-    value back over it.
+    and a bf16 number only changes when it moves by about 2⁻⁹ of itself: rounded to nearest, most
+    updates of a bf16 parameter vanish. ``master_weights`` keeps an fp32 copy of each fp16/bf16
+    parameter in its state (``state["master"]``, a DTensor sharded like its parameter under FSDP2):
+    the step reads and writes the master, forms the trust ratio from ‖master‖, and writes the
+    parameter as the master rounded to nearest. A skipped step (GradScaler's found_inf) leaves it as
+    it is. The masters are in state_dict(); a checkpoint without them starts them from the
+    parameters. A parameter written by anything but the optimizer between two steps
+    (``model.load_state_dict``, an in-place re-initialisation: its version counter moved; a write
+    through ``p.data`` is not seen) hands its new value to its master at the next step, so the
+    master never writes an old value back over it.
     ``"auto"`` keeps masters for fp16/bf16 parameters unless stochastic_rounding is asked for,
     which keeps bf16 parameters without them (NOTE [stochastic rounding] in rounding.py).
     ``moment_dtype=torch.bfloat16`` stores both moments in bf16 (math in fp32, stores rounded to
@@ -240,8 +240,7 @@ def _check_hyper(group: Dict[str, Any]) -> None:
 
 
 def _state_like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A saved state tensor as a copy in p's device and layout and in ``dtype`` (sharded like p when p is a
-    DTensor)."""
+    """A saved state tensor as a copy on p's device in ``dtype`` (sharded like p when p is a DTensor)."""
     if isinstance(p, DTensor):
         if isinstance(saved, DTensor):
             if saved.device_mesh == p.device_mesh and saved.placements == p.placements:
