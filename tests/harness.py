@@ -4,6 +4,7 @@ The reference sees float64 copies of everything and its own step counter, so it
 shares nothing with the code under test but the inputs.
 """
 
+import io
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -276,3 +277,19 @@ def check_halves_equal_step(
         pending.finish(pending.sums)
     for name in ("params", "exp_avgs", "exp_avg_sqs", "steps"):
         assert all(torch.equal(s, t) for s, t in zip(getattr(a, name), getattr(b, name))), name
+
+
+def train(opt: torch.optim.Optimizer, params: Sequence[torch.Tensor], steps: int, gen: torch.Generator) -> None:
+    """``steps`` steps of opt on fresh random gradients."""
+    for _ in range(steps):
+        for p, g in zip(params, random_grads(params, gen)):
+            p.grad = g
+        opt.step()
+
+
+def roundtrip(obj):
+    """obj through torch.save and torch.load, as a checkpoint goes."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)

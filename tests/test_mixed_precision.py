@@ -2,13 +2,12 @@
 (NOTE [master weights] in largedet_kernels/optimizer.py, NOTE [stochastic rounding] in
 largedet_kernels/rounding.py), against the float64 reference and in a model that only trains with them."""
 
-import io
 
 import pytest
 import torch
 
 from conftest import CPU_BACKENDS
-from harness import FP32_MATH_RTOL, SHAPES, make_params, random_grads, run_against_reference
+from harness import FP32_MATH_RTOL, SHAPES, make_params, random_grads, roundtrip, run_against_reference, train
 
 from largedet_kernels import LAMB, PMDLAMB, reference, rounding
 
@@ -249,18 +248,8 @@ def test_the_bf16_scenario_trains_with_masters_or_stochastic_rounding(backend):
 # Checkpoints
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
-def _train(opt, params, steps, gen):
-    for _ in range(steps):
-        for p, g in zip(params, random_grads(params, gen)):
-            p.grad = g
-        opt.step()
 
 
 @pytest.mark.parametrize("setting", SETTINGS.values(), ids=SETTINGS.keys())
@@ -268,15 +257,15 @@ def test_a_resumed_run_equals_the_uninterrupted_one(backend, setting):
     params = make_params(SHAPES, torch.bfloat16, zero=ZERO)
     opt = PMDLAMB(params, **KWARGS, backend=backend, **setting)
     gen = torch.Generator().manual_seed(7)
-    _train(opt, params, 2, gen)
-    saved_params, saved_opt = _roundtrip([p.detach().clone() for p in params]), _roundtrip(opt.state_dict())
+    train(opt, params, 2, gen)
+    saved_params, saved_opt = roundtrip([p.detach().clone() for p in params]), roundtrip(opt.state_dict())
     gen_state = gen.get_state()
-    _train(opt, params, 3, gen)
+    train(opt, params, 3, gen)
     resumed = [torch.nn.Parameter(p) for p in saved_params]
     opt2 = PMDLAMB(resumed, **KWARGS, backend=backend, **setting)
     opt2.load_state_dict(saved_opt)
     gen.set_state(gen_state)
-    _train(opt2, resumed, 3, gen)
+    train(opt2, resumed, 3, gen)
     for a, b in zip(params, resumed):
         assert torch.equal(a, b)
         assert opt.state[a].keys() == opt2.state[b].keys()
@@ -289,8 +278,8 @@ def test_a_checkpoint_loads_on_every_other_backend():
     for saver in backends:
         params = make_params(SHAPES, torch.bfloat16, zero=ZERO)
         opt = PMDLAMB(params, **KWARGS, backend=saver, moment_dtype=torch.bfloat16)
-        _train(opt, params, 2, torch.Generator().manual_seed(3))
-        saved = _roundtrip(opt.state_dict())
+        train(opt, params, 2, torch.Generator().manual_seed(3))
+        saved = roundtrip(opt.state_dict())
         results = {}
         for loader in backends:
             copy = [torch.nn.Parameter(p.detach().clone()) for p in params]
@@ -298,7 +287,7 @@ def test_a_checkpoint_loads_on_every_other_backend():
             opt2.load_state_dict(saved)
             for p, q in zip(params, copy):
                 assert all(torch.equal(opt.state[p][k], opt2.state[q][k]) for k in opt.state[p]), (saver, loader)
-            _train(opt2, copy, 2, torch.Generator().manual_seed(4))
+            train(opt2, copy, 2, torch.Generator().manual_seed(4))
             results[loader] = [opt2.state[q]["master"].clone() for q in copy]
         for loader, masters in results.items():  # every loader goes on to the same place
             for a, b in zip(results[saver], masters):
@@ -309,13 +298,13 @@ def test_a_checkpoint_loads_on_every_other_backend():
 def test_a_checkpoint_without_masters_starts_them_from_the_parameters(backend):
     params = make_params(SHAPES, torch.bfloat16, zero=ZERO)
     opt = PMDLAMB(params, **KWARGS, backend=backend, master_weights=False)
-    _train(opt, params, 2, torch.Generator().manual_seed(3))
-    saved = _roundtrip(opt.state_dict())
+    train(opt, params, 2, torch.Generator().manual_seed(3))
+    saved = roundtrip(opt.state_dict())
     assert not any("master" in s for s in saved["state"].values())
     copy = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt2 = PMDLAMB(copy, **KWARGS, backend=backend)
     opt2.load_state_dict(saved)
-    _train(opt2, copy, 0, None)
+    train(opt2, copy, 0, None)
     for q in copy:
         q.grad = torch.zeros_like(q)
     opt2.found_inf = torch.ones(())  # a skipped step: state is set up, nothing moves
@@ -327,7 +316,7 @@ def test_a_checkpoint_without_masters_starts_them_from_the_parameters(backend):
     # And the other way: a checkpoint with masters into an optimizer that keeps none drops them.
     opt3 = PMDLAMB([torch.nn.Parameter(p.detach().clone()) for p in params], **KWARGS, backend=backend,
                    master_weights=False)  # fmt: skip
-    opt3.load_state_dict(_roundtrip(opt2.state_dict()))
+    opt3.load_state_dict(roundtrip(opt2.state_dict()))
     assert not any("master" in s for s in opt3.state.values())
 
 
@@ -335,15 +324,15 @@ def test_a_checkpoint_without_masters_starts_them_from_the_parameters(backend):
 def test_a_changed_moment_dtype_converts_on_load(backend, saved_dtype, loaded_dtype):
     params = make_params(SHAPES, torch.float32, zero=ZERO)
     opt = PMDLAMB(params, **KWARGS, backend=backend, moment_dtype=saved_dtype)
-    _train(opt, params, 2, torch.Generator().manual_seed(3))
+    train(opt, params, 2, torch.Generator().manual_seed(3))
     copy = [torch.nn.Parameter(p.detach().clone()) for p in params]
     opt2 = PMDLAMB(copy, **KWARGS, backend=backend, moment_dtype=loaded_dtype)
-    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
     for p, q in zip(params, copy):
         for key in ("exp_avg", "exp_avg_sq"):
             assert opt2.state[q][key].dtype == loaded_dtype
             assert torch.equal(opt2.state[q][key], opt.state[p][key].to(loaded_dtype))
-    _train(opt2, copy, 2, torch.Generator().manual_seed(4))
+    train(opt2, copy, 2, torch.Generator().manual_seed(4))
     assert all(opt2.state[q]["exp_avg"].dtype == loaded_dtype for q in copy)
 
 

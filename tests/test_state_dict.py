@@ -1,27 +1,15 @@
 """state_dict() / load_state_dict(): exact round trips, mid-cycle, across dtypes and devices."""
 
-import io
-
 import pytest
 import torch
 
-from harness import SHAPES, make_params, random_grads
+from harness import SHAPES, make_params, roundtrip, train
 
 from largedet_kernels import LAMB, PMDLAMB
 
 
-def _train(opt, params, steps, gen):
-    for _ in range(steps):
-        for p, g in zip(params, random_grads(params, gen)):
-            p.grad = g
-        opt.step()
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 @pytest.mark.parametrize("cls", [PMDLAMB, LAMB])
@@ -31,18 +19,18 @@ def test_resumed_run_equals_uninterrupted_run(backend, cls, dtype):
     params = make_params(SHAPES, dtype, zero=(2,))
     opt = cls(params, **kwargs)
     gen = torch.Generator().manual_seed(7)
-    _train(opt, params, 3, gen)  # stop mid-cycle: t = 3 of T = 5
+    train(opt, params, 3, gen)  # stop mid-cycle: t = 3 of T = 5
 
-    saved_params = _roundtrip([p.detach().clone() for p in params])
-    saved_opt = _roundtrip(opt.state_dict())
+    saved_params = roundtrip([p.detach().clone() for p in params])
+    saved_opt = roundtrip(opt.state_dict())
     gen_state = gen.get_state()
-    _train(opt, params, 6, gen)  # the uninterrupted run crosses the cycle boundary
+    train(opt, params, 6, gen)  # the uninterrupted run crosses the cycle boundary
 
     resumed = [torch.nn.Parameter(p) for p in saved_params]
     opt2 = cls(resumed, **kwargs)
     opt2.load_state_dict(saved_opt)
     gen.set_state(gen_state)
-    _train(opt2, resumed, 6, gen)
+    train(opt2, resumed, 6, gen)
     for a, b in zip(params, resumed):
         assert torch.equal(a, b)
     for a, b in zip(params, resumed):
@@ -53,7 +41,7 @@ def test_resumed_run_equals_uninterrupted_run(backend, cls, dtype):
 def test_loaded_state_keeps_float32_moments_and_does_not_alias(backend):
     params = make_params(SHAPES, torch.bfloat16)
     opt = PMDLAMB(params, backend=backend)
-    _train(opt, params, 2, torch.Generator().manual_seed(0))
+    train(opt, params, 2, torch.Generator().manual_seed(0))
     sd = opt.state_dict()
     opt2 = PMDLAMB([torch.nn.Parameter(p.detach().clone()) for p in params], backend=backend)
     opt2.load_state_dict(sd)
@@ -87,7 +75,7 @@ def test_shape_mismatch_is_an_error(backend):
 def test_state_moves_across_devices():
     params = make_params(SHAPES, torch.float32, device="cuda")
     opt = PMDLAMB(params)
-    _train(opt, params, 2, torch.Generator().manual_seed(0))
+    train(opt, params, 2, torch.Generator().manual_seed(0))
     cpu_params = [torch.nn.Parameter(p.detach().cpu()) for p in params]
     opt_cpu = PMDLAMB(cpu_params)
     opt_cpu.load_state_dict(opt.state_dict())

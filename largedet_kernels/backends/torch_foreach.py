@@ -250,5 +250,7 @@ def _apply(bucket: Bucket, lo: int, hi: int, x, u, sums: torch.Tensor, c, keep) 
     if not any(c["stochastic"]):
         torch._foreach_copy_(xs, x)
         return
-    for p, xi, stochastic, seed, t in zip(xs, x, c["stochastic"], c["seed"], bucket.steps[lo:hi]):
-        p.copy_(rounding.stochastic_bf16(xi, rounding.step_key(seed, t)) if stochastic else xi)
+    # The seed is the optimizer's (one for every group): the slice's keys in one go.
+    keys = rounding.step_key(c["seed"][0], torch.stack(bucket.steps[lo:hi])).unbind()
+    for p, xi, stochastic, key in zip(xs, x, c["stochastic"], keys):
+        p.copy_(rounding.stochastic_bf16(xi, key) if stochastic else xi)
