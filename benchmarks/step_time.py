@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from tqdm import tqdm
 
 from benchmarks.contenders import CONTENDERS, Contender
 
@@ -201,7 +202,11 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
     params = make_params(shapes, device, DTYPES[dtype_name])
     steps: Dict[str, Callable[[], None]] = {}
     skipped: Dict[str, str] = {}
+    # One unit per contender for its warm-up, each round and its extra measures; stderr, so the table stays clean.
+    bar = tqdm(total=len(contenders) * (args.rounds + 2), desc=f"{name} {dtype_name}", unit="step", leave=False,
+               file=sys.stderr, disable=args.quiet)  # fmt: skip
     for c in contenders:
+        bar.set_postfix_str(f"{c.name}: warm-up")
         reason = c.unavailable(device) or c.refuses(DTYPES[dtype_name])
         if reason is None:
             try:
@@ -212,13 +217,17 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
                 reason = f"failed: {type(err).__name__}: {err}"
         if reason is not None:
             skipped[c.name] = reason
+        bar.update(1 if reason is None else args.rounds + 2)
     times: Dict[str, List[float]] = {n: [] for n in steps}
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for n, step in steps.items():
+            bar.set_postfix_str(f"{n}: round {round_ + 1}/{args.rounds}")
             times[n] += time_ms(step, device, args.steps)
+            bar.update(1)
     by_name = {c.name: c for c in contenders}
     rows = {}
     for n, step in steps.items():
+        bar.set_postfix_str(f"{n}: launches, host time, memory")
         median = statistics.median(times[n])
         row = {
             "median_ms": median, "min_ms": min(times[n]), "max_ms": max(times[n]), "samples": len(times[n]),
@@ -235,6 +244,8 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
             except Exception as err:
                 row["graph_replay_error"] = f"{type(err).__name__}: {err}"
         rows[n] = row
+        bar.update(1)
+    bar.close()
     apex = rows.get("apex FusedLAMB", {}).get("median_ms")
     for row in rows.values():
         row["speedup_vs_apex"] = apex / row["median_ms"] if apex else None
@@ -243,25 +254,60 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
             "skipped": skipped, "floor_bytes": floor_bytes, "two_pass_bytes": two_pass_bytes}  # fmt: skip
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+# heading, row key, format, shown off the GPU. A column shows where it applies to the device and a row has a value.
+COLUMNS = (
+    ("median ms", "median_ms", ".3f", True), ("min", "min_ms", ".3f", True), ("max", "max_ms", ".3f", True),
+    ("B/elem", "bytes_per_elem", ".1f", True), ("of {two_pass_bytes}B", "two_pass_roofline", ".0%", True),
+    ("launches", "launches", "d", False), ("host ms", "host_ms", ".3f", False),
+    ("extra MiB", "peak_extra_mib", ".1f", False), ("graph ms", "graph_replay_ms", ".3f", False),
+    ("vs apex", "speedup_vs_apex", ".2f", False),
+)  # fmt: skip
+CPU_ROOFLINE = ("above 100% on CPU: a copy's stores first read their lines (12 B moved per 8 counted), the step's "
+                "do not, and one-chunk tensors take pass 2 from cache")
 
 
-def print_table(result: Dict, meta: Dict) -> None:
+def columns(result: Dict, device_type: str) -> List[Tuple[str, str, str]]:
+    """The table's columns (heading, key, format) for a device type: those that apply and have a value."""
+    return [(head.format(**result), key, spec) for head, key, spec, off_gpu in COLUMNS
+            if (off_gpu or device_type == "cuda") and any(r[key] is not None for r in result["rows"].values())]
+
+
+def legend(result: Dict, meta: Dict) -> List[str]:
+    """One line per column shown, saying what it is."""
+    on_gpu = meta["device"].startswith("cuda")
+    clock = "CUDA events" if on_gpu else "perf_counter"
+    two, one = result["two_pass_bytes"], result["floor_bytes"]
+    text = {
+        "median_ms": f"median ms, min, max: step time ({clock}), over every timed step of every round",
+        "bytes_per_elem": f"B/elem: median × copy bandwidth ({meta['copy_bandwidth_GBps']:.0f} GB/s) / parameters; "
+                          f"{one} is the one-pass floor, {two} the two-pass design",
+        "two_pass_roofline": f"of {two}B: the time {two} B/elem takes at copy bandwidth / median "
+                             "(100%: on that roofline)",
+        "launches": "launches: kernels, memsets and copies one step enqueues (torch.profiler)",
+        "host_ms": "host ms: time for step() to return, the GPU idle at each call",
+        "peak_extra_mib": "extra MiB: memory a step allocates beyond what is held",
+        "graph_replay_ms": "graph ms: median replay of the step captured in a CUDA graph",
+        "speedup_vs_apex": "vs apex: apex FusedLAMB's median / this median",
+    }  # fmt: skip
+    keys = [key for _, key, _ in columns(result, "cuda" if on_gpu else "cpu") if key not in ("min_ms", "max_ms")]
+    lines = [text[key] for key in keys]
+    return lines if on_gpu else lines + [CPU_ROOFLINE]
+
+
+def print_table(result: Dict, meta: Dict, out=None) -> None:
+    """The set's table, its legend under it, then the contenders skipped and why."""
+    out = out or sys.stdout
+    cols = columns(result, "cuda" if meta["device"].startswith("cuda") else "cpu")
     print(f"\n{result['set']} ({result['tensors']} tensors, {result['params'] / 1e6:.1f}M params, {result['dtype']}) "
-          f"on {meta['device_name']}; copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s")  # fmt: skip
-    of = f"of {result['two_pass_bytes']}B"
-    head = ("contender", "median ms", "min", "max", "B/elem", of, "launches", "host ms", "extra MiB", "graph ms",
-            "vs apex")  # fmt: skip
-    print(f"{head[0]:<21}" + "".join(f"{h:>10}" for h in head[1:]))
+          f"on {meta['device_name']}; copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s", file=out)  # fmt: skip
+    print(f"{'contender':<21}" + "".join(f"{head:>10}" for head, _, _ in cols), file=out)
     for name, r in result["rows"].items():
-        cells = [_fmt(r["median_ms"], ".3f"), _fmt(r["min_ms"], ".3f"), _fmt(r["max_ms"], ".3f"),
-                 _fmt(r["bytes_per_elem"], ".1f"), _fmt(r["two_pass_roofline"], ".0%"), _fmt(r["launches"], "d"),
-                 _fmt(r["host_ms"], ".3f"), _fmt(r["peak_extra_mib"], ".1f"), _fmt(r["graph_replay_ms"], ".3f"),
-                 _fmt(r["speedup_vs_apex"], ".2f")]  # fmt: skip
-        print(f"{name:<21}" + "".join(f"{c:>10}" for c in cells))
+        cells = ["-" if r[key] is None else format(r[key], spec) for _, key, spec in cols]
+        print(f"{name:<21}" + "".join(f"{c:>10}" for c in cells), file=out)
+    for line in legend(result, meta):
+        print(f"  {line}", file=out)
     for name, reason in result["skipped"].items():
-        print(f"{name:<21}skipped: {reason}")
+        print(f"{name:<21}skipped: {reason}", file=out)
 
 
 def plot(results: List[Dict], meta: Dict, path: Path) -> None:
@@ -269,25 +315,31 @@ def plot(results: List[Dict], meta: Dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, axes = plt.subplots(len(results), 2, figsize=(13, 3.2 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 2, figsize=(13, 3.4 * len(results)), squeeze=False)
     for (ax_t, ax_b), res in zip(axes, results):
         names = list(res["rows"])
         ms = [res["rows"][n]["median_ms"] for n in names]
         bpe = [res["rows"][n]["bytes_per_elem"] for n in names]
         colors = ["tab:green" if n.startswith("pmdlamb") else "tab:gray" for n in names]
-        ax_t.barh(names, ms, color=colors)
+        ax_t.bar_label(ax_t.barh(names, ms, color=colors), fmt="%.1f", padding=3, fontsize=8)
         ax_t.set_xlabel("median step time, ms (lower is better)")
         ax_t.set_title(f"{res['set']}, {res['dtype']}: {res['tensors']} tensors, {res['params'] / 1e6:.1f}M params")
-        ax_b.barh(names, bpe, color=colors)
+        ax_b.bar_label(ax_b.barh(names, bpe, color=colors), fmt="%.1f", padding=3, fontsize=8)
         floor_bytes, two_pass_bytes = res["floor_bytes"], res["two_pass_bytes"]
-        for x, label in ((floor_bytes, f"{floor_bytes} B floor"), (two_pass_bytes, f"{two_pass_bytes} B two-pass")):
-            ax_b.axvline(x, ls="--", color="k", lw=0.8)
-            ax_b.text(x, len(names) - 0.5, label, fontsize=7, ha="left")
+        ax_b.axvline(floor_bytes, ls=":", color="k", lw=1, label=f"{floor_bytes} B/elem: one-pass floor")
+        ax_b.axvline(two_pass_bytes, ls="--", color="k", lw=1, label=f"{two_pass_bytes} B/elem: two-pass design")
+        ax_b.legend(loc="lower right", fontsize=7, framealpha=0.9)
         ax_b.set_xlabel("effective bytes per element (time × copy bandwidth / N)")
-        for ax in (ax_t, ax_b):
+        for ax, values in ((ax_t, ms), (ax_b, bpe + [floor_bytes, two_pass_bytes])):
             ax.invert_yaxis()
             ax.set_xscale("log")
+            # Room right of the longest bar for its label; plain tick labels at 1, 2 and 5 of each decade.
+            ax.set_xlim(min(values) / 1.5, max(values) * 2)
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
     fig.suptitle(f"PMD-LAMB step on {meta['device_name']} ({meta['date']}, torch {meta['torch']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -308,7 +360,13 @@ def main(argv=None) -> Dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
     parser.add_argument("--no-files", action="store_true", help="print the table only")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    parser.add_argument("--plot", type=Path, metavar="JSON", help="draw the PNG of a results file beside it, and stop")
     args = parser.parse_args(argv)
+    if args.plot:
+        doc = json.loads(args.plot.read_text())
+        plot(doc["results"], doc["meta"], args.plot.with_suffix(".png"))
+        return doc
     unknown = sorted((set(args.contenders or []) | set(args.skip)) - {c.name for c in CONTENDERS})
     if unknown:
         parser.error(f"no contenders named {unknown}; benchmarks/contenders.py has {[c.name for c in CONTENDERS]}")
@@ -321,6 +379,9 @@ def main(argv=None) -> Dict:
     chosen = [c for c in CONTENDERS if not args.contenders or c.name in args.contenders]
 
     meta = run_meta(device, "benchmarks.step_time", argv)
+    if not args.quiet:
+        print(f"{' '.join(args.sets)} ({' '.join(args.dtypes)}) on {meta['device_name']}: {len(chosen)} contenders; "
+              "measuring the copy bandwidth", file=sys.stderr)  # fmt: skip
     numel = max(sum(torch.Size(s).numel() for s in load_shapes(n, args.limit)) for n in args.sets)
     meta["copy_bandwidth_GBps"] = copy_bandwidth(device, max(numel, 1 << 20)) / 1e9
     results = []

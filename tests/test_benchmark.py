@@ -17,7 +17,7 @@ ROW_KEYS = {"median_ms", "min_ms", "max_ms", "samples", "bytes_per_elem", "two_p
             "peak_extra_mib", "graph_replay_ms", "speedup_vs_apex"}  # fmt: skip
 
 
-def test_benchmark_smoke(tmp_path):
+def test_benchmark_smoke(tmp_path, capsys):
     doc = step_time.main(["--device", "cpu", "--sets", "faster_rcnn_r50_fpn", "many_small", "--limit", "6",
                           "--warmup", "1", "--steps", "1", "--rounds", "2", "--out", str(tmp_path)])  # fmt: skip
     (written,) = tmp_path.glob("*.json")
@@ -43,6 +43,49 @@ def test_benchmark_smoke(tmp_path):
             # derived consistently from the same run's copy bandwidth
             expected = row["median_ms"] / 1e3 * meta["copy_bandwidth_GBps"] * 1e9 / result["params"]
             assert row["bytes_per_elem"] == pytest.approx(expected)
+    out, err = capsys.readouterr()
+    # Only the columns that apply off the GPU, each explained under its table; progress goes to stderr.
+    heads = [line.split() for line in out.splitlines() if line.startswith("contender")]
+    assert heads == [["contender", "median", "ms", "min", "max", "B/elem", "of", "40B"]] * 2
+    assert out.count("  of 40B: the time 40 B/elem takes at copy bandwidth") == 2
+    assert out.count(f"  {step_time.CPU_ROOFLINE}") == 2
+    assert "launches" not in out and "vs apex" not in out
+    assert "faster_rcnn_r50_fpn float32" in err and "many_small float32" in err and "torch fused AdamW" in err
+
+
+def _result(rows, device):
+    rows = {name: dict(dict.fromkeys(ROW_KEYS), median_ms=1.0, min_ms=0.5, max_ms=2.0, bytes_per_elem=40.0,
+                       two_pass_roofline=1.0, host_ms=0.1, **r) for name, r in rows.items()}  # fmt: skip
+    meta = {"device": device, "device_name": device, "copy_bandwidth_GBps": 4000.0}
+    return {"set": "s", "tensors": 2, "params": 8, "dtype": "float32", "rows": rows, "skipped": {"x": "why"},
+            "floor_bytes": 28, "two_pass_bytes": 40}, meta  # fmt: skip
+
+
+def test_the_table_shows_the_columns_of_its_device_and_explains_each(capsys):
+    gpu = dict(launches=2, peak_extra_mib=0.0, graph_replay_ms=0.9)
+    result, meta = _result({"pmdlamb[cuda]": dict(gpu, speedup_vs_apex=1.5), "apex FusedLAMB": gpu}, "cuda")
+    step_time.print_table(result, meta)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["contender", "median", "ms", "min", "max", "B/elem", "of", "40B", "launches", "host",
+                                "ms", "extra", "MiB", "graph", "ms", "vs", "apex"]  # fmt: skip
+    assert lines[3].split() == ["pmdlamb[cuda]", "1.000", "0.500", "2.000", "40.0", "100%", "2", "0.100", "0.0",
+                                "0.900", "1.50"]  # fmt: skip
+    legend = [line.split(":")[0].strip() for line in lines[5:-1]]
+    assert legend == ["median ms, min, max", "B/elem", "of 40B", "launches", "host ms", "extra MiB", "graph ms",
+                      "vs apex"]  # fmt: skip
+    assert "4000 GB/s" in lines[6] and "28 is the one-pass floor" in lines[6]
+    assert lines[-1].split() == ["x", "skipped:", "why"]
+
+    # Without apex there is no "vs apex"; off the GPU, neither launches, host time, memory nor graph replays.
+    result, meta = _result({"pmdlamb[cuda]": gpu}, "cuda")
+    assert [c[0] for c in step_time.columns(result, "cuda")][-1] == "graph ms"
+    result, meta = _result({"pmdlamb[cpu]": {}}, "cpu")
+    step_time.print_table(result, meta)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["contender", "median", "ms", "min", "max", "B/elem", "of", "40B"]
+    assert lines[3].split() == ["pmdlamb[cpu]", "1.000", "0.500", "2.000", "40.0", "100%"]
+    assert [line.split(":")[0].strip() for line in lines[4:-1]] == ["median ms, min, max", "B/elem", "of 40B",
+                                                                    "above 100% on CPU"]  # fmt: skip
 
 
 def test_parameter_sets_match_the_models():
