@@ -86,7 +86,7 @@ class Config:
 # The configs take η = 0.1 at the smallest batch (Σ ηα ≈ 3 at every batch size);
 # `--lamb-lr 0.5` gives the paper's Σ ηα ≈ 15, but in fewer, larger steps than the paper's
 # (ηα = 2.4% of a layer's norm per step at batch 8 and 9.6% at batch 32, against the paper's
-# 1.6% at batch 1056). The README's results compare both. The update depends on η and α only
+# 1.6% at batch 1056). docs/convergence.md compares both. The update depends on η and α only
 # through ηα, so η also sets where the α ablation is centred.
 CONFIGS: Dict[str, Config] = {
     # Seconds: checks the pipeline end to end (CI).

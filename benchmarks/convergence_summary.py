@@ -1,4 +1,4 @@
-"""The convergence study across seeds: the README's tables, from the JSON files.
+"""The convergence study across seeds: docs/convergence.md's tables, from the JSON files.
 
     python -m benchmarks.convergence_summary benchmarks/results/convergence-cpu-*AMD-EPYC-2026-11-25.json
 
@@ -6,8 +6,9 @@ Groups the runs of several ``benchmarks.convergence`` files (replicate seeds, an
 of one config with another η) by what was trained: optimizer, batch, T, α and η at the
 smallest batch. Prints markdown tables of COCO mAP@[.5:.95] in %, every seed and the mean
 (the batch-size sweep, then each T/α ablation), and writes a PNG of the sweep's mean with
-the seeds' range. A cell reads "div." where the loss became non-finite, and its mAP has a
-"↑" where the loss stayed finite but rose above BLOW_UP times its first value.
+the seeds' range; benchmarks.tables writes the tables into docs/convergence.md. A cell
+reads "div." where the loss became non-finite, and its mAP has a "↑" where the loss
+stayed finite but rose above BLOW_UP times its first value.
 
 Training is deterministic on one machine but not across CPUs (rounding differs, and
 thousands of steps amplify it), so the files must come from one machine, and the same run

@@ -49,10 +49,11 @@ def markdown_table(doc: Dict) -> str:
     """The README's table of one results file."""
     meta, config = doc["meta"], doc["config"]
     after = sorted({min(10, config["steps"]), config["steps"]})
-    lines = [f"Measured by `{meta['command']}` ({meta['date']}, {meta['device_name']}, the {config['backend']} "
+    lines = [f"Measured by `{meta['command'].strip()}` ({meta['date']}, {meta['device_name']}, the {config['backend']} "
              f"backend; resnet18 on one fixed random batch of {config['batch']} images of {config['image_size']}², "
              f"10 classes, seed {config['seed']}; PMDLAMB's defaults but lr):",
-             "", "| lr (η) | η·α per step | loss at start | " + " | ".join(f"after {k} steps" for k in after) + " |",
+             "", "| lr (η) | η·α per step | loss at start | " + " | ".join(f"after {k} steps" for k in after)
+             + " |",
              "|---:|---:|---:|" + "---:|" * len(after)]  # fmt: skip
     for run in doc["runs"]:
         losses = " | ".join(f"{run['loss'][k]:.3g}" for k in after)

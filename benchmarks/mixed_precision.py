@@ -16,7 +16,7 @@ largedet_kernels/optimizer.py), and fp32 parameters with bf16 moments.
   stalls in plain bf16), its loss after 20 and 200 steps at lr 0.13.
 
 Writes mixed-precision-<device>-<date>.json beside step_time.py's results. ``--table JSON`` prints the
-README's table of a results file instead (tests/test_benchmark.py checks that the README holds it).
+table of a results file instead, the one benchmarks.tables writes into docs/mixed-precision.md.
 """
 
 import argparse
@@ -120,7 +120,7 @@ def scenario(backend: str, dtype: torch.dtype, options: Dict, device, steps: Lis
 
 
 def markdown_table(doc: Dict) -> str:
-    """The README's table of one results file."""
+    """The table of one results file (docs/mixed-precision.md's, through benchmarks.tables)."""
     meta, steps = doc["meta"], doc["scenario"]["steps"]
     lines = [
         f"Measured by `{meta['command']}` ({meta['date']}, {meta['device_name']}, {meta['threads']} threads, the "
@@ -150,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--scenario-steps", type=int, nargs="+", default=list(SCENARIO_STEPS))
     parser.add_argument("--out", default=str(RESULTS_DIR))
     parser.add_argument("--no-files", action="store_true")
-    parser.add_argument("--table", metavar="JSON", help="print the README's table of a results file, and stop")
+    parser.add_argument("--table", metavar="JSON", help="print the table of a results file, and stop")
     args = parser.parse_args(argv)
     if args.table:
         with open(args.table) as f:

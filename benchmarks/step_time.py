@@ -12,8 +12,9 @@ measured in the same run / N) against the one-pass floor and the two-pass design
 of element_bytes (fp32: 28 and 40 B/elem; fp16/bf16 with fp32 masters: 28 and 40 too),
 kernel launches per step (torch.profiler), host time per step,
 peak extra memory, CUDA-graph replay time where the step is capturable, and the
-speed-up over apex FusedLAMB when apex is present. Writes the table, a JSON of
-every number, and a PNG chart to --out.
+speed-up over apex FusedLAMB when apex is present. Prints each set's table with the
+columns that apply to the device and a legend under it (progress goes to stderr), and
+writes a JSON of every number and a PNG chart to --out; --plot JSON redraws a chart.
 """
 
 import argparse

@@ -3,8 +3,6 @@ every contender."""
 
 import json
 import math
-import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -176,11 +174,3 @@ def test_mixed_precision_benchmark_smoke(backend, tmp_path):
     for name, row in rows.items():
         assert math.isfinite(row["ns_per_elem"]) and row["ns_per_elem"] > 0, name
         assert set(row["scenario_loss"]) == {"start", "after_1", "after_3"}, name
-
-
-def test_the_readme_holds_the_mixed_precision_table_of_its_results_file():
-    root = Path(__file__).resolve().parent.parent
-    readme = (root / "README.md").read_text()
-    (name,) = set(re.findall(r"benchmarks/results/(mixed-precision-[^`]+\.json)", readme))
-    doc = json.loads((root / "benchmarks" / "results" / name).read_text())
-    assert mixed_precision.markdown_table(doc) in readme
