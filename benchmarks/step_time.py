@@ -204,7 +204,7 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
     steps: Dict[str, Callable[[], None]] = {}
     skipped: Dict[str, str] = {}
     # One unit per contender for its warm-up, each round and its extra measures; stderr, so the table stays clean.
-    bar = tqdm(total=len(contenders) * (args.rounds + 2), desc=f"{name} {dtype_name}", unit="step", leave=False,
+    bar = tqdm(total=len(contenders) * (args.rounds + 2), desc=f"{name} {dtype_name}", unit="stage", leave=False,
                file=sys.stderr, disable=args.quiet)  # fmt: skip
     for c in contenders:
         bar.set_postfix_str(f"{c.name}: warm-up")
