@@ -162,6 +162,7 @@ def test_mmengine_resume_continues_bit_for_bit(tmp_path, mmengine_config, mmengi
 
 def test_mmengine_registration_is_idempotent_and_leaves_other_classes(mmengine_unregistered, monkeypatch):
     integration = importlib.import_module("largedet_kernels.integrations.mmengine")
+    assert mmengine_unregistered.get("PMDLAMB") is PMDLAMB and mmengine_unregistered.get("LAMB") is LAMB
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         importlib.reload(integration)
@@ -216,6 +217,9 @@ def _plain_loop(net, x, y, steps, dtype, max_grad_norm, clip_in_torch=None):
 def _lightning_snippet(tmp_path, monkeypatch, net, x, y):
     """Runs the Lightning snippet in tmp_path (its logs and checkpoint go to the working directory)."""
     monkeypatch.chdir(tmp_path)
+    # The snippet's Trainer takes a GPU where there is one; the loops it is compared with run on the CPU.
+    monkeypatch.setattr("lightning.pytorch.trainer.connectors.accelerator_connector._select_auto_accelerator",
+                        lambda: "cpu")  # fmt: skip
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
     scope = dict(net=copy.deepcopy(net), train_loader=loader)
     exec(doc_block("Lightning", 1), scope)
