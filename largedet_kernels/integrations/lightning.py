@@ -2,9 +2,9 @@
 
 Under ``precision="16-mixed"`` or ``"bf16-mixed"``, Lightning's ``MixedPrecision.clip_gradients``
 refuses every optimizer with ``_step_supports_amp_scaling`` (ours: GradScaler hands the
-scale to the step, which unscales and clips in one pass), with an error that blames "a
+scale to the step, which unscales as it clips and updates), with an error that blames "a
 'fused' optimizer". The optimizer cannot change that message: the attribute is what
-GradScaler needs, and Lightning raises before the optimizer is called. Clip with the
+GradScaler reads, and Lightning raises before the optimizer is called. Clip with the
 optimizer's own ``max_grad_norm`` instead of ``Trainer(gradient_clip_val=...)``;
 :class:`MaxGradNormClipping` makes the error say so.
 """
