@@ -330,8 +330,11 @@ def test_lightning_fabric_clips_under_bf16_and_refuses_under_fp16():
 # transformers
 
 
-def test_transformers_trainer_steps_lamb(tmp_path):
+def test_transformers_trainer_steps_lamb(tmp_path, monkeypatch):
     from transformers import BertConfig, BertForSequenceClassification
+
+    # The snippet's Trainer takes a GPU where there is one; the test stays on the CPU, as use_cpu=True would.
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
 
     config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=16, num_labels=2,
@@ -347,6 +350,7 @@ def test_transformers_trainer_steps_lamb(tmp_path):
     exec(doc_block("Hugging Face transformers", 0), scope)
     optimizer, scheduler, trainer = scope["optimizer"], scope["scheduler"], scope["trainer"]
 
+    assert trainer.args.device.type == "cpu"
     assert type(optimizer) is LAMB and trainer.optimizer.optimizer is optimizer
     assert trainer.state.global_step == 20
     assert {int(s["step"]) for s in optimizer.state.values()} == {20}
@@ -357,7 +361,7 @@ def test_transformers_trainer_steps_lamb(tmp_path):
     assert all(p.dim() == 1 for p in optimizer.param_groups[1]["params"])
     model.eval()
     with torch.no_grad():
-        after = model(input_ids=ids.to(model.device), labels=labels.to(model.device)).loss
+        after = model(input_ids=ids, labels=labels).loss
     assert after < 0.85 * before
 
 
