@@ -181,6 +181,9 @@ def test_mmengine_registration_is_idempotent_and_leaves_other_classes(mmengine_u
     with pytest.warns(UserWarning, match=r"already has 'LAMB' .*OtherLamb.*type=largedet_kernels.LAMB"):
         integration.register()
     assert mmengine_unregistered.get("LAMB") is OtherLamb and mmengine_unregistered.get("PMDLAMB") is PMDLAMB
+    # The class itself, as the warning says, still builds this package's LAMB.
+    built = mmengine_unregistered.build(dict(type=LAMB, params=[torch.nn.Parameter(torch.randn(3))], lr=0.1))
+    assert type(built) is LAMB and built.defaults["lr"] == 0.1
 
 
 # Lightning
