@@ -24,7 +24,8 @@ OPTIMIZERS = (
 
 
 def register() -> None:
-    """Register the optimizers; already done on import. timm warns on re-registration, so only new names are."""
+    """Register the optimizers; already done on import. A name already bound to the same class is left
+    alone, as timm warns on every registration of a name it has."""
     for info in OPTIMIZERS:
         if info.name not in list_optimizers() or get_optimizer_info(info.name).opt_class is not info.opt_class:
             default_registry.register(info)
