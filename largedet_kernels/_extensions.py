@@ -269,8 +269,8 @@ class _Extension:
                 log = directory / "build.log"
                 log.write_text(str(err))
                 lines = [line for line in str(err).splitlines() if line.strip()]
-                first = next((line for line in lines if "error" in line.lower() and ":" in line), lines[-1:] or [""])
-                raise ExtensionUnavailable(f"building it on first use failed ({str(first).strip()[:300]}); the whole "
+                first = next((line for line in lines if "error:" in line.lower()), lines[-1] if lines else "")
+                raise ExtensionUnavailable(f"building it on first use failed ({first.strip()[:300]}); the whole "
                                            f"output is in {log}") from err  # fmt: skip
         # The stamp that lets the next process import it without torch's load (which runs ninja and the
         # compiler's version check), written whole: another process may be reading it.
