@@ -75,8 +75,8 @@ def build_mode(variable):
 
 def build_flags():
     """largedet_kernels/_extensions.py, read without importing the package (nor torch)."""
-    spec = importlib.util.spec_from_file_location("largedet_extensions", os.path.join("largedet_kernels",
-                                                                                     "_extensions.py"))  # fmt: skip
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "largedet_kernels", "_extensions.py")
+    spec = importlib.util.spec_from_file_location("largedet_extensions", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
