@@ -109,7 +109,8 @@ def cpu_isa() -> str:
             supported = cpu_isas_supported()
             if forced not in supported:
                 raise RuntimeError(f"LARGEDET_CPU_ISA={forced}, but this CPU lacks {forced}: it runs "
-                                   f"{', '.join(supported)}; unset LARGEDET_CPU_ISA to take the best of those")  # fmt: skip
+                                   f"{', '.join(supported)}; unset LARGEDET_CPU_ISA to take the best of "
+                                   "those")  # fmt: skip
             _ISA = forced
         else:
             _ISA = _CAPABILITY_ISA.get(torch.backends.cpu.get_cpu_capability(), "generic")
@@ -189,7 +190,7 @@ def _compiler_blocker() -> Optional[str]:
                 "next run")  # fmt: skip
     with _ninja_on_path():
         if shutil.which("ninja") is None:
-            return "ninja, which builds it on first use, is not installed: pip install ninja, and it builds on the next run"
+            return "ninja, which builds it on first use, is not installed: pip install ninja, and it builds next run"
     return None
 
 
