@@ -1,20 +1,26 @@
 """Build of largedet-kernels.
 
-``LARGEDET_CPU_BUILD`` governs the CPU extension ``largedet_kernels._C_cpu`` (the
-``cpu`` backend, built with the machine's C++ compiler, no nvcc): ``auto``
-(default) builds it when torch is importable at build time and lets the install
-go on without it if it fails, ``1`` builds it or fails, ``0`` skips it.
+A plain ``pip install`` builds the package without its compiled extensions (the isolated build
+has no torch): largedet_kernels/_extensions.py then builds them on first use from the sources
+shipped in the package (csrc/ installed as largedet_kernels/csrc). With torch importable at
+build time (``pip install --no-build-isolation``, torch, setuptools, wheel and ninja installed
+first) they are built here, ahead of time, and taken in preference:
+
+``LARGEDET_CPU_BUILD`` governs the CPU extensions ``largedet_kernels._C_cpu_<isa>`` (the ``cpu``
+backend, one per ISA of _extensions.CPU_ISAS, the process loading the one its CPU runs; built with
+the machine's C++ compiler, no nvcc): ``auto`` (default) builds them when torch is importable at
+build time and lets the install go on without them if they fail, ``1`` builds them or fails,
+``0`` skips them.
 
 ``LARGEDET_CUDA_BUILD`` governs the CUDA extension ``largedet_kernels._C``:
 ``auto`` (default) builds it when nvcc and a CUDA build of torch are found,
-``1`` builds it or fails saying why, ``0`` skips it. Without the extension
-the package installs as pure Python and runs on its other backends. Building
-it needs torch at build time: ``pip install --no-build-isolation -e .``.
+``1`` builds it or fails saying why, ``0`` skips it.
 ``TORCH_CUDA_ARCH_LIST`` defaults to those of 7.0, 8.0 and 9.0 that the found
 nvcc supports (CUDA 13 dropped 7.0; V100 kernels come from NVRTC instead).
 """
 
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -67,16 +73,13 @@ def build_mode(variable):
     return mode
 
 
-def vector_flags():
-    """AVX2 vectors for at::vec::Vectorized when the building machine has them (the
-    extension is built where it runs, like -march=native); ATen's generic vectors otherwise."""
-    try:
-        flags = set(re.findall(r"^flags\s*:(.*)$", open("/proc/cpuinfo").read(), re.M)[0].split())
-    except (OSError, IndexError):
-        return []
-    if {"avx2", "fma", "f16c"} <= flags:  # what ATen's own AVX2 kernels are built for
-        return ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
-    return []
+def build_flags():
+    """largedet_kernels/_extensions.py, read without importing the package (nor torch)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "largedet_kernels", "_extensions.py")
+    spec = importlib.util.spec_from_file_location("largedet_extensions", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def cpu_extension():
@@ -84,24 +87,26 @@ def cpu_extension():
     if mode == "0":
         return []
     try:
-        import torch
         from torch.utils.cpp_extension import CppExtension
     except ImportError:
         if mode == "1":
             raise SystemExit("LARGEDET_CPU_BUILD=1 but torch is not importable at build time") from None
-        print("largedet-kernels: skipping the CPU extension (torch is not importable at build time)")
+        print("largedet-kernels: not building the CPU extensions ahead of time (torch is not importable at build "
+              "time); they are built on first use instead")  # fmt: skip
         return []
-    # at::parallel_for is an OpenMP loop in ATen's headers when torch runs on OpenMP.
-    backend = re.search(r"ATen parallel backend: (.*)", torch.__config__.parallel_info())
-    openmp = ["-fopenmp"] if backend and backend.group(1).strip() == "OpenMP" else []
+    flags = build_flags()
+    openmp = flags.openmp_flags()
+    # Every ISA, not the building machine's: the process picks the one its CPU runs.
+    isas = flags.CPU_ISAS if flags.x86() else ("generic",)
     return [
         CppExtension(
-            "largedet_kernels._C_cpu",
-            ["csrc/cpu/pmd_lamb_cpu.cpp", "csrc/cpu/step_cache.cpp"],
-            extra_compile_args=["-O3", *openmp, *vector_flags()],
+            flags.aot_cpu_module(isa),
+            [os.path.join("csrc", s) for s in flags.CPU_SOURCES],
+            extra_compile_args=[*flags.CPU_CFLAGS, *openmp, *flags.ISA_FLAGS[isa]],
             extra_link_args=openmp,
             optional=mode == "auto",
         )
+        for isa in isas
     ]
 
 
@@ -120,17 +125,15 @@ def cuda_extension():
         print(f"largedet-kernels: skipping the CUDA extension ({blocker})")
         return []
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(os.environ["CUDA_HOME"]))
-    import nvidia  # CUDA 13 torch wheels keep the toolkit headers (cusparse.h, ...) here
-
     from torch.utils.cpp_extension import CUDAExtension
 
-    includes = [os.path.join(p, "cu13", "include") for p in nvidia.__path__]
+    flags = build_flags()
     return [
         CUDAExtension(
             "largedet_kernels._C",
             sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
-            include_dirs=[d for d in includes if os.path.isdir(d)],
-            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-Xptxas=-v"]},
+            include_dirs=flags.cuda_include_dirs(),
+            extra_compile_args={"cxx": flags.CPU_CFLAGS, "nvcc": [*flags.CUDA_CFLAGS, "-Xptxas=-v"]},
         )
     ]
 
@@ -146,9 +149,13 @@ setup(
     name="largedet-kernels",
     version="0.1.0",
     description="Fused PMD-LAMB and LAMB optimizers (CUDA, Triton, PyTorch) for large-batch detection training",
-    packages=find_packages(include=["largedet_kernels", "largedet_kernels.*"]),
+    # csrc/ goes into the package as largedet_kernels/csrc: the sources of the build on first use.
+    packages=[*find_packages(include=["largedet_kernels", "largedet_kernels.*"]), "largedet_kernels.csrc",
+              "largedet_kernels.csrc.cpu"],
+    package_dir={"largedet_kernels.csrc": "csrc"},
+    package_data={"largedet_kernels.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp"], "largedet_kernels.csrc.cpu": ["*.cpp"]},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=["torch>=2.4", "ninja"],
     ext_modules=extensions,
     cmdclass=cmdclass,
 )

@@ -10,6 +10,8 @@ fallback.
 
 import functools
 import importlib
+import os
+import sys
 import warnings
 from types import ModuleType
 from typing import Optional
@@ -71,7 +73,16 @@ def resolve(requested: str, device: torch.device) -> str:
     return name
 
 
+# Frames of these directories are left out of the fallback warning's place: it names the user's line.
+_NOT_THE_CALLER = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_slow_cpu_path(reason: str) -> None:
-    """Once per process: CPU tensors take the slower torch backend."""
-    warnings.warn(f"largedet_kernels: CPU tensors are stepped by the torch backend because {reason}", stacklevel=4)
+    """Once per process: CPU tensors take the slower torch backend. The warning points at the first frame
+    outside this package and torch (whose optimizer wraps step()), whichever path led here."""
+    frame, stacklevel = sys._getframe(), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_NOT_THE_CALLER):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(f"largedet_kernels: CPU tensors are stepped by the torch backend because {reason}",
+                  stacklevel=stacklevel)  # fmt: skip

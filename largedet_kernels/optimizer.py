@@ -58,7 +58,7 @@ import torch
 import torch.distributed as dist
 from torch.optim import Optimizer
 
-from . import dispatch, rounding
+from . import _extensions, dispatch, rounding
 from .backends import Bucket
 
 try:
@@ -100,11 +100,11 @@ MASTER_WEIGHTS = ("auto", True, False)
 _HYPERS = operator.itemgetter(*HYPER_KEYS)
 
 
-# The step cache's check in C++ (csrc/cpu/step_cache.cpp), when the CPU extension is built; its verdicts.
-try:
-    from . import _C_cpu as _NATIVE
-except ImportError:
-    _NATIVE = None  # type: ignore[assignment]
+# The step cache's check in C++ (csrc/cpu/step_cache.cpp) comes with the CPU extension. _native() takes it
+# once the extension is loaded, or loads without a build (a torch-backend step must not wait ~40 s for a
+# compiler); until then _NATIVE is _UNRESOLVED. None: the Python check. Its verdicts follow.
+_UNRESOLVED: Any = object()
+_NATIVE: Any = _UNRESOLVED
 _NEW_GRADIENT_ADDRESSES, _REBUILD = 1, 2
 _SNAPSHOT_COLUMNS = 8
 
@@ -154,9 +154,10 @@ class _StepCache:
 
     def watch(self, grads: List[torch.Tensor]) -> None:
         """Take what the per-step check compares: in C++ (a snapshot) where it can, else as lists."""
-        if _NATIVE is not None:
+        native = _native()
+        if native is not None:
             snapshot = torch.empty(len(self.params), _SNAPSHOT_COLUMNS, dtype=torch.int64)
-            self.snapshot = snapshot if _NATIVE.step_cache_snapshot(self.params, snapshot) else None
+            self.snapshot = snapshot if native.step_cache_snapshot(self.params, snapshot) else None
         if self.snapshot is None:
             xs = self.xs
             self.x_ids = list(map(id, xs))
@@ -173,6 +174,17 @@ class _StepCache:
             _NATIVE.record_versions(self.params, self.snapshot, self.with_master)
         else:
             self.versions = [self.params[i]._version for i in self.with_master]
+
+
+def _native() -> Optional[ModuleType]:
+    """The CPU extension for the step cache's check, or None for the Python check (see _NATIVE)."""
+    global _NATIVE
+    if _NATIVE is _UNRESOLVED:
+        module = _extensions.CPU.module(build=False)
+        if module is None:
+            return None
+        _NATIVE = module
+    return _NATIVE
 
 
 def _all_reduce(key: ShardKey, tensor: torch.Tensor) -> None:

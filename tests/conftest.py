@@ -9,8 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from largedet_kernels import dispatch  # noqa: E402  (after TRITON_INTERPRET)
+
 CPU_BACKENDS = ["torch"]
-if importlib.util.find_spec("largedet_kernels._C_cpu") is not None:
+# The CPU extension as the package loads it: built ahead of time, or on first use (then once, into the cache).
+if dispatch.unavailable_reason("cpu", torch.device("cpu")) is None:
     CPU_BACKENDS.append("cpu")
 if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
     CPU_BACKENDS.append("triton")

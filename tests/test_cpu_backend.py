@@ -2,6 +2,7 @@
 the same bits for 1 and N threads, and the fallback when the extension is not built.
 The small-tensor cases run for every backend in test_against_reference.py."""
 
+import re
 import warnings
 
 import pytest
@@ -9,10 +10,11 @@ import torch
 
 from conftest import CPU_BACKENDS
 from harness import FP32_MATH_RTOL, check_halves_equal_step, make_params, run_against_reference
-from largedet_kernels import LAMB, PMDLAMB, dispatch
+from largedet_kernels import LAMB, PMDLAMB, BackendUnavailableError, _extensions, dispatch
 from largedet_kernels.backends import cpu
 
-pytestmark = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the CPU extension largedet_kernels._C_cpu")
+pytestmark = pytest.mark.skipif("cpu" not in CPU_BACKENDS, reason="needs the CPU extension (built ahead of time or "
+                                "on first use): " + str(dispatch.unavailable_reason("cpu", torch.device("cpu"))))
 
 # Around the 65536-element chunks: one chunk less one, exactly one, one more, several with a tail.
 BIG = [(cpu.CHUNK - 1,), (cpu.CHUNK,), (cpu.CHUNK + 1,), (3 * cpu.CHUNK + 5,), (64, 33, 3, 3), (7,), (0,), (1,)]
@@ -82,14 +84,26 @@ def test_halves_equal_one_step_across_chunks():
     check_halves_equal_step("cpu", torch.float32, "cpu", shapes=BIG)
 
 
-def test_auto_warns_once_and_takes_torch_without_the_extension(monkeypatch):
-    monkeypatch.setattr(cpu, "_IMPORT_ERROR", ImportError("not built"))
+def test_auto_warns_once_at_the_callers_line_and_takes_torch_without_the_extension(monkeypatch, tmp_path):
+    # Not built ahead of time, nothing in the cache, no compiler: the build on first use is refused.
+    monkeypatch.setattr(_extensions.CPU, "_found", None)
+    monkeypatch.setattr(_extensions.CPU, "aot_name", lambda: "largedet_kernels._not_built")
+    monkeypatch.setenv("LARGEDET_KERNELS_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
     dispatch._warn_slow_cpu_path.cache_clear()
-    with pytest.warns(UserWarning, match="torch backend because the CPU extension .* not built.*LARGEDET_CPU_BUILD"):
-        assert dispatch.resolve("auto", torch.device("cpu")) == "torch"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert dispatch.resolve("auto", torch.device("cpu")) == "torch"  # once
+    params = make_params([(5,), (3, 2)], torch.float32)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        PMDLAMB(params, backend="auto").step()
+        PMDLAMB(params, backend="auto").step()  # once
+    assert len(caught) == 1, [str(w.message) for w in caught]
+    assert caught[0].filename == __file__  # the user's line, not one of the package or of torch.optim
+    assert re.search(r"torch backend because the CPU extension is unavailable: .*no C\+\+ compiler.*g\+\+",
+                     str(caught[0].message)), caught[0].message  # fmt: skip
+    with pytest.raises(BackendUnavailableError, match=r"backend='cpu' is unavailable: .*no C\+\+ compiler"):
+        PMDLAMB(params, backend="cpu").step()
     dispatch._warn_slow_cpu_path.cache_clear()
 
 

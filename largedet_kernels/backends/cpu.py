@@ -1,34 +1,43 @@
-"""The ``cpu`` backend: the C++ kernels of csrc/cpu/, built into largedet_kernels._C_cpu.
+"""The ``cpu`` backend: the C++ kernels of csrc/cpu/, loaded by largedet_kernels/_extensions.py.
 
 For optimizer offload (FSDP2's CPUOffloadPolicy), where step() runs on the host over
 the whole model. Two passes as on the GPU, vectorised and parallel over chunks of a
 fixed size, so results do not depend on the thread count (NOTE [cpu passes] in
 csrc/cpu/pmd_lamb_cpu.cpp). The hyper-parameter table is chunk_plan.py's, the same
 columns the GPU kernels read.
+
+The kernels are compiled once per CPU ISA; ``ISA`` is the one this process loads (its
+extension is loaded, or built, on the backend's first use).
 """
 
 from typing import Optional
 
 import torch
 
+from .. import _extensions
 from . import Bucket, PendingStep, chunk_plan, torch_foreach
 from .chunk_plan import ChunkPlan
 
-HOW_TO_BUILD = "pip install --no-build-isolation -e . with a C++ compiler (LARGEDET_CPU_BUILD=1 fails loudly)"
+# The ahead-of-time build, the alternative to the build on first use.
+HOW_TO_BUILD = ("pip install --no-build-isolation <source checkout>, with torch, setuptools, wheel, ninja and a C++ "
+                "compiler installed first (LARGEDET_CPU_BUILD=1 fails loudly)")  # fmt: skip
 
 # Elements per chunk of csrc/cpu/pmd_lamb_cpu.cpp's kChunk; here it only sizes the plan's tables.
 CHUNK = 1 << 16
 
-try:
-    from .. import _C_cpu  # noqa: F401  (registers the ops)
+# generic, avx2 or avx512: LARGEDET_CPU_ISA, else the best this CPU runs.
+ISA = _extensions.cpu_isa()
 
-    _IMPORT_ERROR: Optional[ImportError] = None
-except ImportError as err:
-    _IMPORT_ERROR = err
+_registered = False
 
 
-if _IMPORT_ERROR is None:
-    # For torch.compile, which traces the tensor-list form of the ops (NOTE [cpu pointer tables]).
+def _load() -> None:
+    """Load (or build) the extension, then give its ops the fake implementations torch.compile traces
+    the tensor-list form with (NOTE [cpu pointer tables])."""
+    global _registered
+    _extensions.CPU.module()
+    if _registered:
+        return
 
     @torch.library.register_fake("largedet_cpu::step_")
     def _step_fake(*args) -> None:
@@ -46,12 +55,16 @@ if _IMPORT_ERROR is None:
     def _grad_sumsq_fake(grads) -> torch.Tensor:
         return grads[0].new_empty((), dtype=torch_foreach.compute_dtype(grads[0].dtype))
 
+    _registered = True
+
 
 def unavailable_reason(device: torch.device) -> Optional[str]:
     if device.type != "cpu":
         return f"the cpu backend runs on CPU tensors, and these parameters are on {device}"
-    if _IMPORT_ERROR is not None:
-        return f"the CPU extension largedet_kernels._C_cpu is not built ({_IMPORT_ERROR}); build it with {HOW_TO_BUILD}"
+    try:
+        _load()
+    except _extensions.ExtensionUnavailable as err:
+        return f"the CPU extension is unavailable: {err}. To build it ahead of time instead: {HOW_TO_BUILD}"
     return None
 
 

@@ -1,4 +1,4 @@
-"""The ``cuda`` backend: the hand-written kernels of csrc/, built into largedet_kernels._C.
+"""The ``cuda`` backend: the hand-written kernels of csrc/, loaded by largedet_kernels/_extensions.py.
 
 The extension registers custom ops (csrc/binding.cpp): ``largedet::pmd_lamb_step_``
 (both passes of NOTE [two passes], two launches), its halves ``pmd_lamb_moments_`` and
@@ -14,31 +14,27 @@ from typing import Optional
 
 import torch
 
+from .. import _extensions
 from . import Bucket, PendingStep, chunk_plan, torch_foreach
 from .chunk_plan import ChunkPlan
 
 # Elements per block (a multiple of csrc/tables.h's kILP).
 CHUNK = 16384
 
-_HOW = "LARGEDET_CUDA_BUILD=1 pip install --no-build-isolation -e . on a machine with nvcc and a CUDA build of torch"
+# The ahead-of-time build, the alternative to the build on first use.
+_HOW = ("LARGEDET_CUDA_BUILD=1 pip install --no-build-isolation <source checkout> on a machine with nvcc and a CUDA "
+        "build of torch, with setuptools, wheel and ninja installed first")  # fmt: skip
 
-try:
-    from .. import _C  # noqa: F401  (registers the ops)
-
-    _IMPORT_ERROR: Optional[ImportError] = None
-except ImportError as err:
-    _IMPORT_ERROR = err
+_registered = False
 
 
-def unavailable_reason(device: torch.device) -> Optional[str]:
-    if device.type != "cuda":
-        return f"the cuda backend runs on CUDA devices, and these parameters are on {device}"
-    if _IMPORT_ERROR is not None:
-        return f"the CUDA extension largedet_kernels._C is not built ({_IMPORT_ERROR}); build it with {_HOW}"
-    return None
-
-
-if _IMPORT_ERROR is None:
+def _load() -> None:
+    """Load the extension (built ahead of time, or on first use where nvcc and a GPU are), then give its
+    ops their fake implementations."""
+    global _registered
+    _extensions.CUDA.module()
+    if _registered:
+        return
 
     @torch.library.register_fake("largedet::pmd_lamb_step_")
     def _pmd_lamb_step_fake(*args) -> None:
@@ -56,6 +52,24 @@ if _IMPORT_ERROR is None:
     def _grad_sumsq_fake(grads, ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, partials,
                          chunk_size, g_dtype) -> torch.Tensor:  # fmt: skip
         return partials.new_empty(())
+
+    _registered = True
+
+
+# The ahead-of-time extension now when built (its schemas are then there for tests/cuda_emulator); a build
+# on first use waits for the first CUDA tensors.
+if _extensions.CUDA.module(build=False) is not None:
+    _load()
+
+
+def unavailable_reason(device: torch.device) -> Optional[str]:
+    if device.type != "cuda":
+        return f"the cuda backend runs on CUDA devices, and these parameters are on {device}"
+    try:
+        _load()
+    except _extensions.ExtensionUnavailable as err:
+        return f"the CUDA extension is unavailable: {err}. To build it ahead of time instead: {_HOW}"
+    return None
 
 
 class _CudaKernels:

@@ -1,0 +1,258 @@
+"""A plain ``pip install`` gets the cpu backend's kernels: built on first use (largedet_kernels/_extensions.py)
+against the torch running, into a cache keyed by what their ABI depends on; ranks that start together build
+once; the JIT can be switched off, says why when it cannot build, and leaves the CUDA build to machines with
+a GPU. The acceptance test installs a copy of the checkout into a fresh venv, with no flags."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from largedet_kernels import _extensions
+from largedet_kernels.backends import cpu, cuda
+
+ROOT = Path(__file__).resolve().parent.parent
+# Left out of the copies of the checkout: what a build or a test run leaves there.
+_NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "*.so", "*.egg-info", "__pycache__", ".pytest_cache",
+                                      ".benchmarks")  # fmt: skip
+
+# One step of a small model on the cpu backend and on the torch backend, from the same values: the
+# cpu step must come from the kernels built on first use and agree with the torch one within float32
+# rounding (FP32_MATH_RTOL of tests/harness.py of the update, and one ulp of x).
+_FIRST_STEP = r"""
+import copy, json, sys
+import torch
+import largedet_kernels
+from largedet_kernels import PMDLAMB, _extensions
+
+torch.manual_seed(int(sys.argv[1]))
+model = torch.nn.Sequential(torch.nn.Linear(37, 19), torch.nn.ReLU(), torch.nn.Linear(19, 5))
+twin = copy.deepcopy(model)
+before = [p.detach().clone() for p in model.parameters()]
+x = torch.randn(11, 37)
+for m, backend in ((model, "cpu"), (twin, "torch")):
+    m(x).square().sum().backward()
+    PMDLAMB(m.parameters(), lr=0.1, backend=backend).step()
+worst = 0.0
+for a, b, x0 in zip(model.parameters(), twin.parameters(), before):
+    bound = 1e-6 * (b - x0).abs().max() + torch.finfo(torch.float32).eps * x0.abs().max()
+    worst = max(worst, float((a - b).abs().max() / bound))
+print(json.dumps(dict(package=largedet_kernels.__file__, kernels=_extensions.CPU.module().__file__, worst=worst,
+                      changed=float(max((b - x0).abs().max() for b, x0 in zip(twin.parameters(), before))))))
+"""
+
+
+def _clean_env(**extra) -> dict:
+    """This environment less what points the child at the checkout or steers the loader."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LARGEDET_") and k not in ("PYTHONPATH",
+                                                                                                 "TRITON_INTERPRET")}
+    env.update(extra)
+    return env
+
+
+def _first_step(python, cwd: Path, env: dict, seed: int) -> tuple:
+    proc = subprocess.run([str(python), "-c", _FIRST_STEP, str(seed)], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stderr
+
+
+def _build_lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.startswith("largedet-kernels: building")]
+
+
+def test_a_plain_pip_install_builds_the_cpu_kernels_on_first_use(tmp_path):
+    started = time.monotonic()
+    src, venv, work, cache = (tmp_path / d for d in ("src", "venv", "work", "cache"))
+    shutil.copytree(ROOT, src, ignore=_NOT_SOURCES)
+    work.mkdir()
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    env = _clean_env(LARGEDET_KERNELS_CACHE=str(cache))
+    for what in (f"torch=={torch.__version__.split('+')[0]}", str(src)):  # the checkout with no build flags
+        # --no-compile: torch's modules are byte-compiled on import instead, of which the test imports few.
+        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-compile", what], env=env,
+                              capture_output=True, text=True, timeout=1200)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    installed = time.monotonic()
+
+    seed = random.SystemRandom().randrange(2**31)
+    first, stderr = _first_step(python, work, env, seed)
+    assert str(venv) in first["package"] and str(src) not in first["package"], first
+    assert first["kernels"].startswith(str(cache)), first  # from the build on first use, into the cache
+    assert len(_build_lines(stderr)) == 1, stderr
+    assert first["changed"] > 0 and first["worst"] <= 1.0, (seed, first)
+    assert list(cache.glob(f"*/cpu-{_extensions.cpu_isa()}-*/built")), sorted(cache.rglob("*"))
+    built = time.monotonic()
+
+    again, stderr = _first_step(python, work, env, seed)  # the next process takes the cache, quietly
+    assert again == first and _build_lines(stderr) == [], stderr
+    print(f"\nfresh venv: install {installed - started:.0f} s, first step with the build {built - installed:.0f} s, "
+          f"the next process {time.monotonic() - built:.0f} s")  # fmt: skip
+
+
+def _package_copy(tmp_path: Path) -> Path:
+    """The package as a plain install lays it out, without compiled extensions: csrc/ inside it."""
+    site = tmp_path / "site"
+    shutil.copytree(ROOT / "largedet_kernels", site / "largedet_kernels", ignore=_NOT_SOURCES)
+    shutil.copytree(ROOT / "csrc", site / "largedet_kernels" / "csrc", ignore=_NOT_SOURCES)
+    return site
+
+
+def test_ranks_starting_together_build_once(tmp_path):
+    site, cache = _package_copy(tmp_path), tmp_path / "cache"
+    env = _clean_env(PYTHONPATH=str(site), LARGEDET_KERNELS_CACHE=str(cache))
+    seed = random.SystemRandom().randrange(2**31)
+    ranks = [subprocess.Popen([sys.executable, "-c", _FIRST_STEP, str(seed)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    outputs = [rank.communicate(timeout=900) for rank in ranks]
+    for rank, (out, err) in zip(ranks, outputs):
+        assert rank.returncode == 0, err[-4000:]
+        result = json.loads(out.strip().splitlines()[-1])
+        assert result["kernels"].startswith(str(cache)) and result["worst"] <= 1.0, (seed, result)
+        assert len(_build_lines(err)) <= 1, err
+    (directory,) = cache.glob("*/cpu-*")
+    # One compile of each object and one link: the rank that waited on the lock found them built.
+    compiled = [line.split("\t")[3] for line in (directory / ".ninja_log").read_text().splitlines()[1:]]
+    assert sorted(compiled) == ["largedet_kernels_cpu_" + cpu.ISA + ".so", "pmd_lamb_cpu.o", "step_cache.o"], compiled
+
+
+def test_the_cache_key(monkeypatch, tmp_path):
+    # Each of torch's version, its C++ ABI, the ISA and a byte of the sources has a directory of its own.
+    sources = tmp_path / "csrc"
+    shutil.copytree(_extensions.csrc(), sources)
+    monkeypatch.setattr(_extensions, "csrc", lambda: sources)
+    monkeypatch.setenv("LARGEDET_KERNELS_CACHE", str(tmp_path / "cache"))
+
+    def key(target, name, value):
+        was = getattr(target, name)
+        monkeypatch.setattr(target, name, value)
+        directory = _extensions.CPU.directory()
+        monkeypatch.setattr(target, name, was)
+        return directory
+
+    base = _extensions.CPU.directory()
+    assert base.parent.parent == tmp_path / "cache" and base.name.startswith(f"cpu-{cpu.ISA}-"), base
+    keys = {key(_extensions, "_ISA", isa) for isa in _extensions.CPU_ISAS}
+    keys.add(key(torch._C, "_GLIBCXX_USE_CXX11_ABI", not torch._C._GLIBCXX_USE_CXX11_ABI))
+    keys.add(key(torch, "__version__", torch.__version__ + ".post1"))
+    assert _extensions.CPU.directory() == base  # nothing else moves it
+    header = sources / "rounding.h"
+    header.write_text(header.read_text() + "\n")
+    keys.add(_extensions.CPU.directory())
+    assert base in keys and len(keys) == len(_extensions.CPU_ISAS) + 3, keys
+
+
+@pytest.fixture
+def unbuilt(monkeypatch, tmp_path):
+    """The CPU extension as if neither built ahead of time nor in the cache; the real one comes back after."""
+    monkeypatch.setattr(_extensions.CPU, "_found", None)
+    monkeypatch.setattr(_extensions.CPU, "aot_name", lambda: "largedet_kernels._not_built")
+    monkeypatch.setenv("LARGEDET_KERNELS_CACHE", str(tmp_path / "cache"))
+    return monkeypatch
+
+
+def _no_build(*args, **kwargs):
+    raise AssertionError("torch.utils.cpp_extension.load was called")
+
+
+def test_the_jit_can_be_switched_off(unbuilt):
+    import torch.utils.cpp_extension
+
+    unbuilt.setattr(torch.utils.cpp_extension, "load", _no_build)
+    unbuilt.setenv("LARGEDET_JIT", "0")
+    reason = cpu.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "LARGEDET_JIT=0" in reason and "--no-build-isolation" in reason, reason
+    assert _extensions.CPU.module(build=False) is None
+
+
+def test_a_failed_build_says_why(unbuilt, tmp_path, capsys):
+    compiler = tmp_path / "c++"
+    # It says its version (torch asks), then fails to compile.
+    compiler.write_text("#!/bin/sh\ncase \"$1\" in -dump*|--version) echo 12.2.0; exit 0;; esac\n"
+                        "echo 'fatal error: the compiler of this test refuses' >&2\nexit 1\n")
+    compiler.chmod(0o755)
+    unbuilt.setenv("CXX", str(compiler))
+    with pytest.raises(_extensions.ExtensionUnavailable, match=r"building it on first use failed \(.*refuses\)"):
+        _extensions.CPU.module()
+    (log,) = (tmp_path / "cache").glob("*/cpu-*/build.log")
+    assert "refuses" in log.read_text()
+    assert _build_lines(capsys.readouterr().err) == [f"largedet-kernels: building the CPU kernels ({cpu.ISA}) once, "
+                                                     f"~40 s, into {log.parent}"]  # fmt: skip
+    with pytest.raises(_extensions.ExtensionUnavailable, match="refuses"):  # once per process
+        _extensions.CPU.module()
+    assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def cuda_unbuilt(monkeypatch, tmp_path):
+    import torch.utils.cpp_extension
+
+    monkeypatch.setattr(_extensions.CUDA, "_found", None)
+    monkeypatch.setattr(_extensions.CUDA, "aot_name", lambda: "largedet_kernels._not_built")
+    monkeypatch.setenv("LARGEDET_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text("")
+    monkeypatch.setattr(torch.utils.cpp_extension, "CUDA_HOME", str(tmp_path / "cuda"))
+    return monkeypatch
+
+
+def test_the_cuda_jit_is_not_attempted_without_a_gpu(cuda_unbuilt):
+    import torch.utils.cpp_extension
+
+    cuda_unbuilt.setattr(torch.utils.cpp_extension, "load", _no_build)
+    cuda_unbuilt.setattr(torch.cuda, "is_available", lambda: False)
+    reason = cuda.unavailable_reason(torch.device("cuda"))
+    assert reason is not None and "no CUDA GPU is visible" in reason, reason
+
+
+def test_the_cuda_jit_builds_for_the_visible_gpus(cuda_unbuilt, tmp_path, capsys):
+    import torch.utils.cpp_extension
+
+    calls = []
+
+    def load(**kwargs):
+        calls.append(kwargs)
+        module = types.ModuleType(kwargs["name"])
+        module.__file__ = str(tmp_path / "built.so")
+        return module
+
+    cuda_unbuilt.setattr(torch.utils.cpp_extension, "load", load)
+    cuda_unbuilt.setattr(torch.cuda, "is_available", lambda: True)
+    cuda_unbuilt.setattr(torch.cuda, "device_count", lambda: 2)
+    cuda_unbuilt.setattr(torch.cuda, "get_device_capability", lambda i: [(9, 0), (8, 0)][i])
+    module = _extensions.CUDA.module()
+    (call,) = calls
+    assert module.__name__ == call["name"] == "largedet_kernels_cuda"
+    assert {Path(s).name for s in call["sources"]} == {"binding.cpp", "pmd_lamb_launch.cu"}
+    directory = Path(call["build_directory"])
+    assert directory.parent.parent == tmp_path / "cache" and directory.name.startswith("cuda-80_90-"), directory
+    assert _build_lines(capsys.readouterr().err) == [f"largedet-kernels: building the CUDA kernels (archs 8.0;9.0) "
+                                                     f"once, a few minutes, into {directory}"]  # fmt: skip
+
+
+def test_import_builds_nothing(tmp_path):
+    # A bare import on a machine without the extensions neither builds nor loads them.
+    site = _package_copy(tmp_path)
+    code = textwrap.dedent("""
+        import sys, largedet_kernels
+        from largedet_kernels import optimizer
+        assert optimizer._NATIVE is optimizer._UNRESOLVED
+        assert not [m for m in sys.modules if "largedet_kernels_cpu" in m or "_C_cpu" in m], sys.modules
+    """)
+    env = _clean_env(PYTHONPATH=str(site), LARGEDET_KERNELS_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert not (tmp_path / "cache").exists()
