@@ -599,8 +599,9 @@ class _LambFamily(Optimizer):
         norm = total.sqrt()
         if inv_scale is not None:
             norm = norm * inv_scale.to(device)
-        # max/‖g‖ when ‖g‖ > max, else 1; NaN for a non-finite ‖g‖ (NOTE [non-finite gradients] in reference.py).
-        clip = torch.where(norm.isfinite(), max_norm / norm.clamp_min(max_norm), math.nan)
+        # An inf ‖g‖ as NaN, so that the factor is NaN, not max/∞ = 0 (NOTE [non-finite gradients] in reference.py).
+        norm = torch.nan_to_num(norm, nan=math.nan, posinf=math.nan)
+        clip = torch.where(norm <= max_norm, 1.0, max_norm / norm)
         return clip if inv_scale is None else clip * inv_scale.to(device)
 
     @torch.no_grad()
