@@ -654,7 +654,9 @@ class PMDLAMB(_LambFamily):
         eps_inside_sqrt: r = m/√(v+ε) (True, the paper) or m/(√v+ε).
         grad_averaging: weight g by (1−β1) in m (True) or by 1.
         max_grad_norm: clip the global gradient norm over all groups to this
-            before the moments; None disables clipping.
+            before the moments; None disables clipping. Without GradScaler, an inf or
+            NaN gradient makes its tensor NaN, and with clipping every tensor stepped
+            (NOTE [non-finite gradients] in largedet_kernels/reference.py).
         backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``, kept as ``opt.backend``; the
             ``opt.backends`` property says which one steps each device's parameters.
         master_weights: ``"auto"`` (fp32 masters for fp16/bf16 parameters, but none for
