@@ -144,7 +144,8 @@ struct StochasticBFloat16 {
   }
 };
 
-// Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u. With
+// Pass 2 (NOTE [two passes]): trust ratio from the partials (NaN for a non-finite norm: NOTE
+// [non-finite gradients] in largedet_kernels/reference.py), then x ← x − η·α·ratio·u. With
 // kHasMaster x is the fp32 master (row kMaster): the new value goes to it and, rounded to
 // nearest, to the parameter, which is not read. Without, a bf16 parameter whose row asks for
 // it is rounded stochastically. S is the moments' stored type, M the math type.

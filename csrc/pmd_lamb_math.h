@@ -82,10 +82,12 @@ LARGEDET_HOST_DEVICE V direction(V m, V v, V x, const StepCoefficients<V>& c) {
 }
 
 // η·α·‖x‖/‖u‖ from the squared norms; 1 in place of the ratio when a norm is 0 (zero-initialised
-// biases still train) or the tensor takes no trust ratio.
+// biases still train) or the tensor takes no trust ratio; NaN when a norm is not finite, so that
+// the whole tensor shows it (NOTE [non-finite gradients] in largedet_kernels/reference.py).
 template <typename M>
 LARGEDET_HOST_DEVICE M trust_ratio(const double* row, M sum_x, M sum_u) {
   const M x_norm = Ops<M>::sqrt(sum_x), u_norm = Ops<M>::sqrt(sum_u);
+  if (!::isfinite(x_norm) || !::isfinite(u_norm)) return M(::nan(""));
   const bool trusted = row[kUseTrustRatio] != 0 && x_norm > M(0) && u_norm > M(0);
   return M(row[kLrAlpha]) * (trusted ? x_norm / u_norm : M(1));
 }

@@ -5,7 +5,8 @@ type (fastest first; never Triton's interpreter, which runs the kernels on CPU
 tensors for tests, not for speed; on CPU without the C++ extension it warns once
 and takes the torch backend); an explicit backend that cannot run on the device raises
 :class:`BackendUnavailableError` saying why and how to get it, never a silent
-fallback.
+fallback. ``PMDLAMB.backends`` (and ``LAMB.backends``) reports the choice for each device of
+an optimizer's parameters, ``backend_for(device)`` for any device.
 """
 
 import functools

@@ -49,6 +49,7 @@ NOTE [master weights]
 """
 
 import itertools
+import math
 import numbers
 import operator
 from types import ModuleType
@@ -224,31 +225,42 @@ def _check_grad(p: torch.Tensor, optimizer: str) -> None:
         )
 
 
-def _check_hyper(group: Dict[str, Any]) -> None:
-    """ValueError naming the argument for every out-of-range hyper-parameter."""
+def _finite(value: Any) -> bool:
+    """A finite real number: a NaN or infinite hyper-parameter would make every tensor it reaches non-finite."""
+    try:
+        return isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
+
+
+def _check_hyper(group: Dict[str, Any], where: str = "") -> None:
+    """ValueError naming the argument (and ``where``, its param group) for every out-of-range or non-finite
+    hyper-parameter."""
     lr, eps, wd, alpha = group["lr"], group["eps"], group["weight_decay"], group["alpha"]
-    if not isinstance(lr, numbers.Real) or lr < 0:
-        raise ValueError(f"Invalid lr: {lr!r} (must be a number >= 0)")
-    if not isinstance(eps, numbers.Real) or eps < 0:
-        raise ValueError(f"Invalid eps: {eps!r} (must be >= 0)")
+    if not _finite(lr) or lr < 0:
+        raise ValueError(f"Invalid lr{where}: {lr!r} (must be a finite Python number >= 0)")
+    if not _finite(eps) or eps < 0:
+        raise ValueError(f"Invalid eps{where}: {eps!r} (must be finite and >= 0)")
     betas = group["betas"]
-    if len(betas) != 2 or not all(isinstance(b, numbers.Real) and 0.0 <= b < 1.0 for b in betas):
-        raise ValueError(f"Invalid betas: {betas!r} (each must be in [0, 1))")
-    if not isinstance(wd, numbers.Real) or wd < 0:
-        raise ValueError(f"Invalid weight_decay: {wd!r} (must be >= 0)")
-    if not isinstance(alpha, numbers.Real) or not alpha > 0:
-        raise ValueError(f"Invalid alpha: {alpha!r} (must be > 0)")
+    if len(betas) != 2 or not all(_finite(b) and 0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"Invalid betas{where}: {betas!r} (each must be in [0, 1))")
+    if not _finite(wd) or wd < 0:
+        raise ValueError(f"Invalid weight_decay{where}: {wd!r} (must be finite and >= 0)")
+    if not _finite(alpha) or not alpha > 0:
+        raise ValueError(f"Invalid alpha{where}: {alpha!r} (must be finite and > 0)")
     cycle = group["cycle_length"]
     if cycle is not None and (isinstance(cycle, bool) or not isinstance(cycle, numbers.Integral) or cycle < 1):
-        raise ValueError(f"Invalid cycle_length: {cycle!r} (must be an integer >= 1, or None for no decay)")
+        raise ValueError(f"Invalid cycle_length{where}: {cycle!r} (must be an integer >= 1, or None for no decay)")
     max_norm = group["max_grad_norm"]
-    if max_norm is not None and (not isinstance(max_norm, numbers.Real) or not max_norm > 0):
-        raise ValueError(f"Invalid max_grad_norm: {max_norm!r} (must be > 0, or None to disable clipping)")
+    if max_norm is not None and (not _finite(max_norm) or not max_norm > 0):
+        raise ValueError(f"Invalid max_grad_norm{where}: {max_norm!r} (must be finite and > 0, or None to disable "
+                         "clipping)")  # fmt: skip
     if not isinstance(group["stochastic_rounding"], bool):
-        raise ValueError(f"Invalid stochastic_rounding: {group['stochastic_rounding']!r} (must be True or False)")
+        raise ValueError(f"Invalid stochastic_rounding{where}: {group['stochastic_rounding']!r} (must be True or "
+                         "False)")  # fmt: skip
     seed = group["seed"]
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < rounding.SEED_LIMIT:
-        raise ValueError(f"Invalid seed: {seed!r} (must be an integer in [0, 2**32))")
+        raise ValueError(f"Invalid seed{where}: {seed!r} (must be an integer in [0, 2**32))")
 
 
 def _state_like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -274,6 +286,7 @@ class _LambFamily(Optimizer):
     def __init__(self, params: Iterable, defaults: Dict[str, Any], backend: str, master_weights: Any,
                  moment_dtype: torch.dtype) -> None:  # fmt: skip
         dispatch.check_backend_name(backend)
+        _check_hyper(defaults)
         if not any(master_weights is choice for choice in MASTER_WEIGHTS):
             raise ValueError(f"Invalid master_weights: {master_weights!r} (must be 'auto', True or False)")
         if moment_dtype not in MOMENT_DTYPES:
@@ -292,13 +305,13 @@ class _LambFamily(Optimizer):
         self._step_cache: Optional[_StepCache] = None
         super().__init__(params, defaults)
 
-    def _check_group(self, group: Dict[str, Any]) -> None:
-        _check_hyper(group)
+    def _check_group(self, group: Dict[str, Any], index: int) -> None:
+        _check_hyper(group, f" in param group {index}")
         for key in OPTIMIZER_WIDE:
             if group[key] != self.defaults[key]:
                 why = "clips the global gradient norm over all param groups" if key == "max_grad_norm" else "is"
                 raise ValueError(f"{key} {why} a setting of the whole optimizer: set it on the optimizer, "
-                                 "not per param group")  # fmt: skip
+                                 f"not per param group (param group {index})")  # fmt: skip
 
     def _has_master(self, p: torch.Tensor) -> bool:
         """Whether p's step runs on an fp32 master (NOTE [master weights])."""
@@ -326,7 +339,7 @@ class _LambFamily(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._check_group(group)
+            self._check_group(group, len(self.param_groups) - 1)
             if len({id(p) for p in group["params"]}) != len(group["params"]):
                 raise ValueError("a parameter appears twice in one param group: it would be stepped twice")
             for p in group["params"]:
@@ -374,6 +387,19 @@ class _LambFamily(Optimizer):
                         f"but its parameter has shape {tuple(p.shape)}"
                     )
             self.state[p] = state
+
+    @property
+    def backends(self) -> Dict[torch.device, str]:
+        """The backend that steps each device's parameters: {device: backend name} over the devices of this
+        optimizer's parameters, in the order first met. ``backend`` is what was asked for ("auto" included);
+        this is what it resolved to (:mod:`largedet_kernels.dispatch`), decided before any step."""
+        devices = dict.fromkeys(_local(p).device for group in self.param_groups for p in group["params"])
+        return {device: self._backend(device)[0] for device in devices}
+
+    def backend_for(self, device: Any) -> str:
+        """The name of the backend that steps (or would step) this optimizer's tensors on ``device``; raises
+        BackendUnavailableError where the requested backend cannot run there."""
+        return self._backend(torch.device(device))[0]
 
     def _backend(self, device: torch.device) -> Tuple[str, ModuleType]:
         """(name, module) of the backend that steps tensors of ``device``."""
@@ -501,8 +527,8 @@ class _LambFamily(Optimizer):
 
     def _accept_hypers(self) -> List[Tuple[Any, ...]]:
         """Every group's hyper-parameters, checked, as the step cache compares them."""
-        for group in self.param_groups:
-            self._check_group(group)
+        for i, group in enumerate(self.param_groups):
+            self._check_group(group, i)
             group["betas"] = tuple(group["betas"])  # compared by value: no list to change in place
         return list(map(_HYPERS, self.param_groups))
 
@@ -585,7 +611,9 @@ class _LambFamily(Optimizer):
         norm = total.sqrt()
         if inv_scale is not None:
             norm = norm * inv_scale.to(device)
-        clip = torch.where(norm > max_norm, max_norm / norm, 1.0)
+        # An inf ‖g‖ as NaN, so that the factor is NaN, not max/∞ = 0 (NOTE [non-finite gradients] in reference.py).
+        norm = torch.nan_to_num(norm, nan=math.nan, posinf=math.nan)
+        clip = torch.where(norm <= max_norm, 1.0, max_norm / norm)
         return clip if inv_scale is None else clip * inv_scale.to(device)
 
     @torch.no_grad()
@@ -638,8 +666,11 @@ class PMDLAMB(_LambFamily):
         eps_inside_sqrt: r = m/√(v+ε) (True, the paper) or m/(√v+ε).
         grad_averaging: weight g by (1−β1) in m (True) or by 1.
         max_grad_norm: clip the global gradient norm over all groups to this
-            before the moments; None disables clipping.
-        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``.
+            before the moments; None disables clipping. Without GradScaler, an inf or
+            NaN gradient makes its tensor NaN, and with clipping every tensor stepped
+            (NOTE [non-finite gradients] in largedet_kernels/reference.py).
+        backend: ``"auto" | "cuda" | "triton" | "cpu" | "torch"``, kept as ``opt.backend``; the
+            ``opt.backends`` property says which one steps each device's parameters.
         master_weights: ``"auto"`` (fp32 masters for fp16/bf16 parameters, but none for
             bf16 ones under stochastic rounding), True or False (NOTE [master weights]).
         moment_dtype: ``torch.float32`` or ``torch.bfloat16``: how m and v are stored.
@@ -687,7 +718,8 @@ class LAMB(_LambFamily):
     disables clipping (apex's 0 zeroes every gradient; here 0 is an error),
     gradients are never overwritten (apex writes its update into them), and
     ``max_grad_norm`` cannot differ per param group (apex reads only the default).
-    ``master_weights``, ``moment_dtype``, ``stochastic_rounding`` and ``seed`` are PMDLAMB's.
+    ``backend`` (``"auto" | "cuda" | "triton" | "cpu" | "torch"``), ``master_weights``, ``moment_dtype``,
+    ``stochastic_rounding`` and ``seed`` are PMDLAMB's.
     """
 
     def __init__(

@@ -9,6 +9,8 @@
   ``group_size`` ranks (the paper's "BN size 32").
 """
 
+import math
+import numbers
 from bisect import bisect_right
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -29,7 +31,7 @@ def scaled_lr(base_lr: float, base_batch: int, batch: int) -> float:
 
 class WarmupMultiStepLR(LRScheduler):
     """Linear warm-up over ``warmup_iters`` iterations from ``warmup_factor``·lr to lr,
-    then lr·gamma^k after the k-th of ``milestones``.
+    then lr·gamma^k after the k-th of ``milestones`` (gamma 0: lr 0 from the first milestone on).
 
     Milestones count iterations from the start of training, warm-up included (unlike
     ``SequentialLR([LinearLR, MultiStepLR])``, whose second scheduler counts from the
@@ -44,6 +46,8 @@ class WarmupMultiStepLR(LRScheduler):
             raise ValueError(f"milestones must be >= 0, got {self.milestones}")
         if not 0 < warmup_factor <= 1:
             raise ValueError(f"warmup_factor must be in (0, 1], got {warmup_factor}")
+        if not (isinstance(gamma, numbers.Real) and math.isfinite(gamma) and gamma >= 0):
+            raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
         if warmup_iters < 0:
             raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")
         self.gamma, self.warmup_factor, self.warmup_iters = gamma, warmup_factor, warmup_iters
@@ -60,7 +64,9 @@ class WarmupMultiStepLR(LRScheduler):
         t = self.last_epoch
         if t == 0:
             return [group["lr"] * self.factor(0) for group in self.optimizer.param_groups]
-        ratio = self.factor(t) / self.factor(t - 1)
+        before = self.factor(t - 1)
+        # Once 0 (from a milestone with gamma 0) the factor stays 0, and so does lr.
+        ratio = self.factor(t) / before if before != 0 else 0.0
         return [group["lr"] * ratio for group in self.optimizer.param_groups]
 
     def _get_closed_form_lr(self) -> List[float]:

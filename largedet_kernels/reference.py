@@ -11,7 +11,7 @@ Per parameter tensor x with gradient g and step t (counted from 1)::
     v = ξ·β2·v + (1 − β2)·g²
     r = m / √(v + ε)                      (or m / (√v + ε))
     u = r + λ·x
-    x ← x − η·α·(‖x‖/‖u‖)·u               (ratio 1 when ‖x‖ = 0 or ‖u‖ = 0)
+    x ← x − η·α·(‖x‖/‖u‖)·u               (ratio 1 when ‖x‖ = 0 or ‖u‖ = 0, NaN when one is not finite)
 
 plus the options the optimizers expose: bias correction, no gradient averaging,
 L2 (non-decoupled) weight decay as in apex's ``adam_w_mode=False``, and LAMB's
@@ -26,6 +26,18 @@ Mixed precision, as plainly:
 - stochastic rounding: without a master, a bf16 parameter is
   ``store_parameter(x, bf16, stochastic_rounding=True, seed=..., t=...)``
   (NOTE [stochastic rounding] in largedet_kernels/rounding.py).
+
+NOTE [non-finite gradients]
+    Without GradScaler no step is skipped, so a non-finite value must show, not hide. A tensor whose
+    ‖x‖ or ‖u‖ is not finite (an inf or NaN in its gradient, moments or parameter, or a sum of squares
+    that overflows the math type) takes a NaN trust ratio, the tensors that take no trust ratio too
+    (LAMB's ``use_nvlamb=False`` with λ = 0): all of it becomes NaN, and the other tensors step as
+    they would without it. Only a zero norm takes the ratio 1. With ``max_grad_norm`` a non-finite
+    global ‖g‖ gives a NaN clip factor, so every tensor with a gradient becomes NaN (max/∞ = 0 would
+    zero every gradient but the bad ones in silence). GradScaler's ``found_inf`` skips the step
+    instead, and nothing changes (NOTE [skipped steps] in csrc/pmd_lamb.cuh). The ratio is formed so by
+    ``trust_ratio`` in csrc/pmd_lamb_math.h (the CUDA and CPU backends), ``pmd_lamb_update_kernel`` in
+    triton_kernels.py and ``_apply`` in backends/torch_foreach.py; the clip factor by the optimizer.
 """
 
 import math
@@ -50,10 +62,13 @@ def global_grad_norm(grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def clip_factor(grads: Sequence[torch.Tensor], max_grad_norm: Optional[float]) -> torch.Tensor:
-    """The factor g is multiplied by: max/‖g‖ when ‖g‖ > max, else 1 (max None: off)."""
+    """The factor g is multiplied by: max/‖g‖ when ‖g‖ > max, else 1 (max None: off); NaN when ‖g‖ is not
+    finite (NOTE [non-finite gradients])."""
     norm = global_grad_norm(grads)
     if max_grad_norm is None or norm <= max_grad_norm:
         return torch.ones_like(norm)
+    if not norm.isfinite():
+        return torch.full_like(norm, math.nan)
     return max_grad_norm / norm
 
 
@@ -125,12 +140,13 @@ def update_parameter(x, m, v, t, *, lr: float, beta1: float, beta2: float, eps: 
     else:
         r = m_hat / (torch.sqrt(v_hat) + eps)
 
-    # Line 9: layer-wise trust ratio on u = r + λx.
+    # Line 9: layer-wise trust ratio on u = r + λx; NaN for a non-finite norm (NOTE [non-finite gradients]).
     u = r + lam * x if adam_w_mode else r
-    trust_ratio = 1.0
+    x_norm, u_norm = torch.linalg.vector_norm(x), torch.linalg.vector_norm(u)
+    trust_ratio = torch.ones_like(x_norm)
     if use_nvlamb or lam != 0:
-        x_norm, u_norm = torch.linalg.vector_norm(x), torch.linalg.vector_norm(u)
         trust_ratio = torch.where((x_norm > 0) & (u_norm > 0), x_norm / u_norm, 1.0)
+    trust_ratio = torch.where(x_norm.isfinite() & u_norm.isfinite(), trust_ratio, math.nan)
     x.sub_(lr * alpha * trust_ratio * u)
 
 

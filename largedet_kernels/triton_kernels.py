@@ -450,6 +450,9 @@ def pmd_lamb_update_kernel(
     trusted = (tl.load(hyper + tensor * N_HYPER + USE_TRUST_RATIO) != 0) & (x_norm > 0) & (u_norm > 0)
     lr_alpha = tl.load(hyper + tensor * N_HYPER + LR_ALPHA).to(MATH)
     ratio = lr_alpha * tl.where(trusted, _div(x_norm, u_norm, MATH), 1.0)
+    # NOTE [non-finite gradients] (in largedet_kernels/reference.py): a norm that is not finite makes all of x NaN.
+    finite = (x_norm < float("inf")) & (u_norm < float("inf"))
+    ratio = tl.where(finite, ratio, float("nan"))
 
     aligned = _aligned(x) & _aligned(m) & _aligned(v)  # NOTE [vector and scalar paths]
     if HAS_MASTER:  # the parameter is a stream of its own

@@ -202,6 +202,8 @@ void update_range(const TensorStep<X, G, S>& s, MathOf<X> ratio, int64_t begin, 
   }
 }
 
+// The trust ratio of csrc/pmd_lamb_math.h from a tensor's sums: NaN for a non-finite norm (NOTE
+// [non-finite gradients] in largedet_kernels/reference.py).
 template <typename X, typename G, typename S>
 MathOf<X> ratio_of(const TensorStep<X, G, S>& s, const Sums& sums) {
   using M = MathOf<X>;

@@ -236,11 +236,12 @@ def _sums(x: List[torch.Tensor], u: List[torch.Tensor]) -> torch.Tensor:
 
 
 def _apply(bucket: Bucket, lo: int, hi: int, x, u, sums: torch.Tensor, c, keep) -> None:
-    """Pass 2: x ← x − η·α·(‖x‖/‖u‖)·u, the ratio taken as 1 when a norm is 0; then the parameters
-    [lo, hi) of the bucket get x rounded, when x is a master or a working copy."""
+    """Pass 2: x ← x − η·α·(‖x‖/‖u‖)·u, the ratio taken as 1 when a norm is 0 and NaN when one is not finite
+    (NOTE [non-finite gradients] in largedet_kernels/reference.py); then the parameters [lo, hi) of the bucket
+    get x rounded, when x is a master or a working copy."""
     x_norm, u_norm = sums.sqrt().unbind(1)
     trusted = c["use_trust"] & (x_norm > 0) & (u_norm > 0)
-    ratio = c["lr_alpha"] * torch.where(trusted, x_norm / u_norm, 1.0)
+    ratio = torch.where(sums.isfinite().all(1), c["lr_alpha"] * torch.where(trusted, x_norm / u_norm, 1.0), math.nan)
     if keep is not None:
         ratio = torch.where(keep, ratio, 0.0)
     torch._foreach_addcmul_(x, u, ratio.unbind(), value=-1)
