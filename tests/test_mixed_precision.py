@@ -240,7 +240,7 @@ def test_the_bf16_scenario_trains_with_masters_or_stochastic_rounding(backend):
     # Without either, most updates round away: a third of the elements move, the loss lags.
     _, plain, changed = _scenario(backend, torch.bfloat16, lr=0.13, master_weights=False)
     assert plain > 1.05 * fp32 and changed < 0.5, (plain, fp32, changed)
-    # At the README's lr of 1e-3 the stall is complete.
+    # At lr 1e-3, torch's usual default, the stall is complete.
     _, frozen, changed = _scenario(backend, torch.bfloat16, lr=1e-3, master_weights=False)
     assert changed < 0.01 and abs(frozen - first) < 1e-3 * first, (frozen, first, changed)
 
