@@ -25,7 +25,6 @@ beside step_time.py's, named host-overhead-<device>-<date>.json.
 
 import argparse
 import contextlib
-import json
 import os
 import statistics
 import sys
@@ -38,7 +37,7 @@ import torch
 if not torch.cuda.is_available():  # the triton backend then runs on CPU tensors; read when Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.step_time import (RESULTS_DIR, SHAPES_DIR, file_stem, host_times_ms, launches_per_step, load_shapes,
+from benchmarks.step_time import (RESULTS_DIR, SHAPES_DIR, save_results, host_times_ms, launches_per_step, load_shapes,
                                   make_params, run_meta)  # fmt: skip
 from largedet_kernels import LAMB, PMDLAMB, dispatch
 
@@ -324,10 +323,7 @@ def main(argv=None) -> Dict:
         torch.set_num_threads(threads)
     doc = {"meta": meta, "results": results}
     if not args.no_files:
-        args.out.mkdir(parents=True, exist_ok=True)
-        path = args.out / f"{file_stem(meta, 'host-overhead-')}.json"
-        path.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"\nwrote {path}")
+        save_results(doc, args.out, "host-overhead-")
     return doc
 
 

@@ -11,14 +11,13 @@ training loss after every step. Writes lr-sweep-<device>-<date>.json beside step
 """
 
 import argparse
-import json
 import sys
 import time
 from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.step_time import RESULTS_DIR, file_stem, run_meta
+from benchmarks.step_time import RESULTS_DIR, save_results, run_meta
 from largedet_kernels import PMDLAMB
 
 LRS = (1e-3, 1e-2, 0.1, 0.5)
@@ -84,10 +83,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     doc = {"meta": meta, "config": config, "runs": runs}
     print(markdown_table(doc))
     if not args.no_files:
-        path = f"{args.out}/{file_stem(meta, 'lr-sweep-')}.json"
-        with open(path, "w") as f:
-            f.write(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {path}")
+        save_results(doc, args.out, "lr-sweep-")
     return doc
 
 

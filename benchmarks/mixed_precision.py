@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchmarks.step_time import (RESULTS_DIR, element_bytes, file_stem, load_shapes, make_params, run_meta,
+from benchmarks.step_time import (RESULTS_DIR, element_bytes, save_results, load_shapes, make_params, run_meta,
                                   time_ms)  # fmt: skip
 from largedet_kernels import PMDLAMB
 
@@ -177,10 +177,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         print(f"{name:<44}" + "".join(f"{c:>10}" for c in cells))
     doc = {"meta": meta, "scenario": {"lr": SCENARIO_LR, "steps": args.scenario_steps}, "rows": rows}
     if not args.no_files:
-        path = f"{args.out}/{file_stem(meta, 'mixed-precision-')}.json"
-        with open(path, "w") as f:
-            f.write(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {path}")
+        save_results(doc, args.out, "mixed-precision-")
     return doc
 
 

@@ -106,6 +106,16 @@ def file_stem(meta: Dict, prefix: str = "") -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{prefix}{meta['device_name']}-{meta['date']}").strip("-")
 
 
+def save_results(doc: Dict, out, prefix: str = "") -> Path:
+    """Writes ``doc`` to <out>/<file_stem>.json and says so."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{file_stem(doc['meta'], prefix)}.json"
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

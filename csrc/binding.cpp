@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "pmd_lamb_launch.h"
+#include "python_module.h"
 
 namespace largedet {
 namespace {
@@ -225,18 +226,5 @@ TORCH_LIBRARY_IMPL(largedet, CUDA, m) {
 
 }  // namespace largedet
 
-// Importing the module runs the registrations above; the module itself is empty. Its name is
-// TORCH_EXTENSION_NAME, which torch's build passes: _C ahead of time, another when built on first
-// use (largedet_kernels/_extensions.py).
-#ifndef TORCH_EXTENSION_NAME
-#error "TORCH_EXTENSION_NAME names the module; build through torch.utils.cpp_extension"
-#endif
-#define LARGEDET_CONCAT_(a, b) a##b
-#define LARGEDET_CONCAT(a, b) LARGEDET_CONCAT_(a, b)
-#define LARGEDET_STRING_(a) #a
-#define LARGEDET_STRING(a) LARGEDET_STRING_(a)
-
-extern "C" PyObject* LARGEDET_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, LARGEDET_STRING(TORCH_EXTENSION_NAME), nullptr, -1, nullptr};
-  return PyModule_Create(&module);
-}
+// Importing the module runs the registrations above (python_module.h).
+LARGEDET_PYTHON_MODULE(nullptr)

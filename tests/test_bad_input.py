@@ -1,5 +1,5 @@
 """Non-finite hyper-parameters are refused wherever they enter, naming themselves and their param group; the
-recipe's scheduler takes gamma 0; the optimizer says which backend steps each device."""
+optimizer says which backend steps each device."""
 
 import math
 import subprocess
@@ -10,7 +10,6 @@ import torch
 from conftest import CPU_BACKENDS
 
 from largedet_kernels import LAMB, PMDLAMB, dispatch, optimizer
-from largedet_kernels.recipe import WarmupMultiStepLR
 
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 # Every numeric hyper-parameter of a param group (optimizer.HYPER_KEYS), betas by element.
@@ -116,63 +115,6 @@ def test_an_lr_that_is_no_finite_python_number_is_refused(value):
     opt.param_groups[0]["lr"] = value
     with pytest.raises(ValueError, match="Invalid lr in param group 0: "):
         opt.step()
-
-
-# --- WarmupMultiStepLR with gamma 0
-
-
-def _lrs(scheduler, opt, n):
-    out = []
-    for _ in range(n):
-        out.append(opt.param_groups[0]["lr"])
-        opt.step()
-        scheduler.step()
-    return out
-
-
-def _expected(base, n, milestones, gamma, warmup_factor, warmup_iters):
-    """lr at each iteration from the definition: linear warm-up, then ×gamma at each milestone passed."""
-    out = []
-    for t in range(n):
-        warm = warmup_factor + (1 - warmup_factor) * t / warmup_iters if t < warmup_iters else 1.0
-        out.append(base * warm * gamma ** sum(t >= m for m in milestones))
-    return out
-
-
-@pytest.mark.parametrize(
-    "milestones,warmup_factor,warmup_iters",
-    [([2], 1 / 3, 0), ([3, 5], 0.25, 4), ([0], 0.5, 2)],
-    ids=["no-warmup", "milestone-in-warmup", "milestone-0"],
-)
-def test_gamma_zero(milestones, warmup_factor, warmup_iters):
-    a = _params()
-    opt = PMDLAMB(a, lr=0.7)
-    sched = WarmupMultiStepLR(opt, milestones, gamma=0.0, warmup_factor=warmup_factor, warmup_iters=warmup_iters)
-    _grads(a)
-    want = _expected(0.7, 8, milestones, 0.0, warmup_factor, warmup_iters)
-    assert want[-1] == 0.0 and any(w > 0 for w in want) == (milestones != [0])
-    got = _lrs(sched, opt, 8)
-    assert got == pytest.approx(want, abs=0, rel=1e-12)
-    assert sched._get_closed_form_lr() == [0.0]
-    # lr 0 steps nothing.
-    before = [p.detach().clone() for p in a]
-    opt.step()
-    assert all(torch.equal(p, q) for p, q in zip(a, before))
-
-
-def test_gamma_zero_chained():
-    opt = PMDLAMB(_params(), lr=1.0)
-    ours = WarmupMultiStepLR(opt, milestones=[3], gamma=0.0, warmup_factor=0.5, warmup_iters=2)
-    decay = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
-    got = _lrs(torch.optim.lr_scheduler.ChainedScheduler([ours, decay]), opt, 6)
-    want = [f * 0.9**t for t, f in enumerate(_expected(1.0, 6, [3], 0.0, 0.5, 2))]
-    assert got == pytest.approx(want, abs=0, rel=1e-12)
-
-
-@pytest.mark.parametrize("gamma", [-0.1, math.nan, math.inf])
-def test_bad_gamma_is_refused(gamma):
-    with pytest.raises(ValueError, match="gamma"):
-        WarmupMultiStepLR(PMDLAMB(_params()), [2], gamma=gamma)
 
 
 # --- Which backend steps which device

@@ -5,6 +5,8 @@
 #include <Python.h>
 #include <torch/csrc/autograd/python_variable.h>
 
+#include "../python_module.h"
+
 #include <cstdint>
 
 namespace largedet {
@@ -254,19 +256,5 @@ PyMethodDef methods[] = {
 }  // namespace
 }  // namespace largedet
 
-// The module is built once per CPU ISA under its own name (largedet_kernels/_extensions.py), which
-// torch's build passes as TORCH_EXTENSION_NAME. Importing it also runs the op registrations of
-// pmd_lamb_cpu.cpp.
-#ifndef TORCH_EXTENSION_NAME
-#error "TORCH_EXTENSION_NAME names the module; build through torch.utils.cpp_extension"
-#endif
-#define LARGEDET_CONCAT_(a, b) a##b
-#define LARGEDET_CONCAT(a, b) LARGEDET_CONCAT_(a, b)
-#define LARGEDET_STRING_(a) #a
-#define LARGEDET_STRING(a) LARGEDET_STRING_(a)
-
-extern "C" PyObject* LARGEDET_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, LARGEDET_STRING(TORCH_EXTENSION_NAME), nullptr, -1,
-                               largedet::methods};
-  return PyModule_Create(&module);
-}
+// Importing the module also runs the op registrations of pmd_lamb_cpu.cpp (python_module.h).
+LARGEDET_PYTHON_MODULE(largedet::methods)
