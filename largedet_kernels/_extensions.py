@@ -36,6 +36,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Tuple, Union
 
+_PACKAGE = Path(__file__).resolve().parent
+
 CPU_ISAS = ("generic", "avx2", "avx512")
 # What ATen compiles its own kernels of each capability with (cmake/Codegen.cmake): CPU_CAPABILITY_*
 # picks at::vec's implementation, CPU_CAPABILITY its namespace. generic is ATen's default vectors.
@@ -60,8 +62,7 @@ class ExtensionUnavailable(ImportError):
 
 def csrc() -> Optional[Path]:
     """The kernel sources: shipped inside the installed package, or the checkout's csrc/ beside it."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    for candidate in (_PACKAGE / "csrc", _PACKAGE.parent / "csrc"):
         if (candidate / CPU_SOURCES[0]).is_file():
             return candidate
     return None
@@ -216,9 +217,8 @@ class _Extension:
             if build:
                 raise ExtensionUnavailable(self._found)
             return None
-        try:
-            module = importlib.import_module(self.aot_name())
-        except ImportError:
+        module = self._ahead_of_time()
+        if module is None:
             module = self._cached() if build or self.CACHE_WITHOUT_BUILD else None
         if module is None and build:
             try:
@@ -229,6 +229,17 @@ class _Extension:
         if module is not None:
             self._found = module
         return module
+
+    def _ahead_of_time(self) -> Optional[ModuleType]:
+        """The module built ahead of time beside this package's own files. One that an import hook finds
+        elsewhere (another installation's editable finder, say) was built from other sources: not taken."""
+        try:
+            spec = importlib.util.find_spec(self.aot_name())
+            if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != _PACKAGE:
+                return None
+            return importlib.import_module(self.aot_name())
+        except ImportError:
+            return None
 
     def _jit_off(self) -> bool:
         return os.environ.get("LARGEDET_JIT", "1") == "0"

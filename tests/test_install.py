@@ -165,6 +165,20 @@ def _no_build(*args, **kwargs):
     raise AssertionError("torch.utils.cpp_extension.load was called")
 
 
+def test_an_extension_found_outside_the_package_is_not_taken(monkeypatch):
+    # An import hook of another installation (an editable install's finder) may find a module of that name
+    # built from other sources; only one beside the package's own files is taken.
+    import importlib.machinery
+
+    real = _extensions.CPU._ahead_of_time()
+    if real is None:
+        pytest.skip("the CPU extension is not built ahead of time")
+    assert Path(real.__file__).resolve().parent == Path(_extensions.__file__).resolve().parent
+    elsewhere = importlib.machinery.ModuleSpec(_extensions.CPU.aot_name(), None, origin="/elsewhere/x.so")
+    monkeypatch.setattr(_extensions.importlib.util, "find_spec", lambda name: elsewhere)
+    assert _extensions.CPU._ahead_of_time() is None
+
+
 def test_the_jit_can_be_switched_off(unbuilt):
     import torch.utils.cpp_extension
 
