@@ -148,12 +148,14 @@ if extensions:
 setup(
     name="largedet-kernels",
     version="0.1.0",
-    description="Fused PMD-LAMB and LAMB optimizers (CUDA, Triton, PyTorch) for large-batch detection training",
+    description="Fused PMD-LAMB and LAMB optimizers (CUDA, Triton, C++ CPU, PyTorch) for large-batch detection "
+                "training",
     # csrc/ goes into the package as largedet_kernels/csrc: the sources of the build on first use.
     packages=[*find_packages(include=["largedet_kernels", "largedet_kernels.*"]), "largedet_kernels.csrc",
               "largedet_kernels.csrc.cpu"],
     package_dir={"largedet_kernels.csrc": "csrc"},
-    package_data={"largedet_kernels.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp"], "largedet_kernels.csrc.cpu": ["*.cpp"]},
+    package_data={"largedet_kernels.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp"],
+                  "largedet_kernels.csrc.cpu": ["*.cpp", "*.h"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "ninja"],
     ext_modules=extensions,

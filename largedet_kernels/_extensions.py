@@ -32,6 +32,8 @@ import re
 import shutil
 import sys
 import sysconfig
+import tempfile
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Tuple, Union
@@ -52,7 +54,7 @@ CPU_SOURCES = ("cpu/pmd_lamb_cpu.cpp", "cpu/step_cache.cpp")
 CPU_CFLAGS = ["-O3"]
 CUDA_CFLAGS = ["-O3"]
 # What each target's build reads, for the cache key.
-_CPU_INPUTS = ("cpu/*.cpp", "*.h")
+_CPU_INPUTS = ("cpu/*.cpp", "cpu/*.h", "*.h")
 _CUDA_INPUTS = ("*.cpp", "*.cu", "*.cuh", "*.h")
 
 
@@ -130,7 +132,9 @@ def _torch_key() -> str:
     import torch
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    return f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-cxx11abi{abi}"
+    # The machine too: a cache on a home directory shared by x86 and Arm nodes holds builds of both.
+    return (f"torch-{torch.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}"
+            f"-cxx11abi{abi}")
 
 
 def _digest(root: Path, patterns, *args) -> str:
@@ -207,6 +211,8 @@ class _Extension:
     def __init__(self) -> None:
         # The module once loaded, or why there is none once a build was refused or failed.
         self._found: Optional[Union[ModuleType, str]] = None
+        # Whether module(build=False) found nothing: the next such look is not made again (it hashes csrc/).
+        self._missed = False
 
     def module(self, build: bool = True) -> Optional[ModuleType]:
         """The loaded extension; with ``build`` built first if need be, or ExtensionUnavailable saying why
@@ -216,6 +222,8 @@ class _Extension:
         if isinstance(self._found, str):
             if build:
                 raise ExtensionUnavailable(self._found)
+            return None
+        if self._missed and not build:
             return None
         module = self._ahead_of_time()
         if module is None:
@@ -228,6 +236,7 @@ class _Extension:
                 raise
         if module is not None:
             self._found = module
+        self._missed = module is None
         return module
 
     def _ahead_of_time(self) -> Optional[ModuleType]:
@@ -235,10 +244,15 @@ class _Extension:
         elsewhere (another installation's editable finder, say) was built from other sources: not taken."""
         try:
             spec = importlib.util.find_spec(self.aot_name())
-            if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != _PACKAGE:
-                return None
-            return importlib.import_module(self.aot_name())
         except ImportError:
+            return None
+        if spec is None or spec.origin is None or Path(spec.origin).resolve().parent != _PACKAGE:
+            return None
+        try:
+            return importlib.import_module(self.aot_name())
+        except ImportError as err:  # built against another torch, say: said, then the cache or a build
+            warnings.warn(f"largedet-kernels: {spec.origin} does not load ({err}); it is rebuilt in the cache",
+                          stacklevel=2)  # fmt: skip
             return None
 
     def _jit_off(self) -> bool:
@@ -253,8 +267,11 @@ class _Extension:
         if not (library and os.path.isfile(library)):
             return None
         spec = importlib.util.spec_from_file_location(self.jit_name(), library)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        except (ImportError, OSError):  # a partial or foreign file: built again over it
+            return None
         return module
 
     def _build(self) -> ModuleType:
@@ -286,8 +303,9 @@ class _Extension:
                                            f"output is in {log}") from err  # fmt: skip
         # The stamp that lets the next process import it without torch's load (which runs ninja and the
         # compiler's version check), written whole: another process may be reading it.
-        partial = directory / f"built.{os.getpid()}"
-        partial.write_text(f"{module.__file__}\n")
+        handle, partial = tempfile.mkstemp(dir=directory, prefix="built.")  # unique across the nodes of a cache
+        with os.fdopen(handle, "w") as f:
+            f.write(f"{module.__file__}\n")
         os.replace(partial, directory / "built")
         return module
 

@@ -225,7 +225,7 @@ def _check_grad(p: torch.Tensor, optimizer: str) -> None:
         )
 
 
-def _finite(value: Any) -> bool:
+def finite_number(value: Any) -> bool:
     """A finite real number: a NaN or infinite hyper-parameter would make every tensor it reaches non-finite."""
     try:
         return isinstance(value, numbers.Real) and math.isfinite(value)
@@ -237,22 +237,22 @@ def _check_hyper(group: Dict[str, Any], where: str = "") -> None:
     """ValueError naming the argument (and ``where``, its param group) for every out-of-range or non-finite
     hyper-parameter."""
     lr, eps, wd, alpha = group["lr"], group["eps"], group["weight_decay"], group["alpha"]
-    if not _finite(lr) or lr < 0:
+    if not finite_number(lr) or lr < 0:
         raise ValueError(f"Invalid lr{where}: {lr!r} (must be a finite Python number >= 0)")
-    if not _finite(eps) or eps < 0:
+    if not finite_number(eps) or eps < 0:
         raise ValueError(f"Invalid eps{where}: {eps!r} (must be finite and >= 0)")
     betas = group["betas"]
-    if len(betas) != 2 or not all(_finite(b) and 0.0 <= b < 1.0 for b in betas):
+    if len(betas) != 2 or not all(finite_number(b) and 0.0 <= b < 1.0 for b in betas):
         raise ValueError(f"Invalid betas{where}: {betas!r} (each must be in [0, 1))")
-    if not _finite(wd) or wd < 0:
+    if not finite_number(wd) or wd < 0:
         raise ValueError(f"Invalid weight_decay{where}: {wd!r} (must be finite and >= 0)")
-    if not _finite(alpha) or not alpha > 0:
+    if not finite_number(alpha) or not alpha > 0:
         raise ValueError(f"Invalid alpha{where}: {alpha!r} (must be finite and > 0)")
     cycle = group["cycle_length"]
     if cycle is not None and (isinstance(cycle, bool) or not isinstance(cycle, numbers.Integral) or cycle < 1):
         raise ValueError(f"Invalid cycle_length{where}: {cycle!r} (must be an integer >= 1, or None for no decay)")
     max_norm = group["max_grad_norm"]
-    if max_norm is not None and (not _finite(max_norm) or not max_norm > 0):
+    if max_norm is not None and (not finite_number(max_norm) or not max_norm > 0):
         raise ValueError(f"Invalid max_grad_norm{where}: {max_norm!r} (must be finite and > 0, or None to disable "
                          "clipping)")  # fmt: skip
     if not isinstance(group["stochastic_rounding"], bool):

@@ -9,13 +9,13 @@
   ``group_size`` ranks (the paper's "BN size 32").
 """
 
-import math
-import numbers
 from bisect import bisect_right
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
+
+from .optimizer import finite_number
 
 NORM_TYPES = (
     torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.LocalResponseNorm,
@@ -44,9 +44,9 @@ class WarmupMultiStepLR(LRScheduler):
         self.milestones = sorted(milestones)
         if any(m < 0 for m in self.milestones):
             raise ValueError(f"milestones must be >= 0, got {self.milestones}")
-        if not 0 < warmup_factor <= 1:
+        if not (finite_number(warmup_factor) and 0 < warmup_factor <= 1):
             raise ValueError(f"warmup_factor must be in (0, 1], got {warmup_factor}")
-        if not (isinstance(gamma, numbers.Real) and math.isfinite(gamma) and gamma >= 0):
+        if not (finite_number(gamma) and gamma >= 0):
             raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
         if warmup_iters < 0:
             raise ValueError(f"warmup_iters must be >= 0, got {warmup_iters}")

@@ -156,6 +156,7 @@ def test_the_cache_key(monkeypatch, tmp_path):
 def unbuilt(monkeypatch, tmp_path):
     """The CPU extension as if neither built ahead of time nor in the cache; the real one comes back after."""
     monkeypatch.setattr(_extensions.CPU, "_found", None)
+    monkeypatch.setattr(_extensions.CPU, "_missed", False)
     monkeypatch.setattr(_extensions.CPU, "aot_name", lambda: "largedet_kernels._not_built")
     monkeypatch.setenv("LARGEDET_KERNELS_CACHE", str(tmp_path / "cache"))
     return monkeypatch
@@ -177,6 +178,16 @@ def test_an_extension_found_outside_the_package_is_not_taken(monkeypatch):
     elsewhere = importlib.machinery.ModuleSpec(_extensions.CPU.aot_name(), None, origin="/elsewhere/x.so")
     monkeypatch.setattr(_extensions.importlib.util, "find_spec", lambda name: elsewhere)
     assert _extensions.CPU._ahead_of_time() is None
+
+
+def test_a_broken_file_in_the_cache_is_built_again(unbuilt):
+    # A partial or foreign library behind the stamp (a node of another kind on a shared cache, a full
+    # disk) is no module: the cache lookup says so, and the build that follows writes over it.
+    directory = _extensions.CPU.directory()
+    directory.mkdir(parents=True)
+    (directory / "broken.so").write_bytes(b"not a shared object")
+    (directory / "built").write_text(f"{directory / 'broken.so'}\n")
+    assert _extensions.CPU._cached() is None
 
 
 def test_the_jit_can_be_switched_off(unbuilt):
@@ -212,6 +223,8 @@ def cuda_unbuilt(monkeypatch, tmp_path):
     import torch.utils.cpp_extension
 
     monkeypatch.setattr(_extensions.CUDA, "_found", None)
+
+    monkeypatch.setattr(_extensions.CUDA, "_missed", False)
     monkeypatch.setattr(_extensions.CUDA, "aot_name", lambda: "largedet_kernels._not_built")
     monkeypatch.setenv("LARGEDET_KERNELS_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)

@@ -122,7 +122,7 @@ def test_gamma_zero_chained():
     assert got == pytest.approx(want, abs=0, rel=1e-12)
 
 
-@pytest.mark.parametrize("gamma", [-0.1, math.nan, math.inf])
+@pytest.mark.parametrize("gamma", [-0.1, math.nan, math.inf, 10**400])
 def test_bad_gamma_is_refused(gamma):
     with pytest.raises(ValueError, match="gamma"):
         WarmupMultiStepLR(PMDLAMB(_params()), [2], gamma=gamma)
