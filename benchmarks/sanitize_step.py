@@ -17,12 +17,12 @@ backend cannot run instead of skipping it.
 
 import argparse
 import sys
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 
 from largedet_kernels import PMDLAMB, dispatch
-from largedet_kernels.backends import Bucket
+from largedet_kernels.backends import Bucket, KeptTables
 
 # Around a chunk (16385), in groups and tails (1, 7, 1000), a conv weight, an empty tensor.
 SHAPES = [(1,), (7,), (16385,), (64, 3, 7, 7), (1000,), (0,)]
@@ -38,19 +38,19 @@ def make_params(bucket: str, device: torch.device, dtype: torch.dtype) -> List[t
     return params
 
 
-def _halves(backend: str, opt: PMDLAMB) -> Dict:
+def _halves(backend: str, opt: PMDLAMB) -> KeptTables:
     """The two halves of a sharded step (NOTE [sharded norms]) on the optimizer's tensors;
-    returns the bucket cache that holds their plan."""
+    returns the kept tables that hold their plan."""
     params = [p for p in opt.param_groups[0]["params"]]
-    cache: Dict = {}
+    kept = KeptTables()
     bucket = Bucket(
         params[0].device, params=[p.detach() for p in params], grads=[p.grad for p in params],
         exp_avgs=[opt.state[p]["exp_avg"] for p in params], exp_avg_sqs=[opt.state[p]["exp_avg_sq"] for p in params],
-        steps=[opt.state[p]["step"] for p in params], groups=[opt.param_groups[0]] * len(params), cache=cache,
+        steps=[opt.state[p]["step"] for p in params], groups=[opt.param_groups[0]] * len(params), kept=kept,
     )  # fmt: skip
     pending = dispatch.backend_module(backend).begin_step(bucket, None, None)
     pending.finish(pending.sums)
-    return cache
+    return kept
 
 
 def all_aligned(plan) -> bool:
@@ -66,10 +66,10 @@ def step_bucket(backend: str, dtype: torch.dtype, bucket: str, device: torch.dev
         for p in params:
             p.grad = torch.randn_like(p)
         opt.step()
-    caches = [*opt._bucket_caches.values(), _halves(backend, opt)]
+    kept = [*opt._step_cache.kept_tables(), _halves(backend, opt)]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return [all_aligned(cache["chunk_plan"]) for cache in caches]
+    return [all_aligned(tables.plan) for tables in kept]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,34 +1,10 @@
 """PMDLAMB and LAMB: the ``torch.optim.Optimizer`` front end of every backend.
 
 This file owns what is common to all backends: argument checks, optimizer
-state, sorting tensors into (device, dtype) buckets across param groups,
-GradScaler's ``grad_scale``/``found_inf``, and global gradient-norm clipping.
-The update itself happens in a backend chosen by :mod:`largedet_kernels.dispatch`.
-
-NOTE [sharded norms]
-    Under FSDP2 (``fully_shard``) a parameter is a DTensor of which each rank holds
-    a shard, so the trust ratio's ‖x‖ and ‖u‖ (and the clipping norm ‖g‖) need every
-    rank's sums. Backends get the local tensors (``to_local()``; the state stays
-    DTensor, so checkpoints see it sharded). Buckets of shards are stepped in two
-    halves: pass 1 and each tensor's local Σx², Σu² (``begin_step``), then one
-    ``all_reduce`` of all those sums stacked together per process group, then pass 2
-    (``finish``). Clipping likewise stacks every bucket's Σg² into one all-reduce. A
-    rank with an empty shard still takes part; replicated placements need no
-    collective; a mesh sharded along several dimensions takes one per dimension.
-
-NOTE [step cache]
-    A fused step's device work is a few launches, so its host side must cost next to nothing
-    per tensor. Everything step() derives from the parameter set (the buckets and their state
-    lists, the backends' kernel/torch split and device tables) lives in a _StepCache and is
-    rebuilt only when something it was built from changed. Each step checks that at C speed: the
-    param groups (identity, and the values of HYPER_KEYS: a change re-validates them and refreshes
-    only the hyper tables), then, in one call of csrc/cpu/step_cache.cpp (or map() passes over
-    flat lists without the CPU extension), the parameters (identity, local tensor, address and
-    layout: ``p.data = ...`` changes them) and the gradients (present or not as before, and their
-    addresses, dtypes and layouts). A new gradient address refreshes only the pointer tables;
-    anything else rebuilds the cache. Gradients are not held between steps:
-    ``zero_grad(set_to_none=True)`` frees them. Under torch.compile the cache is bypassed and the
-    buckets are built as the graph is traced.
+state, GradScaler's ``grad_scale``/``found_inf``, and global gradient-norm clipping.
+The step cache (step_cache.py) sorts the tensors into (device, dtype) buckets across
+param groups; the update itself happens in a backend chosen by
+:mod:`largedet_kernels.dispatch`; sharding.py holds what FSDP2's DTensors need.
 
 NOTE [master weights]
     PMD-LAMB moves each tensor by η·α of its norm per step (1.2e-5 of it at η = 1e-3, α = 0.012),
@@ -56,36 +32,11 @@ from types import ModuleType
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch.optim import Optimizer
 
-from . import _extensions, dispatch, rounding
-from .backends import Bucket
-
-try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # a torch built without distributed support has no DTensors to step
-    DTensor = ()  # type: ignore[assignment,misc]
-
-# The process groups over which a bucket's tensors are sharded; () when they are whole.
-ShardKey = Tuple[Any, ...]
-
-
-def _shard_key(p: torch.Tensor) -> ShardKey:
-    """(mesh, sharded mesh dims) of a DTensor parameter; () for whole tensors (NOTE [sharded norms])."""
-    if not isinstance(p, DTensor):
-        return ()
-    if any(pl.is_partial() for pl in p.placements):
-        raise ValueError(f"a parameter with a Partial placement has no well-defined value: {p.placements}")
-    dims = tuple(d for d, pl in enumerate(p.placements) if pl.is_shard())
-    return (p.device_mesh, dims) if dims else ()
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local tensor of a DTensor itself, a plain tensor as it is. (``to_local()`` would return a new
-    view of it for a parameter each call, at ten times the cost; step() runs under no_grad.)"""
-    return t._local_tensor if isinstance(t, DTensor) else t
-
+from . import dispatch, rounding
+from .sharding import local, reduce_per_key, state_like
+from .step_cache import Entry, StepCache
 
 # What step() reads from a param group: a change of any re-validates them and refreshes the hyper tables.
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", "cycle_length", "bias_correction", "eps_inside_sqrt",
@@ -99,130 +50,6 @@ MASTER_DTYPE = torch.float32
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 MASTER_WEIGHTS = ("auto", True, False)
 _HYPERS = operator.itemgetter(*HYPER_KEYS)
-
-
-# The step cache's check in C++ (csrc/cpu/step_cache.cpp) comes with the CPU extension. _native() takes it
-# once the extension is loaded, or loads without a build (a torch-backend step must not wait ~40 s for a
-# compiler); until then _NATIVE is _UNRESOLVED. None: the Python check. Its verdicts follow.
-_UNRESOLVED: Any = object()
-_NATIVE: Any = _UNRESOLVED
-_NEW_GRADIENT_ADDRESSES, _REBUILD = 1, 2
-_SNAPSHOT_COLUMNS = 8
-
-# Bucket versions, never reused: a table kept across a rebuild must not match a new bucket's
-# version by chance (NOTE [step cache]).
-_VERSIONS = itertools.count(1)
-
-# Per-tensor attributes read in map() passes (NOTE [step cache]).
-_GRAD = operator.attrgetter("grad")
-_DTYPE = operator.attrgetter("dtype")
-_PARAMS = operator.itemgetter("params")
-_DATA_PTR = torch.Tensor.data_ptr
-_STRIDE = torch.Tensor.stride
-
-
-class _StepCache:
-    """The buckets of one parameter set and what they were built from (NOTE [step cache])."""
-
-    def __init__(self, buckets: List[Tuple[Bucket, ModuleType, ShardKey]], state: Dict) -> None:
-        self.buckets = buckets
-        self.state = state
-        self.group_ids: List[int] = []
-        self.param_ids: List[int] = []
-        self.hypers: List[Tuple[Any, ...]] = []
-        # Positions in the flat parameter list of the parameters with and without gradients.
-        self.with_grad: List[int] = []
-        self.without_grad: List[int] = []
-        # Of the parameters with gradients, in with_grad order: the tensors whose addresses, dtypes
-        # and strides are watched (local tensors of DTensors), and what they were.
-        self.xs: List[torch.Tensor] = []
-        self.x_ptrs: List[int] = []
-        self.grad_ptrs: List[int] = []
-        self.grad_dtypes: List[torch.dtype] = []
-        self.grad_strides: List[Tuple[int, ...]] = []
-        self.x_strides: List[Tuple[int, ...]] = []
-        self.x_ids: List[int] = []
-        # Per bucket, the positions of its tensors in with_grad order (None: all, in order).
-        self.positions: List[Optional[List[int]]] = []
-        self.sharded = False
-        # The flat parameter list and, where csrc/cpu/step_cache.cpp checks it, its snapshot.
-        self.params: List[torch.Tensor] = []
-        self.locals: List[torch.Tensor] = []
-        self.snapshot: Optional[torch.Tensor] = None
-        # Positions of the parameters with masters, and (the Python check's) their version counters.
-        self.with_master: List[int] = []
-        self.versions: List[int] = []
-
-    def watch(self, grads: List[torch.Tensor]) -> None:
-        """Take what the per-step check compares: in C++ (a snapshot) where it can, else as lists."""
-        native = _native()
-        if native is not None:
-            snapshot = torch.empty(len(self.params), _SNAPSHOT_COLUMNS, dtype=torch.int64)
-            self.snapshot = snapshot if native.step_cache_snapshot(self.params, snapshot) else None
-        if self.snapshot is None:
-            xs = self.xs
-            self.x_ids = list(map(id, xs))
-            self.x_ptrs = list(map(_DATA_PTR, xs))
-            self.x_strides = list(map(_STRIDE, xs))
-            self.grad_ptrs = list(map(_DATA_PTR, grads))
-            self.grad_dtypes = list(map(_DTYPE, grads))
-            self.grad_strides = list(map(_STRIDE, grads))
-
-    def record_versions(self) -> None:
-        """The version counters of the parameters with masters as this step leaves them (NOTE [master weights]):
-        the next check tells writes from outside by them."""
-        if self.snapshot is not None:
-            _NATIVE.record_versions(self.params, self.snapshot, self.with_master)
-        else:
-            self.versions = [self.params[i]._version for i in self.with_master]
-
-
-def _native() -> Optional[ModuleType]:
-    """The CPU extension for the step cache's check, or None for the Python check (see _NATIVE)."""
-    global _NATIVE
-    if _NATIVE is _UNRESOLVED:
-        module = _extensions.CPU.module(build=False)
-        if module is None:
-            return None
-        _NATIVE = module
-    return _NATIVE
-
-
-def _all_reduce(key: ShardKey, tensor: torch.Tensor) -> None:
-    """Sum ``tensor`` in place over the ranks that hold shards of the same tensors."""
-    mesh, dims = key
-    for dim in dims:
-        dist.all_reduce(tensor, group=mesh.get_group(dim))
-
-
-def _reduce_per_key(values: List[Tuple[ShardKey, torch.Tensor]]) -> List[torch.Tensor]:
-    """Each tensor summed over its key's ranks; one collective per key and mesh dim, in first-seen order."""
-    keys: Dict[ShardKey, List[int]] = {}
-    for i, (key, _) in enumerate(values):
-        if key:
-            keys.setdefault(key, []).append(i)
-    out = [v for _, v in values]
-    for key, members in keys.items():
-        parts = [values[i][1] for i in members]
-        dtype = torch.float64 if any(p.dtype == torch.float64 for p in parts) else torch.float32
-        flat = torch.cat([p.reshape(-1).to(dtype) for p in parts])
-        _all_reduce(key, flat)
-        for i, part in zip(members, flat.split([p.numel() for p in parts])):
-            out[i] = part.view_as(values[i][1]).to(values[i][1].dtype)
-    return out
-
-
-def _check_grad(p: torch.Tensor, optimizer: str) -> None:
-    if p.grad.is_sparse:
-        raise RuntimeError(f"{optimizer} does not support sparse gradients")
-    if isinstance(p, DTensor) and not (
-        isinstance(p.grad, DTensor) and p.grad.device_mesh == p.device_mesh and p.grad.placements == p.placements
-    ):
-        got = p.grad.placements if isinstance(p.grad, DTensor) else "a plain tensor"
-        raise RuntimeError(
-            f"the gradient of a DTensor parameter with placements {p.placements} must be a DTensor "
-            f"on the same mesh with the same placements, got {got}"
-        )
 
 
 def finite_number(value: Any) -> bool:
@@ -263,20 +90,6 @@ def _check_hyper(group: Dict[str, Any], where: str = "") -> None:
         raise ValueError(f"Invalid seed{where}: {seed!r} (must be an integer in [0, 2**32))")
 
 
-def _state_like(saved: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A saved state tensor as a copy on p's device in ``dtype`` (sharded like p when p is a DTensor)."""
-    if isinstance(p, DTensor):
-        if isinstance(saved, DTensor):
-            if saved.device_mesh == p.device_mesh and saved.placements == p.placements:
-                return saved.to(dtype=dtype, copy=True)
-            saved = saved.full_tensor()
-        # A whole tensor, the same on every rank: each rank keeps its own shard of it.
-        return distribute_tensor(saved.to(p.device, dtype), p.device_mesh, p.placements, src_data_rank=None)
-    if isinstance(saved, DTensor):
-        saved = saved.full_tensor()
-    return saved.to(device=p.device, dtype=dtype, copy=True)
-
-
 class _LambFamily(Optimizer):
     """PMD-LAMB's update with every option; PMDLAMB and LAMB differ only in defaults."""
 
@@ -301,8 +114,7 @@ class _LambFamily(Optimizer):
         self.master_weights = master_weights
         self.moment_dtype = moment_dtype
         self._backend_of_device: Dict[torch.device, Tuple[str, ModuleType]] = {}
-        self._bucket_caches: Dict[Tuple[Any, ...], Dict[str, Any]] = {}
-        self._step_cache: Optional[_StepCache] = None
+        self._step_cache = StepCache()
         super().__init__(params, defaults)
 
     def _check_group(self, group: Dict[str, Any], index: int) -> None:
@@ -352,7 +164,7 @@ class _LambFamily(Optimizer):
         except Exception:
             self.param_groups.pop()
             raise
-        self._step_cache = None
+        self._step_cache.invalidate()
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load param groups and state; state goes to each parameter's device.
@@ -365,7 +177,7 @@ class _LambFamily(Optimizer):
         """
         saved = state_dict["state"]
         super().load_state_dict({**state_dict, "state": {}})
-        self._step_cache = None
+        self._step_cache.invalidate()
         ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         for pid, p in zip(ids, params):
@@ -375,11 +187,11 @@ class _LambFamily(Optimizer):
             moment = self._moment_dtype(p)
             state = {
                 "step": torch.as_tensor(s["step"]).to(device=p.device, dtype=torch.float32, copy=True),
-                "exp_avg": _state_like(s["exp_avg"], p, moment),
-                "exp_avg_sq": _state_like(s["exp_avg_sq"], p, moment),
+                "exp_avg": state_like(s["exp_avg"], p, moment),
+                "exp_avg_sq": state_like(s["exp_avg_sq"], p, moment),
             }
             if "master" in s and self._has_master(p):
-                state["master"] = _state_like(s["master"], p, MASTER_DTYPE)
+                state["master"] = state_like(s["master"], p, MASTER_DTYPE)
             for key in state.keys() - {"step"}:
                 if state[key].shape != p.shape:
                     raise ValueError(
@@ -393,7 +205,7 @@ class _LambFamily(Optimizer):
         """The backend that steps each device's parameters: {device: backend name} over the devices of this
         optimizer's parameters, in the order first met. ``backend`` is what was asked for ("auto" included);
         this is what it resolved to (:mod:`largedet_kernels.dispatch`), decided before any step."""
-        devices = dict.fromkeys(_local(p).device for group in self.param_groups for p in group["params"])
+        devices = dict.fromkeys(local(p).device for group in self.param_groups for p in group["params"])
         return {device: self._backend(device)[0] for device in devices}
 
     def backend_for(self, device: Any) -> str:
@@ -426,7 +238,7 @@ class _LambFamily(Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):
                 m = state[key]
                 if m.device != p.device or m.dtype != moment_dtype:
-                    state[key] = _state_like(m, p, moment_dtype)
+                    state[key] = state_like(m, p, moment_dtype)
             if state["step"].device != p.device:
                 state["step"] = state["step"].to(p.device)
             # NOTE [master weights]: a new parameter, or a checkpoint without masters, starts them from p.
@@ -435,177 +247,29 @@ class _LambFamily(Optimizer):
             elif "master" not in state:
                 state["master"] = p.detach().to(MASTER_DTYPE, memory_format=torch.preserve_format, copy=True)
             elif state["master"].device != p.device:
-                state["master"] = _state_like(state["master"], p, MASTER_DTYPE)
+                state["master"] = state_like(state["master"], p, MASTER_DTYPE)
 
-    def _buckets(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
-        """This step's buckets: from the step cache when nothing they were built from changed."""
-        if torch.compiler.is_compiling():
-            buckets = self._build()[0]
-            untraceable = sorted({b[1].__name__.rsplit(".", 1)[-1] for b in buckets} & {"triton", "cuda"})
-            if untraceable:
-                raise RuntimeError(
-                    f"torch.compile cannot trace the {untraceable[0]} backend: its kernels address tensors through "
-                    "device pointer tables. Step it eagerly (a fused step is a few launches; there is nothing "
-                    "left to fuse), or compile with backend='torch'"
-                )
-            return buckets
-        cache = self._step_cache
-        groups = self.param_groups
-        if cache is None or cache.state is not self.state or list(map(id, groups)) != cache.group_ids:
-            return self._rebuild()
-        try:
-            hypers = list(map(_HYPERS, groups))
-        except KeyError:  # a hyper-parameter deleted: the rebuild's checks say which
-            return self._rebuild()
-        if hypers != cache.hypers:
-            cache.hypers = self._accept_hypers()
-            for b, _, _ in cache.buckets:
-                b.hyper_version = next(_VERSIONS)
-        params = list(itertools.chain.from_iterable(map(_PARAMS, groups)))
-        if cache.snapshot is not None:
-            verdict, grads, written = _NATIVE.check_step_cache(params, cache.params, cache.locals, cache.snapshot)
-            new_addresses = verdict == _NEW_GRADIENT_ADDRESSES
-            if verdict == _REBUILD:
-                return self._rebuild()
-        else:
-            checked = self._check_in_python(cache, params)
-            if checked is None:
-                return self._rebuild()
-            grads, new_addresses = checked
-            versions = [params[i]._version for i in cache.with_master] if cache.versions else []
-            written = [i for i, v, was in zip(cache.with_master, versions, cache.versions) if v != was]
-            # The fused kernels write x through pointer tables: tell autograd, as an in-place op would.
-            torch.autograd.graph.increment_version([params[i] for i in cache.with_grad])
-        if written:
-            self._refresh_masters([params[i] for i in written])
-        if new_addresses:
-            for b, _, _ in cache.buckets:
-                b.address_version = next(_VERSIONS)
-        for (b, _, _), positions in zip(cache.buckets, cache.positions):
-            b.grads = grads if positions is None else [grads[i] for i in positions]
-        return cache.buckets
-
-    @staticmethod
-    def _check_in_python(cache: _StepCache, params: List[torch.Tensor]) -> Optional[Tuple[List[torch.Tensor], bool]]:
-        """The step cache's check without the CPU extension, or for DTensors: (this step's gradients, whether an
-        address changed), or None when the cache must be rebuilt."""
-        if list(map(id, params)) != cache.param_ids:
-            return None
-        grads = list(map(_GRAD, params))
-        if cache.without_grad:
-            if any(grads[i] is not None for i in cache.without_grad):
-                return None
-            grads = [grads[i] for i in cache.with_grad]
-        xs = cache.xs
-        try:
-            if cache.sharded:  # placements are checked by _check_grad on a rebuild
-                grads = list(map(_local, grads))
-                xs = list(map(_local, params if not cache.without_grad else [params[i] for i in cache.with_grad]))
-                if list(map(id, xs)) != cache.x_ids:
-                    return None
-            if (
-                list(map(_DTYPE, grads)) != cache.grad_dtypes
-                or list(map(_STRIDE, grads)) != cache.grad_strides
-                or list(map(_STRIDE, xs)) != cache.x_strides
-                or list(map(_DATA_PTR, xs)) != cache.x_ptrs
-            ):
-                return None
-            grad_ptrs = list(map(_DATA_PTR, grads))
-        except (TypeError, RuntimeError, AttributeError):  # a gradient went missing, is sparse, or lost its DTensor
-            return None
-        new_addresses = grad_ptrs != cache.grad_ptrs
-        cache.grad_ptrs = grad_ptrs
-        return grads, new_addresses
-
-    def _refresh_masters(self, written: List[torch.Tensor]) -> None:
-        """NOTE [master weights]: parameters written from outside since the last step hand their masters the
-        value they hold now."""
-        for p in written:
-            state = self.state.get(p)
-            if state and "master" in state:
-                state["master"].copy_(p.detach())
+    def _hypers(self) -> List[Tuple[Any, ...]]:
+        """Every group's hyper-parameters as the step cache compares them (KeyError for a missing one)."""
+        return list(map(_HYPERS, self.param_groups))
 
     def _accept_hypers(self) -> List[Tuple[Any, ...]]:
         """Every group's hyper-parameters, checked, as the step cache compares them."""
         for i, group in enumerate(self.param_groups):
             self._check_group(group, i)
             group["betas"] = tuple(group["betas"])  # compared by value: no list to change in place
-        return list(map(_HYPERS, self.param_groups))
+        return self._hypers()
 
-    def _rebuild(self) -> List[Tuple[Bucket, ModuleType, ShardKey]]:
-        hypers = self._accept_hypers()
-        buckets, cache, grads = self._build()
-        cache.hypers = hypers
-        self._step_cache = cache
-        torch.autograd.graph.increment_version([cache.params[i] for i in cache.with_grad])  # as in _buckets
-        cache.watch(grads)  # after the bump: the version counters as this step leaves them
-        return buckets
-
-    def _build(self) -> Tuple[List[Tuple[Bucket, ModuleType, ShardKey]], _StepCache, List[torch.Tensor]]:
-        """(bucket, backend module, shard key) per (device, param dtype, grad dtype, shard key), state
-        initialised, the step cache that describes them, and the local gradients of the parameters with one."""
-        groups = self.param_groups
-        params = list(itertools.chain.from_iterable(g["params"] for g in groups))
-        group_of = [g for g in groups for _ in g["params"]]
-        with_grad = [i for i, p in enumerate(params) if p.grad is not None]
-        for i in with_grad:  # every check before anything is modified
-            _check_grad(params[i], type(self).__name__)
-        buckets: Dict[Tuple[Any, ...], Bucket] = {}
-        positions: Dict[Tuple[Any, ...], List[int]] = {}
-        xs, grads = [], []
-        for group in groups:
-            self._init_group(group)
-        compiling = torch.compiler.is_compiling()
-        for n, i in enumerate(with_grad):
-            p = params[i]
-            state = self.state[p]
-            x, grad = _local(p), _local(p.grad)
-            xs.append(x)
-            grads.append(grad)
-            key = (x.device, x.dtype, grad.dtype, _shard_key(p))  # which have masters follows from the dtype
-            if key not in buckets:
-                # Under torch.compile the tables are built inside the graph: a cache filled by the first
-                # compiled step would fail its guards and recompile the second.
-                cache = {} if compiling else self._bucket_caches.setdefault(key, {})
-                version = None if compiling else next(_VERSIONS)
-                buckets[key] = Bucket(x.device, cache=cache, address_version=version, hyper_version=version)
-                positions[key] = []
-            b = buckets[key]
-            positions[key].append(n)
-            b.params.append(x)
-            b.grads.append(grad)
-            b.exp_avgs.append(_local(state["exp_avg"]))
-            b.exp_avg_sqs.append(_local(state["exp_avg_sq"]))
-            b.steps.append(state["step"])
-            b.groups.append(group_of[i])
-            if "master" in state:
-                b.masters.append(_local(state["master"]))
-        result = [(b, self._backend(b.device)[1], key[3]) for key, b in buckets.items()]
-        cache = _StepCache(result, self.state)
-        cache.group_ids = list(map(id, groups))
-        cache.param_ids = list(map(id, params))
-        cache.with_grad = with_grad
-        cache.without_grad = [i for i, p in enumerate(params) if p.grad is None]
-        cache.xs = xs
-        cache.sharded = any(key[3] for key in buckets)
-        if not compiling:
-            cache.params = params
-            cache.locals = list(map(_local, params))
-            cache.with_master = [i for i in with_grad if "master" in self.state[params[i]]]
-        in_order = len(buckets) == 1
-        cache.positions = [None if in_order else positions[key] for key in buckets]
-        return result, cache, grads
-
-    def _grad_factor(self, buckets: List[Tuple[Bucket, ModuleType, ShardKey]]) -> Optional[torch.Tensor]:
+    def _grad_factor(self, entries: List[Entry]) -> Optional[torch.Tensor]:
         """What every gradient is multiplied by: GradScaler's 1/scale × the clip factor."""
         grad_scale: Optional[torch.Tensor] = getattr(self, "grad_scale", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         max_norm = self.defaults["max_grad_norm"]
         if max_norm is None:
             return inv_scale
-        device = buckets[0][0].device
-        local = [(key, backend.grad_sumsq(b)) for b, backend, key in buckets]
-        sumsq = _reduce_per_key(local)  # NOTE [sharded norms]
+        device = entries[0].bucket.device
+        # NOTE [sharded norms] in sharding.py
+        sumsq = reduce_per_key([(e.shard_key, e.backend.grad_sumsq(e.bucket)) for e in entries])
         dtype = torch.float64 if any(s.dtype == torch.float64 for s in sumsq) else torch.float32
         total = sumsq[0].to(dtype) if len(sumsq) == 1 else torch.stack([s.to(device, dtype) for s in sumsq]).sum()
         norm = total.sqrt()
@@ -622,30 +286,30 @@ class _LambFamily(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        buckets = self._buckets()
-        if not buckets:
+        entries = self._step_cache.entries(self)
+        if not entries:
             return loss
-        factor = self._grad_factor(buckets)
+        factor = self._grad_factor(entries)
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
         pending = []
-        for bucket, backend, key in buckets:
+        for e in entries:
+            device = e.bucket.device
             args = (
-                bucket,
-                None if factor is None else factor.to(bucket.device),
-                None if found_inf is None else found_inf.to(bucket.device),
+                e.bucket,
+                None if factor is None else factor.to(device),
+                None if found_inf is None else found_inf.to(device),
             )
-            if key:
-                pending.append((key, backend.begin_step(*args)))
+            if e.shard_key:
+                pending.append((e.shard_key, e.backend.begin_step(*args)))
             else:
-                backend.step(*args)
-        if pending:  # NOTE [sharded norms]
-            sums = _reduce_per_key([(key, p.sums) for key, p in pending])
+                e.backend.step(*args)
+        if pending:  # NOTE [sharded norms] in sharding.py
+            sums = reduce_per_key([(key, p.sums) for key, p in pending])
             for (_, p), global_sums in zip(pending, sums):
                 p.finish(global_sums)
-        for bucket, _, _ in buckets:
-            bucket.release()
-        if self._step_cache is not None and self._step_cache.with_master and not torch.compiler.is_compiling():
-            self._step_cache.record_versions()
+        for e in entries:
+            e.bucket.release()
+        self._step_cache.after_step()
         return loss
 
 

@@ -14,7 +14,7 @@ from largedet_kernels.backends import Bucket
 
 # One step's error of float32 math (fp32, fp16 and bf16 parameters: float32 moments) against
 # the float64 reference, relative to the update and to the moments' size: a few float32
-# roundings (NOTE [double coefficients] in largedet_kernels/backends/chunk_plan.py), up to
+# roundings (NOTE [double coefficients] in largedet_kernels/backends/tables.py), up to
 # 3.5e-7 on the CPU backends; beyond the 1 ulp of x's own dtype that the tests add.
 FP32_MATH_RTOL = 1e-6
 

@@ -8,9 +8,16 @@ import pytest
 import torch
 
 from largedet_kernels import PMDLAMB
-from largedet_kernels.backends import Bucket, chunk_plan
+from largedet_kernels.backends import Bucket, chunk_plan, tables
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Kernels:
+    """The dtype pairs a fused backend's kernels take: all of them (Triton's), unless told otherwise."""
+
+    def __init__(self, takes=lambda param_dtype, grad_dtype: True) -> None:
+        self.takes = takes
 
 
 def test_chunk_layout():
@@ -39,14 +46,14 @@ def test_hyper_columns_agree_across_languages():
     triton_names = ["LR_ALPHA", "BETA1", "BETA2", "WEIGHT_G", "WEIGHT_G2", "EPS", "WEIGHT_DECAY", "CYCLE",
                     "BIAS_CORRECTION", "EPS_INSIDE_SQRT", "ADAM_W_MODE", "USE_TRUST_RATIO", "STOCHASTIC_ROUNDING",
                     "SEED"]  # fmt: skip
-    assert [getattr(triton_kernels, n).value for n in triton_names] == list(range(len(chunk_plan.HYPER_COLUMNS)))
-    assert triton_kernels.N_HYPER.value == len(chunk_plan.HYPER_COLUMNS)
+    assert [getattr(triton_kernels, n).value for n in triton_names] == list(range(len(tables.HYPER_COLUMNS)))
+    assert triton_kernels.N_HYPER.value == len(tables.HYPER_COLUMNS)
     header = (ROOT / "csrc/tables.h").read_text()
     cuda = dict((name, int(v)) for name, v in re.findall(r"^\s+k(\w+) = (\d+),", header, re.M))
     snake = {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in cuda.items()}
-    for i, column in enumerate(chunk_plan.HYPER_COLUMNS):
+    for i, column in enumerate(tables.HYPER_COLUMNS):
         assert snake[column] == i, column
-    assert snake["hyper_columns"] == len(chunk_plan.HYPER_COLUMNS)
+    assert snake["hyper_columns"] == len(tables.HYPER_COLUMNS)
 
 
 def test_pointer_rows_agree_across_languages():
@@ -56,6 +63,7 @@ def test_pointer_rows_agree_across_languages():
     cuda = {name: int(v) for name, v in re.findall(r"k(\w+) = (\d+)", enum)}
     rows = {name: getattr(triton_kernels, name.upper()).value for name in ("X", "G", "M", "V", "Step", "Master")}
     assert rows == {name: cuda[name] for name in rows} and cuda["PointerRows"] == len(rows)
+    assert [name.lower() for name in sorted(rows, key=rows.get)] == list(tables.POINTER_ROWS)
     # The table the host builds: one row of addresses each, the master row 0 in a bucket without masters.
     xs = [torch.randn(3), torch.randn(5)]
     bucket = Bucket(torch.device("cpu"), params=xs, grads=[torch.randn_like(x) for x in xs],
@@ -73,11 +81,11 @@ def test_pointer_rows_agree_across_languages():
 
 def test_hyper_row_follows_the_group():
     group = PMDLAMB([torch.nn.Parameter(torch.zeros(1))], lr=0.5, alpha=0.1, weight_decay=0.0).param_groups[0]
-    row = dict(zip(chunk_plan.HYPER_COLUMNS, chunk_plan.hyper_row(group)))
+    row = dict(zip(tables.HYPER_COLUMNS, tables.hyper_row(group)))
     assert row["lr_alpha"] == 0.5 * 0.1 and row["cycle_length"] == 200 and row["use_trust_ratio"]
     assert row["weight_g"] == 1 - 0.9 and row["weight_g2"] == 1 - 0.999
     group.update(cycle_length=None, use_nvlamb=False, grad_averaging=False)
-    row = dict(zip(chunk_plan.HYPER_COLUMNS, chunk_plan.hyper_row(group)))
+    row = dict(zip(tables.HYPER_COLUMNS, tables.hyper_row(group)))
     assert row["cycle_length"] == 0 and not row["use_trust_ratio"]  # LAMB: no trust ratio without decay
     assert row["weight_g"] == 1.0 and row["weight_g2"] == 1 - 0.999
 
@@ -89,7 +97,7 @@ def test_hyper_table_is_float64_whatever_the_parameters(dtype):
     bucket = Bucket(torch.device("cpu"), params=[torch.randn(5, dtype=dtype)], groups=[group])
     table = chunk_plan.plan_for(bucket, 16).hyper(bucket)
     assert table.dtype == torch.float64
-    row = dict(zip(chunk_plan.HYPER_COLUMNS, table[0].tolist()))
+    row = dict(zip(tables.HYPER_COLUMNS, table[0].tolist()))
     assert row["beta2"] == 0.999 and row["weight_g2"] == 1 - 0.999
 
 
@@ -103,9 +111,21 @@ def test_split_sends_strided_tensors_to_the_torch_backend():
         bucket.exp_avg_sqs.append(torch.zeros_like(x))
         bucket.steps.append(torch.zeros(()))
         bucket.groups.append({})
-    kernel_part, rest = chunk_plan.split(bucket)
+    kernel_part, rest = chunk_plan.split(bucket, _Kernels())
     assert kernel_part.params == [dense] and rest.params == [strided]
-    assert kernel_part.cache is bucket.cache
+    assert kernel_part.kept is bucket.kept
+
+
+def test_split_sends_dtypes_without_kernels_to_the_torch_backend():
+    # fp32 parameters with bf16 gradients: no C++ instantiation, so the whole bucket goes to the torch backend.
+    xs = [torch.randn(6), torch.randn(3)]
+    bucket = Bucket(torch.device("cpu"), params=xs, grads=[torch.randn_like(x).bfloat16() for x in xs],
+                    exp_avgs=[torch.zeros_like(x) for x in xs], exp_avg_sqs=[torch.zeros_like(x) for x in xs],
+                    steps=[torch.zeros(()) for _ in xs], groups=[{}, {}])  # fmt: skip
+    kernel_part, rest = chunk_plan.split(bucket, _Kernels(tables.has_kernels))
+    assert kernel_part.params == [] and rest.params == xs
+    kernel_part, rest = chunk_plan.split(Bucket(**{**vars(bucket), "split": None}), _Kernels())
+    assert kernel_part is not None and rest is None
 
 
 def test_plan_is_rebuilt_only_when_sizes_change():

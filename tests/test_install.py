@@ -275,8 +275,8 @@ def test_import_builds_nothing(tmp_path):
     site = _package_copy(tmp_path)
     code = textwrap.dedent("""
         import sys, largedet_kernels
-        from largedet_kernels import optimizer
-        assert optimizer._NATIVE is optimizer._UNRESOLVED
+        from largedet_kernels import step_cache
+        assert step_cache._NATIVE is step_cache._UNRESOLVED
         assert not [m for m in sys.modules if "largedet_kernels_cpu" in m or "_C_cpu" in m], sys.modules
     """)
     env = _clean_env(PYTHONPATH=str(site), LARGEDET_KERNELS_CACHE=str(tmp_path / "cache"))

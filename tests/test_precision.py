@@ -1,5 +1,5 @@
 """fp32 against the float64 reference: m, v and x within a few float32 roundings of it, on
-every backend (NOTE [double coefficients] in largedet_kernels/backends/chunk_plan.py).
+every backend (NOTE [double coefficients] in largedet_kernels/backends/tables.py).
 
 The error of a tensor a is ‖a − a_ref‖∞ / ‖a_ref‖∞ after the same steps on the same random
 data (no zeros), the reference stepping its own float64 copy from the start."""

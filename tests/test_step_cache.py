@@ -1,4 +1,4 @@
-"""NOTE [step cache] in largedet_kernels/optimizer.py: step() reuses what it built from the
+"""NOTE [step cache] in largedet_kernels/step_cache.py: step() reuses what it built from the
 parameter set, and each event that changes the answer makes it rebuild or refresh.
 
 Each test applies one event to two copies of the same parameters: one stepped by an optimizer
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import CPU_BACKENDS
-from largedet_kernels import LAMB, PMDLAMB, optimizer
+from largedet_kernels import LAMB, PMDLAMB, step_cache
 
 SHAPES = [(5,), (3, 4), (257,), (2, 3, 2, 2)]
 
@@ -23,10 +23,10 @@ SHAPES = [(5,), (3, 4), (257,), (2, 3, 2, 2)]
 @pytest.fixture(autouse=True, params=["native", "python"])
 def check(request, monkeypatch):
     """The cache's per-step check in C++ (csrc/cpu/step_cache.cpp), and its Python stand-in."""
-    if request.param == "native" and optimizer._native() is None:
+    if request.param == "native" and step_cache._native() is None:
         pytest.skip("the CPU extension is not built")
     if request.param == "python":
-        monkeypatch.setattr(optimizer, "_NATIVE", None)
+        monkeypatch.setattr(step_cache, "_NATIVE", None)
     return request.param
 
 
@@ -57,7 +57,7 @@ def _fresh(opt: torch.optim.Optimizer, a: List[torch.Tensor], b: List[torch.Tens
     index = {id(p): i for i, p in enumerate(a)}
     groups = [{**g, "params": [b[index[id(p)]] for p in g["params"]]} for g in opt.param_groups]
     twin = type(opt)(groups, backend=opt.backend, max_grad_norm=opt.defaults["max_grad_norm"])
-    assert twin._step_cache is None
+    assert not twin._step_cache.valid
     twin.load_state_dict(opt.state_dict())
     return twin
 
@@ -98,8 +98,8 @@ def test_a_plain_step_reuses_the_cache(backend, monkeypatch):
     _grads(a, 0)
     opt.step()
     builds = []
-    build = type(opt)._build
-    monkeypatch.setattr(type(opt), "_build", lambda self: builds.append(1) or build(self))
+    build = step_cache.StepCache._build
+    monkeypatch.setattr(step_cache.StepCache, "_build", lambda *args, **kw: builds.append(1) or build(*args, **kw))
     for seed in range(3):
         _grads(a, seed)  # new gradient tensors: refreshed, not rebuilt
         opt.step()

@@ -55,13 +55,13 @@ def test_tables_are_cached_and_refreshed(triton_backend):
     params = make_params([(CHUNK + 1,), (9,)], torch.float64)
     opt = PMDLAMB(params, lr=0.05, cycle_length=3, backend="triton")
     run_against_reference(opt, steps=1, rtol=1e-10)
-    plan = next(iter(opt._bucket_caches.values()))["chunk_plan"]
+    plan = opt._step_cache.kept_tables()[0].plan
     chunk_table, table = plan.chunk_tensor, plan.table
     # New gradient tensors (new addresses) and a new lr: the same plan, new pointer and hyper tables.
     for group in opt.param_groups:
         group["lr"] = 0.01
     run_against_reference(opt, steps=2, rtol=1e-10)
-    plan2 = next(iter(opt._bucket_caches.values()))["chunk_plan"]
+    plan2 = opt._step_cache.kept_tables()[0].plan
     assert plan2 is plan and plan.chunk_tensor is chunk_table and plan.table is not table
     assert plan.table[0, 0].item() == pytest.approx(0.01 * 0.012)
 

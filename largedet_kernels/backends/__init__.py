@@ -22,23 +22,36 @@ per tensor). A backend module provides:
     tensor or None) is non-zero, nothing changes: not params, moments nor steps.
 ``begin_step(bucket, grad_factor, found_inf) -> PendingStep``
     The same step split around a collective, for tensors that are shards of larger
-    ones (NOTE [sharded norms] in largedet_kernels/optimizer.py): pass 1 (steps,
+    ones (NOTE [sharded norms] in largedet_kernels/sharding.py): pass 1 (steps,
     moments) now, and each tensor's local Σx², Σu²; ``finish(sums)`` later runs
     pass 2 with those sums taken over every shard.
 
     No call may synchronise with the host.
 
 A bucket built by the optimizer lives as long as its parameter set (NOTE [step cache] in
-largedet_kernels/optimizer.py): only ``grads`` is replaced each step, and the two versions say
-what else changed since the last step. A backend caches what it derives from the bucket in
-``derived`` (dropped with the bucket) or, for device tables worth keeping across rebuilds, in
-``cache``. A bucket built elsewhere (versions None) is checked afresh on every call.
+largedet_kernels/step_cache.py): only ``grads`` is replaced each step, and the two versions say
+what else changed since the last step. What a backend derives from the bucket has a typed field
+of its own, dropped with the bucket; device tables worth keeping across rebuilds go in ``kept``.
+A bucket built elsewhere (versions None) is checked afresh on every call.
+
+A backend module also names itself (``NAME``, as the dispatcher knows it) and says whether
+torch.compile can trace its step (``TRACEABLE``).
 """
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
+
+if TYPE_CHECKING:
+    from .chunk_plan import ChunkPlan, Split
+
+
+@dataclass
+class KeptTables:
+    """The device tables of one bucket key, kept by the step cache across rebuilds of its buckets."""
+
+    plan: Optional["ChunkPlan"] = None
 
 
 @dataclass
@@ -56,25 +69,31 @@ class Bucket:
     masters: List[torch.Tensor] = field(default_factory=list)
     # groups[i] is the param group of params[i]: per-tensor hyper-parameters.
     groups: List[Dict[str, Any]] = field(default_factory=list)
-    # Lives as long as the optimizer: where a backend keeps device-side tables.
-    cache: Dict[str, Any] = field(default_factory=dict)
-    # Lives as long as this bucket: what a backend derives from its tensors' layout.
-    derived: Dict[str, Any] = field(default_factory=dict)
+    # Lives as long as the optimizer: device tables worth keeping when the bucket is rebuilt.
+    kept: KeptTables = field(default_factory=KeptTables)
     # Bumped by the optimizer when an address of the bucket's tensors, or a hyper-parameter
     # of its groups, changed; None when nobody keeps count.
     address_version: Optional[int] = None
     hyper_version: Optional[int] = None
+    # Derived from the bucket by the backends, living as long as it: the fused backends' split into
+    # kernel and torch parts and the device tables of the kernel part (chunk_plan.py), the torch
+    # backend's slices and its hyper-parameters as (hyper_version, device columns, host columns).
+    split: Optional["Split"] = None
+    plan: Optional["ChunkPlan"] = None
+    slices: Optional[List[Tuple[int, int]]] = None
+    constants: Optional[Tuple[Optional[int], Dict[str, torch.Tensor], Dict[str, list]]] = None
 
     def hyper(self, name: str) -> List[Any]:
         """One hyper-parameter for every tensor of the bucket, in order."""
         return [g[name] for g in self.groups]
 
     def release(self) -> None:
-        """Drop this step's gradients, here and in the parts a backend split off ``derived["parts"]``,
-        so that a kept bucket does not keep them alive until the next step."""
+        """Drop this step's gradients, here and in the parts of the split, so that a kept bucket does not keep
+        them alive until the next step."""
         self.grads = []
-        for part in self.derived.get("parts", ()):
-            part.release()
+        if self.split is not None and self.split.rest is not None:
+            self.split.kernel_part.release()
+            self.split.rest.release()
 
 
 @dataclass

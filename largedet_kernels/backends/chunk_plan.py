@@ -15,51 +15,17 @@ NOTE [pointer tables] (also in triton_kernels.py and csrc/multi_tensor_apply.cuh
     pointer table is re-uploaded when an address changes (a new gradient
     tensor), the hyper-parameter table when a value changes (an lr schedule):
     each a small copy from pinned memory that does not block the host.
-
-NOTE [double coefficients] (also in triton_kernels.py, csrc/pmd_lamb_math.h, torch_foreach.py)
-    The per-tensor coefficients of the update (ξ, ξβ, 1−β, the bias corrections
-    1−β^t) are formed in float64 and rounded to the math type once. Formed in
-    float32 from a float32 β they miss float32 accuracy by far: β2 = 0.999 is off
-    by 1.3e-8 in float32, which 1−β2 turns into a relative error of 1.3e-5 in v,
-    and 1−β2^t keeps an error of that order over its first thousand steps. So the
-    hyper-parameter table is float64 whatever the parameter dtype, with 1−β1 and
-    1−β2 formed on the host, and the kernels take ξ and β^t in float64 from the
-    table's β and the step count, outside their per-element loops. The torch
-    backend forms them likewise on the device (in float32 on MPS, which has no
-    float64).
 """
 
 import itertools
 import math
-from typing import Dict, List, Optional, Protocol, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Protocol, Tuple
 
 import torch
 
 from . import Bucket, PendingStep, torch_foreach
-
-# Columns of the per-tensor hyper-parameter table. The kernels index it by
-# position: triton_kernels.py and csrc/tables.h name the same columns. weight_g and
-# weight_g2 weigh g in m and g² in v: 1−β1 (or 1 without grad averaging) and 1−β2.
-HYPER_COLUMNS = (
-    "lr_alpha", "beta1", "beta2", "weight_g", "weight_g2", "eps", "weight_decay", "cycle_length",
-    "bias_correction", "eps_inside_sqrt", "adam_w_mode", "use_trust_ratio", "stochastic_rounding", "seed",
-)  # fmt: skip
-HYPER_DTYPE = torch.float64  # NOTE [double coefficients]
-
-
-def hyper_row(group: Dict) -> List[float]:
-    """One tensor's row of the hyper-parameter table, from its param group."""
-    return [
-        group["lr"] * group["alpha"], *group["betas"], *torch_foreach.gradient_weights(group),
-        group["eps"], group["weight_decay"], group["cycle_length"] or 0, group["bias_correction"],
-        group["eps_inside_sqrt"], group["adam_w_mode"], group["use_nvlamb"] or group["weight_decay"] != 0,
-        group["stochastic_rounding"], group["seed"],
-    ]  # fmt: skip
-
-
-def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    host = torch.tensor(values, dtype=dtype)
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+from .tables import HYPER_DTYPE, POINTER_ROWS, hyper_rows, hyper_table, math_dtype, to_device
 
 
 def chunk_layout(numels: List[int], chunk: int) -> Tuple[List[int], List[int], List[int], List[int]]:
@@ -112,7 +78,7 @@ class ChunkPlan:
         self.pair_count = torch.ones(self.n_tensors, dtype=torch.int32, device=device)
         # NOTE [two passes]: a step then reduces each tensor into sums between its passes.
         self.sums_between_passes = max(counts) > self.MAX_CHUNKS_SUMMED_IN_PASS_2
-        # What the pointer and hyper tables were built from (NOTE [step cache] in optimizer.py).
+        # What the pointer and hyper tables were built from (NOTE [step cache] in step_cache.py).
         self.address_key: Tuple[int, ...] = ()
         self.hyper_key: Tuple[float, ...] = ()
         self.address_version: Optional[int] = None
@@ -126,9 +92,11 @@ class ChunkPlan:
         if bucket.address_version is not None and bucket.address_version == self.address_version:
             return self.ptrs
         self.address_version = bucket.address_version
-        lists = (bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps)
-        key = tuple(t.data_ptr() for ts in lists for t in ts)
-        key += tuple(t.data_ptr() for t in bucket.masters) if bucket.masters else (0,) * len(bucket.params)
+        rows = dict(x=bucket.params, g=bucket.grads, m=bucket.exp_avgs, v=bucket.exp_avg_sqs, step=bucket.steps,
+                    master=bucket.masters)  # fmt: skip
+        key = tuple(t.data_ptr() for row in POINTER_ROWS for t in rows[row])
+        if not bucket.masters:  # the master row holds 0 (NOTE [master weights] in optimizer.py)
+            key += (0,) * len(bucket.params)
         if key != self.address_key:
             _refuse_during_capture("a tensor's address (a new gradient tensor?)")
             self.address_key = key
@@ -139,30 +107,13 @@ class ChunkPlan:
         if bucket.hyper_version is not None and bucket.hyper_version == self.hyper_version:
             return self.table
         self.hyper_version = bucket.hyper_version
-        # One row per param group, then one per tensor by a gather on the device: a schedule that changes
-        # lr every step costs a row per group, not per tensor.
-        slots: Dict[int, int] = {}
-        rows, which = [], []
-        for group in bucket.groups:
-            slot = slots.get(id(group))
-            if slot is None:
-                slot = slots[id(group)] = len(rows)
-                rows.append(hyper_row(group))
-            which.append(slot)
+        rows, which = hyper_rows(bucket.groups)
         key = (*(float(v) for row in rows for v in row), *which)
         if key != self.hyper_key:
             _refuse_during_capture("a hyper-parameter (lr?)")
             self.hyper_key = key
-            table = to_device(rows, HYPER_DTYPE, bucket.device)
-            self.table = table if len(rows) == len(which) else table[to_device(which, torch.int64, bucket.device)]
+            self.table = hyper_table(rows, which, HYPER_DTYPE, bucket.device)
         return self.table
-
-
-def has_kernels(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
-    """The (parameter, gradient) dtype pairs the C++ kernels instantiate, on the GPU
-    (csrc/pmd_lamb_launch.cu's supported_dtypes) and on the CPU (csrc/cpu/)."""
-    low_precision = param_dtype in (torch.float16, torch.bfloat16)
-    return grad_dtype == param_dtype or (grad_dtype == torch.float32 and low_precision)
 
 
 def kernel_friendly(p: torch.Tensor, others: Tuple[torch.Tensor, ...]) -> bool:
@@ -171,53 +122,74 @@ def kernel_friendly(p: torch.Tensor, others: Tuple[torch.Tensor, ...]) -> bool:
     return dense and all(t.stride() == p.stride() for t in others)
 
 
-def split(bucket: Bucket) -> Tuple[Bucket, Optional[Bucket]]:
-    """The bucket's kernel-friendly tensors, and the rest (stepped by the torch backend).
+@dataclass
+class Split:
+    """A bucket's tensors that its fused kernels take, and the rest, with their positions in the bucket."""
+
+    kernel_part: Bucket
+    rest: Optional[Bucket]
+    kernel_idx: List[int]
+    rest_idx: List[int]
+    # Bucket positions of the kernel part's tensors, then of the rest's: a device index, made on first use.
+    order: Optional[torch.Tensor] = None
+
+
+def split(bucket: Bucket, kernels: "Kernels") -> Tuple[Bucket, Optional[Bucket]]:
+    """The bucket's tensors that the kernels take, and the rest, which the torch backend steps. This is the one
+    place that decides it: by the dtypes the kernels instantiate (``kernels.takes``), and by layout
+    (kernel_friendly).
 
     Worked out once per optimizer-built bucket, whose layouts the optimizer watches; each call
     only hands the parts this step's gradients and versions.
     """
-    parts = bucket.derived.get("split") if bucket.address_version is not None else None
+    parts = bucket.split if bucket.address_version is not None else None
     if parts is None:
-        masters = bucket.masters or [None] * len(bucket.params)
-        friendly = [
-            kernel_friendly(p, (g, m, v) if master is None else (g, m, v, master))
-            for p, g, m, v, master in zip(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, masters)
-        ]
+        if not kernels.takes(bucket.params[0].dtype, bucket.grads[0].dtype):
+            friendly = [False] * len(bucket.params)
+        else:
+            masters = bucket.masters or [None] * len(bucket.params)
+            friendly = [
+                kernel_friendly(p, (g, m, v) if master is None else (g, m, v, master))
+                for p, g, m, v, master in zip(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+                                              masters)  # fmt: skip
+            ]
         if all(friendly):
-            parts = bucket.derived["split"] = (bucket, None, None, None)
+            parts = Split(bucket, None, [], [])
         else:
             kernel_idx = [i for i, ok in enumerate(friendly) if ok]
             rest_idx = [i for i, ok in enumerate(friendly) if not ok]
-            kernel_part, rest = Bucket(bucket.device, cache=bucket.cache), Bucket(bucket.device)
+            kernel_part, rest = Bucket(bucket.device, kept=bucket.kept), Bucket(bucket.device)
             for part, idx in ((kernel_part, kernel_idx), (rest, rest_idx)):
                 for name in ("params", "exp_avgs", "exp_avg_sqs", "steps", "groups", "masters"):
                     setattr(part, name, [getattr(bucket, name)[i] for i in idx] if getattr(bucket, name) else [])
-            parts = bucket.derived["split"] = (kernel_part, rest, kernel_idx, rest_idx)
-            bucket.derived["parts"] = (kernel_part, rest)
-    kernel_part, rest, kernel_idx, rest_idx = parts
-    if rest is None:
+            parts = Split(kernel_part, rest, kernel_idx, rest_idx)
+        bucket.split = parts
+    if parts.rest is None:
         return bucket, None
-    for part, idx in ((kernel_part, kernel_idx), (rest, rest_idx)):
+    for part, idx in ((parts.kernel_part, parts.kernel_idx), (parts.rest, parts.rest_idx)):
         part.grads = [bucket.grads[i] for i in idx]
         part.address_version, part.hyper_version = bucket.address_version, bucket.hyper_version
-    return kernel_part, rest
+    return parts.kernel_part, parts.rest
 
 
 def plan_for(bucket: Bucket, chunk: int) -> ChunkPlan:
-    plan = bucket.derived.get("chunk_plan") if bucket.address_version is not None else None
+    """The bucket's device tables: its own while it lives, else those kept for its key when they fit."""
+    plan = bucket.plan if bucket.address_version is not None else None
     if plan is not None:
         return plan
-    math_dtype = torch_foreach.compute_dtype(bucket.params[0].dtype)
-    plan = bucket.cache.get("chunk_plan")
-    if plan is None or not plan.fits(bucket, chunk, math_dtype):
-        plan = bucket.cache["chunk_plan"] = ChunkPlan(bucket, chunk, math_dtype)
-    bucket.derived["chunk_plan"] = plan
+    dtype = math_dtype(bucket.params[0].dtype)
+    plan = bucket.kept.plan
+    if plan is None or not plan.fits(bucket, chunk, dtype):
+        plan = bucket.kept.plan = ChunkPlan(bucket, chunk, dtype)
+    bucket.plan = plan
     return plan
 
 
 class Kernels(Protocol):
     """A fused backend's launches on the kernel part of a bucket and its plan."""
+
+    def takes(self, param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+        """Whether the kernels step parameters of param_dtype with gradients of grad_dtype."""
 
     def step(self, bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
         """Both passes, with each tensor's sums between them when plan.sums_between_passes (NOTE [two passes])."""
@@ -240,7 +212,7 @@ def _scalars(plan: ChunkPlan, grad_factor, found_inf) -> Tuple[torch.Tensor, tor
 
 def fused_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels: Kernels) -> None:
     """A fused backend's step: its kernels on the kernel-friendly tensors, foreach on the rest."""
-    kernel_part, rest = split(bucket)
+    kernel_part, rest = split(bucket, kernels)
     if rest is not None:
         torch_foreach.step(rest, grad_factor, found_inf)
     if kernel_part.params:
@@ -250,7 +222,7 @@ def fused_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels: Kern
 
 def fused_begin_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels: Kernels) -> PendingStep:
     """A fused backend's ``begin_step``: pass 1 and the per-tensor sums, pass 2 left to ``finish``."""
-    kernel_part, rest = split(bucket)
+    kernel_part, rest = split(bucket, kernels)
     pending_rest = None if rest is None else torch_foreach.begin_step(rest, grad_factor, found_inf)
     if not kernel_part.params:
         return pending_rest
@@ -280,17 +252,16 @@ def fused_begin_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels
 def _split_order(bucket: Bucket) -> torch.Tensor:
     """Bucket positions of the kernel part's tensors, then of the rest's, as split() made them (a device
     index, kept with the split)."""
-    cached = bucket.derived.get("split_order") if bucket.address_version is not None else None
-    if cached is None:
-        _, _, kernel_idx, rest_idx = bucket.derived["split"]
-        cached = bucket.derived["split_order"] = to_device(kernel_idx + rest_idx, torch.int64, bucket.device)
-    return cached
+    parts = bucket.split
+    if parts.order is None:
+        parts.order = to_device(parts.kernel_idx + parts.rest_idx, torch.int64, bucket.device)
+    return parts.order
 
 
 def fused_grad_sumsq(bucket: Bucket, chunk: int, kernels: Kernels) -> torch.Tensor:
     """Σg² of a bucket: the backend's kernel on the kernel-friendly tensors, foreach on the rest."""
-    kernel_part, rest = split(bucket)
-    total = torch.zeros((), dtype=torch_foreach.compute_dtype(bucket.grads[0].dtype), device=bucket.device)
+    kernel_part, rest = split(bucket, kernels)
+    total = torch.zeros((), dtype=math_dtype(bucket.grads[0].dtype), device=bucket.device)
     if kernel_part.params:
         total = kernels.grad_sumsq(kernel_part, plan_for(kernel_part, chunk))
     if rest is not None:

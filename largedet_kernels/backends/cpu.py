@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 
 from .. import _extensions
-from . import Bucket, PendingStep, chunk_plan, torch_foreach
+from . import Bucket, PendingStep, chunk_plan, tables
 from .chunk_plan import ChunkPlan
+
+NAME = "cpu"
+TRACEABLE = True  # its tensor-list ops under torch.compile (NOTE [cpu pointer tables])
 
 # The ahead-of-time build, the alternative to the build on first use.
 HOW_TO_BUILD = ("pip install --no-build-isolation <source checkout>, with torch, setuptools, wheel, ninja and a C++ "
@@ -53,7 +56,7 @@ def _load() -> None:
 
     @torch.library.register_fake("largedet_cpu::grad_sumsq")
     def _grad_sumsq_fake(grads) -> torch.Tensor:
-        return grads[0].new_empty((), dtype=torch_foreach.compute_dtype(grads[0].dtype))
+        return grads[0].new_empty((), dtype=tables.math_dtype(grads[0].dtype))
 
     _registered = True
 
@@ -71,6 +74,10 @@ def unavailable_reason(device: torch.device) -> Optional[str]:
 class _CpuKernels:
     """chunk_plan.Kernels for the ops of csrc/cpu/pmd_lamb_cpu.cpp: their table form in eager mode,
     their tensor-list form, which declares what it writes, under torch.compile (NOTE [cpu pointer tables])."""
+
+    @staticmethod
+    def takes(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+        return tables.has_kernels(param_dtype, grad_dtype)
 
     def step(self, bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf) -> None:
         if torch.compiler.is_compiling():
@@ -112,19 +119,12 @@ _KERNELS = _CpuKernels()
 
 
 def grad_sumsq(bucket: Bucket) -> torch.Tensor:
-    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
-        return torch_foreach.grad_sumsq(bucket)
     return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _KERNELS)
 
 
 def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
-        torch_foreach.step(bucket, grad_factor, found_inf)
-        return
     chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
 
 
 def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
-    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
-        return torch_foreach.begin_step(bucket, grad_factor, found_inf)
     return chunk_plan.fused_begin_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)

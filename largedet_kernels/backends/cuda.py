@@ -15,8 +15,11 @@ from typing import Optional
 import torch
 
 from .. import _extensions
-from . import Bucket, PendingStep, chunk_plan, torch_foreach
+from . import Bucket, PendingStep, chunk_plan, tables
 from .chunk_plan import ChunkPlan
+
+NAME = "cuda"
+TRACEABLE = False  # its tables come from data_ptr()
 
 # Elements per block (a multiple of csrc/tables.h's kILP).
 CHUNK = 16384
@@ -76,6 +79,10 @@ class _CudaKernels:
     """chunk_plan.Kernels for the ops of csrc/binding.cpp."""
 
     @staticmethod
+    def takes(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+        return tables.has_kernels(param_dtype, grad_dtype)
+
+    @staticmethod
     def _args(bucket: Bucket, plan: ChunkPlan, grad_factor, found_inf, partials, first_chunk, chunk_count):
         # No tensor lists: the tables alone, and what they cannot tell the host (NOTE [tensor lists or
         # tables] in csrc/binding.cpp).
@@ -113,19 +120,12 @@ _KERNELS = _CudaKernels()
 
 
 def grad_sumsq(bucket: Bucket) -> torch.Tensor:
-    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
-        return torch_foreach.grad_sumsq(bucket)
     return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _KERNELS)
 
 
 def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
-        torch_foreach.step(bucket, grad_factor, found_inf)
-        return
     chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
 
 
 def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
-    if not chunk_plan.has_kernels(bucket.params[0].dtype, bucket.grads[0].dtype):
-        return torch_foreach.begin_step(bucket, grad_factor, found_inf)
     return chunk_plan.fused_begin_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)

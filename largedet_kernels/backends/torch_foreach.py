@@ -19,87 +19,67 @@ import torch
 
 from .. import rounding
 from . import Bucket, PendingStep
+from .tables import COLUMN, hyper_rows, hyper_table, math_dtype
+
+NAME = "torch"
+TRACEABLE = True
 
 # Elements per slice on CPU: x, g, m, v and two temporaries of 4 B stay within ~6 MiB.
 _CPU_SLICE_NUMEL = 1 << 18
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the math and of the moments: float64 stays, others go to float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def grad_sumsq(bucket: Bucket) -> torch.Tensor:
-    norms = torch._foreach_norm(bucket.grads, 2, dtype=compute_dtype(bucket.grads[0].dtype))
+    norms = torch._foreach_norm(bucket.grads, 2, dtype=math_dtype(bucket.grads[0].dtype))
     return torch.stack(norms).square().sum()
 
 
-def _device_table(rows: List[List[float]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host floats as one device tensor, copied without blocking the host."""
-    host = torch.tensor(rows, dtype=dtype)
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def gradient_weights(group: Dict) -> Tuple[float, float]:
-    """The weights of g in m and of g² in v, in double: 1−β1 (1 without gradient averaging) and 1−β2."""
-    beta1, beta2 = group["betas"]
-    return (1 - beta1) if group["grad_averaging"] else 1.0, 1 - beta2
-
-
 def _coefficient_dtype(device: torch.device) -> torch.dtype:
-    """Dtype the per-tensor coefficients are formed in (NOTE [double coefficients] in
-    chunk_plan.py): float64 wherever the device has it, which MPS has not."""
+    """Dtype the per-tensor coefficients are formed in (NOTE [double coefficients] in tables.py): float64
+    wherever the device has it, which MPS has not."""
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _constants(bucket: Bucket) -> Tuple[torch.Tensor, Dict[str, list]]:
-    """What the update takes from the param groups: a device table of per-tensor β1, β2, T, the
-    bias-correction and trust-ratio flags and η·α, and host lists; kept while the hyper-parameters last."""
-    cached = bucket.derived.get("constants")
+# The columns of the hyper-parameter table that the update reads on the device.
+_DEVICE_COLUMNS = ("beta1", "beta2", "cycle_length", "bias_correction", "use_trust_ratio", "lr_alpha")
+
+
+def _constants(bucket: Bucket) -> Tuple[Dict[str, torch.Tensor], Dict[str, list]]:
+    """What the update takes from the param groups, from the hyper-parameter table the fused kernels read
+    (tables.py): some of its columns on the device, and its values as host lists; kept while the
+    hyper-parameters last."""
+    cached = bucket.constants
     if cached is not None and bucket.hyper_version is not None and cached[0] == bucket.hyper_version:
-        return cached[1]
-    hyper = bucket.hyper
-    lam, adam_w, eps, eps_inside = hyper("weight_decay"), hyper("adam_w_mode"), hyper("eps"), hyper("eps_inside_sqrt")
-    weights = [gradient_weights(group) for group in bucket.groups]
-    table = _device_table(
-        [
-            [b[0] for b in hyper("betas")],
-            [b[1] for b in hyper("betas")],
-            [T or 0 for T in hyper("cycle_length")],
-            [float(bc) for bc in hyper("bias_correction")],
-            [float(nv or wd != 0) for nv, wd in zip(hyper("use_nvlamb"), lam)],
-            [lr * a for lr, a in zip(hyper("lr"), hyper("alpha"))],
-        ],
-        _coefficient_dtype(bucket.device),
-        bucket.device,
-    )
+        return cached[1], cached[2]
+    rows, which = hyper_rows(bucket.groups)
+    table = hyper_table(rows, which, _coefficient_dtype(bucket.device), bucket.device)
+    device = {name: table[:, COLUMN[name]] for name in _DEVICE_COLUMNS}
+    column = {name: [rows[w][i] for w in which] for name, i in COLUMN.items()}
+    eps, inside, lam, adam_w = column["eps"], column["eps_inside_sqrt"], column["weight_decay"], column["adam_w_mode"]
     host = {
-        "weight_g": [w for w, _ in weights],
-        "weight_g2": [w2 for _, w2 in weights],
-        "eps_in": [e if inside else 0.0 for e, inside in zip(eps, eps_inside)],
-        "eps_out": [0.0 if inside else e for e, inside in zip(eps, eps_inside)],
+        "weight_g": column["weight_g"],
+        "weight_g2": column["weight_g2"],
+        "eps_in": [e if i else 0.0 for e, i in zip(eps, inside)],
+        "eps_out": [0.0 if i else e for e, i in zip(eps, inside)],
         "decay_in_grad": [0.0 if w else wd for w, wd in zip(adam_w, lam)],
         "decay_in_update": [wd if w else 0.0 for w, wd in zip(adam_w, lam)],
-        "bias_correction": [bool(bc) for bc in hyper("bias_correction")],
+        "bias_correction": [bool(bc) for bc in column["bias_correction"]],
         # NOTE [stochastic rounding]: bf16 parameters without masters, in groups that ask for it.
         "stochastic": [
             sr and not bucket.masters and p.dtype == torch.bfloat16
-            for sr, p in zip(hyper("stochastic_rounding"), bucket.params)
+            for sr, p in zip(column["stochastic_rounding"], bucket.params)
         ],
-        "seed": hyper("seed"),
+        "seed": column["seed"],
     }
-    bucket.derived["constants"] = (bucket.hyper_version, (table, host))
-    return table, host
+    bucket.constants = (bucket.hyper_version, device, host)
+    return device, host
 
 
 def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tensor]) -> Dict[str, list]:
     """Per-tensor coefficients of the update, each a list over the bucket's tensors: those that
     depend on t formed on the device in _coefficient_dtype, then rounded to the math dtype once."""
-    table, host = _constants(bucket)
-    beta1_d, beta2_d, cycle, bias_correction, use_trust, lr_alpha = table
-    t = torch.stack(bucket.steps).to(table.dtype)
+    device, host = _constants(bucket)
+    beta1_d, beta2_d, cycle, bias_correction, use_trust, lr_alpha = (device[name] for name in _DEVICE_COLUMNS)
+    t = torch.stack(bucket.steps).to(beta1_d.dtype)
     xi = torch.where(cycle > 0, torch.cos(math.pi / 2 * torch.fmod(t, cycle) / cycle), 1.0)
     decay_m, decay_v = (xi * beta1_d).to(dtype), (xi * beta2_d).to(dtype)
     if keep is not None:  # a skipped step leaves m and v exactly as they are
@@ -123,7 +103,7 @@ def _slices(bucket: Bucket) -> List[Tuple[int, int]]:
     n = len(bucket.params)
     if bucket.device.type != "cpu":
         return [(0, n)]
-    cached = bucket.derived.get("slices") if bucket.address_version is not None else None
+    cached = bucket.slices if bucket.address_version is not None else None
     if cached is None:
         cached, lo, numel = [], 0, 0
         for i, p in enumerate(bucket.params):
@@ -131,7 +111,7 @@ def _slices(bucket: Bucket) -> List[Tuple[int, int]]:
             if numel >= _CPU_SLICE_NUMEL or i == n - 1:
                 cached.append((lo, i + 1))
                 lo, numel = i + 1, 0
-        bucket.derived["slices"] = cached
+        bucket.slices = cached
     return cached
 
 
@@ -140,7 +120,7 @@ def _prepare(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Opt
     if bucket.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         # Its per-step host-to-device copies would replay from freed host memory.
         raise RuntimeError("the torch backend cannot be captured in a CUDA graph: use backend='triton' or 'cuda'")
-    dtype = compute_dtype(bucket.params[0].dtype)
+    dtype = math_dtype(bucket.params[0].dtype)
     keep = None if found_inf is None else found_inf == 0
     torch._foreach_add_(bucket.steps, 1.0 if keep is None else keep.float())
     coeff = _coefficients(bucket, dtype, keep)

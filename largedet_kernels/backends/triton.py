@@ -21,6 +21,9 @@ from .. import triton_kernels as k
 from . import Bucket, PendingStep, chunk_plan
 from .chunk_plan import ChunkPlan
 
+NAME = "triton"
+TRACEABLE = False  # its tables come from data_ptr()
+
 # Elements per program and per loop iteration. 16 KiB-element chunks keep the
 # grid in the thousands for a detection model; 1024-element tiles give each of
 # 128 threads 8 elements: two 128-bit loads of fp32, one of bf16/fp16.
@@ -62,6 +65,10 @@ def _stored_dtypes(bucket: Bucket, plan: ChunkPlan) -> Dict[str, Any]:
 
 class _TritonKernels:
     """chunk_plan.Kernels for the kernels of triton_kernels.py."""
+
+    @staticmethod
+    def takes(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+        return True  # Triton compiles every pair
 
     def _moments(self, bucket, plan, grad_factor, found_inf) -> None:
         k.pmd_lamb_moments_kernel[(plan.n_chunks,)](

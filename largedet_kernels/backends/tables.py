@@ -1,0 +1,96 @@
+"""What the host shares with the kernels, stated once for Python: the rows of the pointer table, the columns
+of the hyper-parameter table and how a param group fills them, the math type, and the dtype pairs the C++
+kernels instantiate. csrc/tables.h states the same for C++ and the constants of triton_kernels.py for Triton;
+tests/test_chunk_plan.py checks that they agree.
+
+NOTE [double coefficients] (also in triton_kernels.py, csrc/pmd_lamb_math.h, torch_foreach.py)
+    The per-tensor coefficients of the update (ξ, ξβ, 1−β, the bias corrections
+    1−β^t) are formed in float64 and rounded to the math type once. Formed in
+    float32 from a float32 β they miss float32 accuracy by far: β2 = 0.999 is off
+    by 1.3e-8 in float32, which 1−β2 turns into a relative error of 1.3e-5 in v,
+    and 1−β2^t keeps an error of that order over its first thousand steps. So the
+    hyper-parameter table is float64 whatever the parameter dtype, with 1−β1 and
+    1−β2 formed on the host, and the kernels take ξ and β^t in float64 from the
+    table's β and the step count, outside their per-element loops. The torch
+    backend reads the same table and forms them likewise on the device (in float32
+    on MPS, which has no float64).
+"""
+
+from typing import Any, Dict, List, Sequence, Tuple
+
+import torch
+
+# Rows of the pointer table (NOTE [pointer tables] in chunk_plan.py): the addresses of x, g, m, v, the step
+# count and the fp32 master of each tensor.
+POINTER_ROWS = ("x", "g", "m", "v", "step", "master")
+
+# Columns of the per-tensor hyper-parameter table. weight_g and weight_g2 weigh g in m and g² in v: 1−β1 (or
+# 1 without grad averaging) and 1−β2. Flags are 0 or 1.
+HYPER_COLUMNS = (
+    "lr_alpha", "beta1", "beta2", "weight_g", "weight_g2", "eps", "weight_decay", "cycle_length",
+    "bias_correction", "eps_inside_sqrt", "adam_w_mode", "use_trust_ratio", "stochastic_rounding", "seed",
+)  # fmt: skip
+HYPER_DTYPE = torch.float64  # NOTE [double coefficients]
+COLUMN = {name: i for i, name in enumerate(HYPER_COLUMNS)}
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the update's math for parameters (or gradients) of ``dtype``: float64 stays, others
+    go to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def has_kernels(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
+    """The (parameter, gradient) dtype pairs the C++ kernels instantiate, on the GPU and on the CPU: gradients
+    of the parameters' dtype, or fp32 gradients of fp16/bf16 parameters."""
+    low_precision = param_dtype in (torch.float16, torch.bfloat16)
+    return grad_dtype == param_dtype or (grad_dtype == torch.float32 and low_precision)
+
+
+def gradient_weights(group: Dict) -> Tuple[float, float]:
+    """The weights of g in m and of g² in v, in double: 1−β1 (1 without gradient averaging) and 1−β2."""
+    beta1, beta2 = group["betas"]
+    return (1 - beta1) if group["grad_averaging"] else 1.0, 1 - beta2
+
+
+def hyper_row(group: Dict) -> List[Any]:
+    """One tensor's row of the hyper-parameter table, from its param group, in HYPER_COLUMNS order."""
+    beta1, beta2 = group["betas"]
+    weight_g, weight_g2 = gradient_weights(group)
+    row = dict(
+        lr_alpha=group["lr"] * group["alpha"], beta1=beta1, beta2=beta2, weight_g=weight_g, weight_g2=weight_g2,
+        eps=group["eps"], weight_decay=group["weight_decay"], cycle_length=group["cycle_length"] or 0,
+        bias_correction=group["bias_correction"], eps_inside_sqrt=group["eps_inside_sqrt"],
+        adam_w_mode=group["adam_w_mode"],
+        # apex's use_nvlamb=False: no trust ratio for tensors without weight decay.
+        use_trust_ratio=group["use_nvlamb"] or group["weight_decay"] != 0,
+        stochastic_rounding=group["stochastic_rounding"], seed=group["seed"],
+    )  # fmt: skip
+    return [row[name] for name in HYPER_COLUMNS]
+
+
+def hyper_rows(groups: Sequence[Dict]) -> Tuple[List[List[Any]], List[int]]:
+    """One row per distinct param group of ``groups`` (one group per tensor), and each tensor's row: a
+    schedule that changes lr every step costs a row per group, not per tensor."""
+    slots: Dict[int, int] = {}
+    rows, which = [], []
+    for group in groups:
+        slot = slots.get(id(group))
+        if slot is None:
+            slot = slots[id(group)] = len(rows)
+            rows.append(hyper_row(group))
+        which.append(slot)
+    return rows, which
+
+
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values as one device tensor, copied from pinned memory without blocking the host."""
+    host = torch.tensor(values, dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+
+
+def hyper_table(rows: List[List[Any]], which: List[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The per-tensor table [n_tensors, len(HYPER_COLUMNS)] on the device: the group rows uploaded, then
+    gathered per tensor there."""
+    table = to_device(rows, dtype, device)
+    return table if len(rows) == len(which) else table[to_device(which, torch.int64, device)]
