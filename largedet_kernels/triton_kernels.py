@@ -53,16 +53,17 @@ NOTE [skipped steps]
     does not advance, so params, masters, moments and steps stay bit-identical.
 
 NOTE [bf16 bits]
-    Every bf16 store is spelt in integers: the float32 bits plus an addend, the
-    low 16 dropped. The addend 0x7FFF, plus 1 when the kept bits are odd, rounds
-    to nearest, ties to even, as torch's ``.to(torch.bfloat16)`` does, where
-    Triton's interpreter, which CI tests, truncates ``.to(tl.bfloat16)``. A NaN
-    becomes csrc/rounding.h's quiet NaN 0x7FC0 (torch's CPU and the GPU's cvt
-    make 0xFFFF and 0x7FFF). A 16-bit dither as the addend rounds stochastically
+    A bf16 store rounds to nearest, ties to even, as torch's ``.to(torch.bfloat16)``
+    does. Compiled, that is Triton's own ``.to(tl.bfloat16)``: the GPU's
+    ``cvt.rn.bf16.f32``, which makes a NaN 0x7FFF, as the CUDA kernels'
+    ``__float2bfloat16_rn`` does. Triton's interpreter, which CI tests, truncates
+    that cast, so there (INTERPRETED) the rounding is spelt in integers: the
+    float32 bits plus an addend, the low 16 dropped. The addend 0x7FFF, plus 1
+    when the kept bits are odd, rounds to nearest even; a NaN becomes
+    csrc/rounding.h's quiet NaN 0x7FC0 (torch's CPU makes 0xFFFF). Stochastic
+    rounding is that integer sum everywhere, with a 16-bit dither as the addend
     (NOTE [stochastic rounding] in largedet_kernels/rounding.py): a bf16
-    parameter without a master whose hyper row asks for it. The few integer ops
-    per element are free in these memory-bound loops; fp32 and fp16 values are
-    stored with plain casts, so their kernels are what they were.
+    parameter without a master whose hyper row asks for it.
 
 NOTE [double coefficients] (in largedet_kernels/backends/chunk_plan.py)
     The hyper-parameter table is fp64; ξ, ξβ and the bias corrections are
@@ -71,6 +72,9 @@ NOTE [double coefficients] (in largedet_kernels/backends/chunk_plan.py)
 
 import triton
 import triton.language as tl
+
+# Whether triton.jit below makes interpreted functions, whose bf16 casts truncate (NOTE [bf16 bits]).
+INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 
 # Columns of the per-tensor hyper-parameter table (fp64): chunk_plan.HYPER_COLUMNS, in order.
 LR_ALPHA = tl.constexpr(0)  # η·α
@@ -240,8 +244,8 @@ def _nearest(bits):
 
 @triton.jit
 def _rounded(y, DTYPE: tl.constexpr):
-    """y stored as DTYPE, rounded to nearest."""
-    if DTYPE == tl.bfloat16:
+    """y stored as DTYPE, rounded to nearest (NOTE [bf16 bits])."""
+    if INTERPRETED and DTYPE == tl.bfloat16:
         bits = y.to(tl.uint32, bitcast=True)
         return _bf16(bits, _nearest(bits))
     else:
@@ -265,9 +269,8 @@ def _parameter_value(y, index, stochastic, key, X_DTYPE: tl.constexpr, STOCHASTI
     """y as the parameter stores it: rounded to nearest, or, where stochastic, with the dither of element index
     (int64, its position in the tensor) under the step's key (NOTE [bf16 bits])."""
     if STOCHASTIC:
-        bits = y.to(tl.uint32, bitcast=True)
         dither = _mix32(_mix32(index.to(tl.uint32) ^ key) ^ (index >> 32).to(tl.uint32)) >> 16
-        return _bf16(bits, tl.where(stochastic, dither, _nearest(bits)))
+        return tl.where(stochastic, _bf16(y.to(tl.uint32, bitcast=True), dither), _rounded(y, X_DTYPE))
     else:
         return _rounded(y, X_DTYPE)
 

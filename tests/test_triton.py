@@ -154,3 +154,15 @@ def test_main_loops_use_128_bit_global_loads(compiled):
         assert r["ldg128"] >= loads, r
         assert r["stg128"] >= stores, r
 
+
+def test_bf16_stores_round_with_the_native_conversion(compiled):
+    # NOTE [bf16 bits]: compiled, rounding to nearest is the GPU's cvt; the integer spelling is the interpreter's,
+    # but for the NaN of stochastic rounding, in the one kernel that may round stochastically.
+    from largedet_kernels.backends import triton as backend
+
+    per_thread = backend.BLOCK // (32 * backend.NUM_WARPS)
+    for r in compiled:
+        bf16_stores = _streams(r)[1].count("bf16")
+        stochastic = r["kernel"].startswith("pmd_lamb_update_kernel") and r["x"] == "bf16" and not r["masters"]
+        assert r["cvt_bf16"] >= per_thread * bf16_stores and (r["f2f_bf16"] > 0) == (bf16_stores > 0), r
+        assert r["nearest_addend"] == 0 and (r["quiet_nan"] > 0) == stochastic, r

@@ -100,12 +100,13 @@ def test_stochastic_rounding_matches_the_torch_backend(triton_backend, monkeypat
 
 
 @triton.jit
-def _parameter_bits_kernel(y_ptr, index_ptr, out_ptr, key, stochastic, n, BLOCK: tl.constexpr):
+def _parameter_bits_kernel(y_ptr, index_ptr, out_ptr, key, stochastic, n, STOCHASTIC: tl.constexpr,
+                           BLOCK: tl.constexpr):  # fmt: skip
     offs = tl.arange(0, BLOCK)
     mask = offs < n
     y = tl.load(y_ptr + offs, mask=mask, other=0.0)
     index = tl.load(index_ptr + offs, mask=mask, other=0)
-    bits = triton_kernels._parameter_value(y, index, stochastic != 0, key.to(tl.uint32), tl.bfloat16, True)
+    bits = triton_kernels._parameter_value(y, index, stochastic != 0, key.to(tl.uint32), tl.bfloat16, STOCHASTIC)
     tl.store(out_ptr + offs, bits, mask=mask)
 
 
@@ -128,7 +129,8 @@ def _bits(t):
 
 def test_parameter_rounding_bits(triton_backend):
     """NOTE [bf16 bits]: to nearest as torch rounds, and stochastically as rounding.py does, for indices past
-    2**32 too."""
+    2**32 too. Interpreted, so to nearest is the integer spelling (test_triton.py checks the compiled cvt)."""
+    assert triton_kernels.INTERPRETED
     y = _special_values()
     n = y.numel()
     key_tensor = rounding.step_key(SEED, torch.tensor(7.0))
@@ -139,15 +141,16 @@ def test_parameter_rounding_bits(triton_backend):
 
     # Torch's CPU casts make a NaN 0xFFFF (0x7FC0 for a 0-d tensor): the kernels' is rounding.h's.
     nan = torch.isnan(y)
-    _parameter_bits_kernel[(1,)](y, arange, out, key, 0, n, BLOCK=block)
-    assert torch.equal(_bits(out), torch.where(nan, 0x7FC0, _bits(y.to(torch.bfloat16))))
+    for stochastic_kernel in (False, True):  # the plain store, and a tensor not asking for stochastic rounding
+        _parameter_bits_kernel[(1,)](y, arange, out, key, 0, n, STOCHASTIC=stochastic_kernel, BLOCK=block)
+        assert torch.equal(_bits(out), torch.where(nan, 0x7FC0, _bits(y.to(torch.bfloat16)))), stochastic_kernel
 
-    _parameter_bits_kernel[(1,)](y, arange, out, key, 1, n, BLOCK=block)
+    _parameter_bits_kernel[(1,)](y, arange, out, key, 1, n, STOCHASTIC=True, BLOCK=block)
     assert torch.equal(_bits(out), torch.where(nan, 0x7FC0, _bits(rounding.stochastic_bf16(y, key_tensor))))
 
     for start in ((1 << 32) - 1000, 5 << 32, (1 << 40) + 3):
         index = start + arange
-        _parameter_bits_kernel[(1,)](y, index, out, key, 1, n, BLOCK=block)
+        _parameter_bits_kernel[(1,)](y, index, out, key, 1, n, STOCHASTIC=True, BLOCK=block)
         y_bits = y.view(torch.int32).to(torch.int64) & rounding.MASK32
         want = (y_bits + rounding.dither(key_tensor, index)) >> 16 & 0xFFFF
         want = torch.where(nan, 0x7FC0, want)

@@ -3,7 +3,10 @@
     python tests/triton_aot.py 80 90     # prints one JSON line per kernel variant
 
 For each variant: its dtypes, registers and spill bytes from Triton's bundled
-``ptxas -v``, and the global load/store widths found in the SASS (``cuobjdump -sass``).
+``ptxas -v``, the global load/store widths found in the SASS (``cuobjdump -sass``),
+and how its bf16 stores round (NOTE [bf16 bits] in largedet_kernels/triton_kernels.py):
+the elements the PTX's cvt converts, the SASS's conversions, and the constants of
+the integer spelling, 0x7FFF (to nearest) and 0x7FC0 (a NaN).
 Runs in its own process: the kernels must not be imported under
 TRITON_INTERPRET=1, which tests/conftest.py sets.
 """
@@ -82,6 +85,7 @@ def compile_variant(fn, signature, constexprs, arch: int, tmp: Path) -> dict:
                            capture_output=True, text=True, check=True).stderr  # fmt: skip
     sass = subprocess.run([BIN / "cuobjdump", "-sass", cubin], capture_output=True, text=True, check=True).stdout
     spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas)]
+    cvt = re.findall(r"\bcvt\.rn\.bf16(x2)?\.f32\b", compiled.asm["ptx"])
     return {
         "arch": ptx_target,
         "registers": int(re.search(r"Used (\d+) registers", ptxas).group(1)),
@@ -89,6 +93,10 @@ def compile_variant(fn, signature, constexprs, arch: int, tmp: Path) -> dict:
         "ldg128": len(re.findall(r"\bLDG\.E(?:\.EF)?(?:\.EL)?\.128\b", sass)),
         "stg128": len(re.findall(r"\bSTG\.E(?:\.EF)?\.128\b", sass)),
         "ldg": len(re.findall(r"\bLDG\.", sass)),
+        "cvt_bf16": sum(2 if pair else 1 for pair in cvt),
+        "f2f_bf16": len(re.findall(r"\bF2FP?\.BF16\b", sass)),
+        "nearest_addend": len(re.findall(r"\b(?:32767|0x7FFF)\b", compiled.asm["ptx"], re.I)),
+        "quiet_nan": len(re.findall(r"\b(?:32704|0x7FC0)\b", compiled.asm["ptx"], re.I)),
     }
 
 
