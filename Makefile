@@ -12,7 +12,7 @@ bench: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests $(ARGS)
 
-$(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*.h csrc/*.cuh csrc/*.cu csrc/*.cpp csrc/cpu/*.cpp)
+$(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*.h csrc/*.cuh csrc/*.cu csrc/*.cpp csrc/cpu/*.cpp csrc/step_cache/*.cpp)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements-dev.txt
 	$(BIN)/pip install -q --no-build-isolation -e .

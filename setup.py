@@ -12,6 +12,11 @@ the machine's C++ compiler, no nvcc): ``auto`` (default) builds them when torch 
 build time and lets the install go on without them if they fail, ``1`` builds them or fails,
 ``0`` skips them.
 
+``largedet_kernels._C_step_cache`` (the step cache's native check, which every backend but torch
+builds on first use otherwise) is built whenever torch is importable at build time, whatever
+``LARGEDET_CPU_BUILD`` says: a GPU machine without the CPU kernels uses it too. If its build fails,
+the install goes on without it.
+
 ``LARGEDET_CUDA_BUILD`` governs the CUDA extension ``largedet_kernels._C``:
 ``auto`` (default) builds it when nvcc and a CUDA build of torch are found,
 ``1`` builds it or fails saying why, ``0`` skips it.
@@ -23,7 +28,6 @@ import glob
 import importlib.util
 import os
 import re
-import shutil
 import subprocess
 
 from setuptools import find_packages, setup
@@ -33,14 +37,21 @@ ARCHS = ("7.0", "8.0", "9.0")
 
 
 def find_cuda_home():
-    """CUDA_HOME, or the toolkit behind the nvcc on PATH (which may be a wrapper script)."""
-    if os.environ.get("CUDA_HOME"):
-        return os.environ["CUDA_HOME"]
-    if shutil.which("nvcc") is None:
-        return None
-    dry = subprocess.run(["nvcc", "--dryrun", "x.cu"], capture_output=True, text=True).stderr
-    top = re.search(r"TOP=(\S+)", dry)
-    return os.path.normpath(top.group(1).rstrip("/").removesuffix("/bin/..")) if top else None
+    """torch.utils.cpp_extension.CUDA_HOME (the CUDA_HOME variable, else the folder above the nvcc on PATH)."""
+    with build_flags()._quiet_cpp_extension():  # torch warns at import of the CUDA_HOME corrected below
+        import torch.utils.cpp_extension
+
+    cuda_home = torch.utils.cpp_extension.CUDA_HOME
+    nvcc = os.path.join(cuda_home or "", "bin", "nvcc")
+    if (cuda_home is None or os.environ.get("CUDA_HOME") or not os.path.isfile(nvcc)
+            or os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h"))):  # fmt: skip
+        return cuda_home
+    # A wrapper script (torch takes /usr/local for /usr/local/bin/nvcc, no toolkit): nvcc --dryrun says the one it runs.
+    top = re.search(r"TOP=(\S+)", subprocess.run([nvcc, "--dryrun", "x.cu"], capture_output=True, text=True).stderr)
+    if top:
+        cuda_home = os.path.normpath(top.group(1).rstrip("/").removesuffix("/bin/.."))
+        torch.utils.cpp_extension.CUDA_HOME = os.environ["CUDA_HOME"] = cuda_home
+    return cuda_home
 
 
 def default_arch_list(cuda_home):
@@ -53,16 +64,15 @@ def cuda_build_blocker():
     """Why the CUDA extension cannot be built here; None when it can."""
     if not glob.glob("csrc/*.cu"):
         return "csrc/ holds no CUDA sources"
-    cuda_home = find_cuda_home()
-    if cuda_home is None:
-        return "nvcc was not found (put it on PATH or set CUDA_HOME to the CUDA toolkit)"
-    os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import
     try:
         import torch
     except ImportError:
         return "torch is not importable at build time (use pip install --no-build-isolation)"
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is not a CUDA build"
+    cuda_home = find_cuda_home()
+    if cuda_home is None or not os.path.isfile(os.path.join(cuda_home, "bin", "nvcc")):
+        return "nvcc was not found (put it on PATH or set CUDA_HOME to the CUDA toolkit)"
     return None
 
 
@@ -110,8 +120,18 @@ def cpu_extension():
     ]
 
 
+def step_cache_extension():
+    try:
+        from torch.utils.cpp_extension import CppExtension
+    except ImportError:  # built on first use instead
+        return []
+    flags = build_flags()
+    return [CppExtension(flags.AOT_STEP_CACHE_MODULE, [os.path.join("csrc", s) for s in flags.STEP_CACHE_SOURCES],
+                         extra_compile_args=flags.STEP_CACHE_CFLAGS, optional=True)]  # fmt: skip
+
+
 def ext_modules():
-    return cuda_extension() + cpu_extension()
+    return cuda_extension() + cpu_extension() + step_cache_extension()
 
 
 def cuda_extension():
@@ -124,8 +144,9 @@ def cuda_extension():
             raise SystemExit(f"LARGEDET_CUDA_BUILD=1 but the CUDA extension cannot be built: {blocker}")
         print(f"largedet-kernels: skipping the CUDA extension ({blocker})")
         return []
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(os.environ["CUDA_HOME"]))
-    from torch.utils.cpp_extension import CUDAExtension
+    from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
+
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", default_arch_list(CUDA_HOME))
 
     flags = build_flags()
     return [
@@ -152,10 +173,10 @@ setup(
                 "training",
     # csrc/ goes into the package as largedet_kernels/csrc: the sources of the build on first use.
     packages=[*find_packages(include=["largedet_kernels", "largedet_kernels.*"]), "largedet_kernels.csrc",
-              "largedet_kernels.csrc.cpu"],
+              "largedet_kernels.csrc.cpu", "largedet_kernels.csrc.step_cache"],
     package_dir={"largedet_kernels.csrc": "csrc"},
     package_data={"largedet_kernels.csrc": ["*.h", "*.cuh", "*.cu", "*.cpp"],
-                  "largedet_kernels.csrc.cpu": ["*.cpp", "*.h"]},
+                  "largedet_kernels.csrc.cpu": ["*.cpp", "*.h"], "largedet_kernels.csrc.step_cache": ["*.cpp", "*.h"]},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "ninja"],
     ext_modules=extensions,

@@ -122,6 +122,7 @@ class Hooks:
 
         on_gpus = cuda.unavailable_reason  # as tests/conftest.py's emulated_cuda fixture
         self._patch(cuda, "unavailable_reason", lambda device: None if device.type == "cpu" else on_gpus(device))
+        self._patch(cuda.KERNELS, "ops", getattr(torch.ops, cuda_emulator.NAMESPACE))
         cuda_emulator.configure("skip")
         self.stack.callback(cuda_emulator.configure, cuda_emulator.DEFAULT_SCHEDULE)
         self.emulator = cuda_emulator

@@ -43,7 +43,7 @@ GPU_SETS, CPU_SETS = ("faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn", "bert_large", 
 
 
 def element_bytes(x: torch.dtype, g: torch.dtype, masters: bool, moments: torch.dtype) -> Tuple[int, int]:
-    """Bytes per element of a step (NOTE [two passes] in csrc/pmd_lamb.cuh): one pass reads x (its fp32 master,
+    """Bytes per element of a step (NOTE [two passes] in largedet_kernels/triton_kernels.py): one pass reads x (its fp32 master,
     when kept), g, m, v and writes x, the master, m, v; two passes read x or the master, m and v once more.
     fp32: 28 and 40; bf16 with fp32 gradients and masters: 30 and 42."""
     size = {d: torch.empty((), dtype=d).element_size() for d in (x, g, moments, torch.float32)}

@@ -133,7 +133,7 @@ __device__ __forceinline__ void load_group(R (&r)[kILP], const T* p, int count) 
 }
 
 // Stores a group, each value made a T by round(value, j), j its place in the group: a
-// rounding that depends on where the element is (NOTE [stochastic rounding] in csrc/rounding.h).
+// rounding that depends on where the element is (NOTE [stochastic rounding] in largedet_kernels/rounding.py).
 template <bool kVector, typename T, typename R, typename Round>
 __device__ __forceinline__ void store_group(T* p, const R (&r)[kILP], int count, const Round& round) {
   if constexpr (kVector) {

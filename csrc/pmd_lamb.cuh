@@ -1,7 +1,7 @@
 // PMD-LAMB in CUDA C++: the kernels, built on the harness of csrc/multi_tensor_apply.cuh
 // and the update rule of csrc/pmd_lamb_math.h.
 //
-// NOTE [two passes] (as in largedet_kernels/triton_kernels.py)
+// The two passes of NOTE [two passes] in largedet_kernels/triton_kernels.py, here:
 //   pass 1, pmd_lamb_moments_kernel: read x, g, m, v; write m, v; write per-chunk
 //     Σx², Σu² to `partials` (no atomics: deterministic norms).
 //   pass 2, pmd_lamb_update_kernel: sum the partials of the chunk's tensor in a fixed
@@ -24,8 +24,8 @@
 //   rounds m, v to S and back in registers before its Σu², so that pass 2, which reads them,
 //   forms the same u, and the trust ratio is that of the update applied.
 //
-// NOTE [skipped steps]
-//   When GradScaler's found_inf is non-zero no store happens and t does not advance.
+// Skipped steps (NOTE [skipped steps] in largedet_kernels/triton_kernels.py): when GradScaler's
+// found_inf is non-zero no store happens and t does not advance.
 //
 // NOTE [torch-free kernels]
 //   csrc/tables.h, multi_tensor_apply.cuh and this file include nothing from torch (nor
@@ -108,7 +108,7 @@ __device__ __forceinline__ void tensor_sums(const ChunkTable& table, const M* pa
   sum_u = block_sum(sum_u, shared);
 }
 
-// NOTE [sharded norms]
+// Sharded norms (NOTE [sharded norms] in largedet_kernels/sharding.py)
 //   A sharded parameter (FSDP2) has only a slice of x on each rank, so pass 1 is
 //   followed by tensor_sums_kernel (one block per tensor: its local Σx², Σu²), the
 //   caller all-reduces those sums over the ranks, and pass 2 runs on the global ones. An
@@ -130,7 +130,7 @@ constexpr bool kIsBFloat16 = false;
 template <>
 constexpr bool kIsBFloat16<__nv_bfloat16> = true;
 
-// NOTE [stochastic rounding] in csrc/rounding.h: the bf16 of element `first + j` of a tensor
+// NOTE [stochastic rounding] in largedet_kernels/rounding.py: the bf16 of element `first + j` of a tensor
 // (its position in memory), j the place in a group of store_group, under the step's key.
 struct StochasticBFloat16 {
   uint32_t key;

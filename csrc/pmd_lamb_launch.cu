@@ -25,10 +25,6 @@ struct TypeOf<Dtype::kFloat64> {
   using type = double;
 };
 
-// Math in float32, or float64 for float64 parameters.
-template <typename X>
-using MathOf = typename std::conditional<std::is_same<X, double>::value, double, float>::type;
-
 template <typename T>
 constexpr bool kLowPrecision = std::is_same<T, __half>::value || std::is_same<T, __nv_bfloat16>::value;
 

@@ -19,12 +19,12 @@ struct LaunchConfig {
   cudaStream_t stream;
 };
 
-// Both passes of one step (NOTE [two passes] in csrc/pmd_lamb.cuh). Returns the first
+// Both passes of one step (NOTE [two passes] in largedet_kernels/triton_kernels.py). Returns the first
 // CUDA error of the launches, or cudaErrorInvalidValue for a configuration without kernels
 // (what the supported_* functions below refuse).
 cudaError_t launch_pmd_lamb_step(const ChunkTable& table, const StepScalars& scalars, const LaunchConfig& config);
 
-// The two halves of a step around a collective (NOTE [sharded norms] in csrc/pmd_lamb.cuh):
+// The two halves of a step around a collective (NOTE [sharded norms] in largedet_kernels/sharding.py):
 // pass 1 then each tensor's Σx², Σu² into sums[2 · n_tensors]; and pass 2 alone, reading
 // the norms through the table's first_chunk/chunk_count from scalars.partials.
 cudaError_t launch_pmd_lamb_moments(const ChunkTable& table, const StepScalars& scalars, void* sums,

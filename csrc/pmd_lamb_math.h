@@ -29,7 +29,7 @@ constexpr double kHalfPi = 1.5707963267948966;
 
 // What the update of one tensor needs at step t: ξ and everything derived from its row of
 // the hyper-parameter table, formed in double and rounded to the scalar math type V once
-// (NOTE [double coefficients] in largedet_kernels/backends/chunk_plan.py). A vector type
+// (NOTE [double coefficients] in largedet_kernels/backends/tables.py). A vector type
 // takes them broadcast from its scalar type's.
 template <typename V>
 struct StepCoefficients {
@@ -44,16 +44,18 @@ struct StepCoefficients {
     const double xi = cycle > 0 ? ::cos(kHalfPi * ::fmod(t, cycle) / cycle) : 1.0;  // ξ = cos(π/2·(t mod T)/T)
     const bool bias_correction = row[kBiasCorrection] != 0, inside = row[kEpsInsideSqrt] != 0;
     const bool adam_w = row[kAdamWMode] != 0;
+    // Gradient ascent steps on −g: m takes −w·(g − λx) = w·(−g + λx), v the same square.
+    const double sign = row[kMaximize] != 0 ? -1.0 : 1.0;
     const V eps = V(row[kEps]), lambda = V(row[kWeightDecay]);
     decay_m = V(xi * beta1);
     decay_v = V(xi * beta2);
-    weight_g = V(row[kWeightG]);
+    weight_g = V(sign * row[kWeightG]);
     weight_g2 = V(row[kWeightG2]);
     correction_m = V(bias_correction ? 1.0 - ::pow(beta1, t) : 1.0);
     correction_v = V(bias_correction ? 1.0 - ::pow(beta2, t) : 1.0);
     eps_in = inside ? eps : V(0);
     eps_out = inside ? V(0) : eps;
-    decay_in_grad = adam_w ? V(0) : lambda;
+    decay_in_grad = adam_w ? V(0) : V(sign * row[kWeightDecay]);
     decay_in_update = adam_w ? lambda : V(0);
   }
 
@@ -81,15 +83,17 @@ LARGEDET_HOST_DEVICE V direction(V m, V v, V x, const StepCoefficients<V>& c) {
   return m / c.correction_m / denom + c.decay_in_update * x;
 }
 
-// η·α·‖x‖/‖u‖ from the squared norms; 1 in place of the ratio when a norm is 0 (zero-initialised
-// biases still train) or the tensor takes no trust ratio; NaN when a norm is not finite, so that
-// the whole tensor shows it (NOTE [non-finite gradients] in largedet_kernels/reference.py).
+// η·α·‖x‖/‖u‖ from the squared norms, the ratio clamped to the row's bounds; 1 in place of the
+// ratio when a norm is 0 (zero-initialised biases still train) or the tensor takes no trust ratio;
+// NaN when a norm is not finite, so that the whole tensor shows it (NOTE [non-finite gradients] in
+// largedet_kernels/reference.py).
 template <typename M>
 LARGEDET_HOST_DEVICE M trust_ratio(const double* row, M sum_x, M sum_u) {
   const M x_norm = Ops<M>::sqrt(sum_x), u_norm = Ops<M>::sqrt(sum_u);
   if (!::isfinite(x_norm) || !::isfinite(u_norm)) return M(::nan(""));
   const bool trusted = row[kUseTrustRatio] != 0 && x_norm > M(0) && u_norm > M(0);
-  return M(row[kLrAlpha]) * (trusted ? x_norm / u_norm : M(1));
+  const M lo = M(row[kTrustRatioMin]), hi = M(row[kTrustRatioMax]), ratio = x_norm / u_norm;
+  return M(row[kLrAlpha]) * (trusted ? (ratio < lo ? lo : (ratio > hi ? hi : ratio)) : M(1));
 }
 
 }  // namespace largedet

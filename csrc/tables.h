@@ -1,4 +1,4 @@
-// What host code (csrc/binding.cpp) and device code share: the device tables' layout
+// What host code (csrc/binding.cpp, csrc/cpu/) and device code share: the device tables' layout
 // and the constants that shape the kernels. Plain C++, no CUDA or torch headers, so
 // nvcc, g++ and NVRTC all take it (NOTE [torch-free kernels] in csrc/pmd_lamb.cuh).
 #pragma once
@@ -19,14 +19,15 @@ namespace largedet {
 constexpr int kBlockSize = 256;  // threads per block: one block per chunk
 constexpr int kILP = 8;          // elements per thread per step of the walk (NOTE [vector and scalar paths])
 
-// Rows of the pointer table (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py).
+// Rows of the pointer table (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py):
+// largedet_kernels/backends/tables.py's POINTER_ROWS, in order.
 // The master row holds 0 in a bucket without fp32 master weights (NOTE [master weights] in
 // largedet_kernels/optimizer.py).
 enum PointerRow : int { kX = 0, kG = 1, kM = 2, kV = 3, kStep = 4, kMaster = 5, kPointerRows = 6 };
 
-// Columns of the per-tensor hyper-parameter table: chunk_plan.HYPER_COLUMNS, in order. The
-// table is double whatever the math type (NOTE [double coefficients] in
-// largedet_kernels/backends/chunk_plan.py).
+// Columns of the per-tensor hyper-parameter table: largedet_kernels/backends/tables.py's
+// HYPER_COLUMNS, in order. The table is double whatever the math type
+// (NOTE [double coefficients] there).
 enum HyperColumn : int {
   kLrAlpha = 0,  // η·α
   kBeta1 = 1,
@@ -40,10 +41,27 @@ enum HyperColumn : int {
   kEpsInsideSqrt = 9,
   kAdamWMode = 10,
   kUseTrustRatio = 11,
-  kStochasticRounding = 12,  // bf16 parameters without masters (NOTE [stochastic rounding] in csrc/rounding.h)
-  kSeed = 13,                // an integer below 2^32
-  kHyperColumns = 14,
+  // bf16 parameters without masters (NOTE [stochastic rounding] in largedet_kernels/rounding.py)
+  kStochasticRounding = 12,
+  kSeed = 13,      // an integer below 2^32
+  kMaximize = 14,       // gradient ascent: weight_g and λ in g negated (csrc/pmd_lamb_math.h)
+  kTrustRatioMin = 15,  // the bounds of ‖x‖/‖u‖: 0 and +inf when unbounded
+  kTrustRatioMax = 16,
+  kHyperColumns = 17,
 };
+
+// The math type of parameters (or gradients) of type X: float64 stays, the others compute in float32.
+// ATen's at::opmath_type, which csrc/cpu/pmd_lamb_cpu.cpp checks this against, for torch-free code.
+template <typename X>
+struct MathType {
+  using type = float;
+};
+template <>
+struct MathType<double> {
+  using type = double;
+};
+template <typename X>
+using MathOf = typename MathType<X>::type;
 
 // NOTE [pointer tables]: the device tables of one bucket, built by the host once per parameter set.
 struct ChunkTable {
@@ -56,6 +74,18 @@ struct ChunkTable {
   int64_t n_tensors;
   int64_t chunk_size;
 };
+
+// The parts of a plan's packed chunk table, and of its workspace, in order (NOTE [packed chunk tables] in
+// largedet_kernels/backends/tables.py).
+enum ChunkTablePart : int { kChunkTensor = 0, kChunkIndex = 1, kFirstChunk = 2, kChunkCount = 3, kChunkTableParts = 4 };
+enum WorkspacePart : int { kPartials = 0, kTNow = 1, kWorkspaceParts = 2 };
+
+// Where a part starts: the chunk parts hold n_chunks entries, the tensor parts n_tensors, the partials
+// 2 · n_chunks.
+constexpr int64_t part_offset(ChunkTablePart part, int64_t n_chunks, int64_t n_tensors) {
+  return part <= kChunkIndex ? part * n_chunks : 2 * n_chunks + (part - kFirstChunk) * n_tensors;
+}
+constexpr int64_t part_offset(WorkspacePart part, int64_t n_chunks) { return part == kPartials ? 0 : 2 * n_chunks; }
 
 // Per-step values the kernels read from device memory: nothing waits on the host.
 struct StepScalars {

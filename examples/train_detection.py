@@ -31,7 +31,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--batch-per-rank", type=int, default=2)
     ap.add_argument("--image-size", type=int, default=320)
-    ap.add_argument("--base-lr", type=float, default=0.02, help="lr for --base-batch images (the paper: 0.02 for 16)")
+    ap.add_argument("--base-lr", type=float, default=0.4,
+                    help="lr for --base-batch images: η·α = 0.5%% per step (README: how to choose η and α)")
     ap.add_argument("--base-batch", type=int, default=16)
     ap.add_argument("--warmup-iters", type=int, default=10)
     ap.add_argument("--bn-group-size", type=int, default=None, help="ranks per SyncBN group (default: all)")

@@ -1,13 +1,17 @@
 """The compiled extensions: found, or built on first use, when a backend first needs them.
 
 setup.py builds them ahead of time where torch is importable at build time
-(``pip install --no-build-isolation``): ``largedet_kernels._C`` (CUDA) and
-``largedet_kernels._C_cpu_<isa>`` for each ISA of ``CPU_ISAS``. Those are taken when present. Without
+(``pip install --no-build-isolation``): ``largedet_kernels._C`` (CUDA),
+``largedet_kernels._C_cpu_<isa>`` for each ISA of ``CPU_ISAS``, and ``largedet_kernels._C_step_cache`` (the step
+cache's native check, NOTE [step cache] in step_cache.py). Those are taken when present. Without
 them (a plain ``pip install``, whose isolated build has no torch) the kernel sources shipped in the
 package are built on first use with torch.utils.cpp_extension.load and ninja, against the torch
-running, so the C++ ABI always matches. The build goes to a directory of the cache keyed by torch
-version, C++ ABI, Python, ISA (GPU archs for CUDA) and a hash of the sources and flags; torch's load
-holds a file lock in it, so ranks that start together on an empty cache build once.
+running, so the C++ ABI always matches. torch's load compiles, links, imports, and holds a file lock in the
+build directory, so ranks that start together on an empty cache build once. What is ours around it:
+the directory, keyed by torch version, C++ ABI, Python, machine, ISA (GPU archs for CUDA) and a hash of
+the sources and flags, because torch's default one is keyed by the Python and CUDA versions alone; and
+a stamp in it once a build completed, because the next process imports from it without torch's load,
+which runs ninja and a compiler check each time.
 
 The CPU kernels are built per ISA because a binary with AVX2 in it dies of SIGILL on a CPU without.
 The process takes one (``cpu_isa()``): ``LARGEDET_CPU_ISA`` or, unset, torch's own detection
@@ -28,7 +32,6 @@ import importlib.util
 import logging
 import os
 import platform
-import re
 import shutil
 import sys
 import sysconfig
@@ -50,11 +53,17 @@ ISA_FLAGS = {
                "-DCPU_CAPABILITY=AVX512"],
 }  # fmt: skip
 _CAPABILITY_ISA = {"AVX2": "avx2", "AVX512": "avx512"}  # torch's names, of those built here
-CPU_SOURCES = ("cpu/pmd_lamb_cpu.cpp", "cpu/step_cache.cpp")
+CPU_SOURCES = ("cpu/pmd_lamb_cpu.cpp", "cpu/module.cpp")
+STEP_CACHE_SOURCES = ("step_cache/step_cache.cpp",)
+AOT_STEP_CACHE_MODULE = "largedet_kernels._C_step_cache"
 CPU_CFLAGS = ["-O3"]
 CUDA_CFLAGS = ["-O3"]
-# What each target's build reads, for the cache key.
+# NDEBUG in both builds (setuptools' has it from Python's CFLAGS, torch's load not): without it pybind11 asks
+# whether the GIL is held at each reference count change, which costs the check 2-3x.
+STEP_CACHE_CFLAGS = ["-O3", "-DNDEBUG"]
+# What each target's build reads, for the cache key: a change of one extension's sources rebuilds that one alone.
 _CPU_INPUTS = ("cpu/*.cpp", "cpu/*.h", "*.h")
+_STEP_CACHE_INPUTS = ("step_cache/*.cpp", "step_cache/*.h")
 _CUDA_INPUTS = ("*.cpp", "*.cu", "*.cuh", "*.h")
 
 
@@ -79,11 +88,10 @@ def x86() -> bool:
 
 
 def openmp_flags() -> List[str]:
-    """-fopenmp when torch runs at::parallel_for on OpenMP: an OpenMP loop in ATen's headers then."""
+    """-fopenmp when torch is built with OpenMP: its at::parallel_for is then an OpenMP loop in ATen's headers."""
     import torch
 
-    backend = re.search(r"ATen parallel backend: (.*)", torch.__config__.parallel_info())
-    return ["-fopenmp"] if backend and backend.group(1).strip() == "OpenMP" else []
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
 
 
 def cpu_isas_supported() -> Tuple[str, ...]:
@@ -183,7 +191,10 @@ def _ninja_package_bin() -> List[str]:
 
 def _compiler_blocker() -> Optional[str]:
     """Why torch's JIT cannot compile C++ here; None when it can."""
-    compiler = os.environ.get("CXX", "c++")
+    with _quiet_cpp_extension():
+        from torch.utils.cpp_extension import get_cxx_compiler, is_ninja_available
+
+    compiler = get_cxx_compiler()  # the one torch's load runs: CXX, else c++
     if shutil.which(compiler) is None:
         return (f"no C++ compiler was found to build it on first use ({compiler!r} is not on PATH): install one "
                 "(e.g. apt install g++, or dnf install gcc-c++) and it builds on the next run, or set CXX to the one "
@@ -194,16 +205,17 @@ def _compiler_blocker() -> Optional[str]:
                 f"them (e.g. apt install python{sys.version_info[0]}.{sys.version_info[1]}-dev) and it builds on the "
                 "next run")  # fmt: skip
     with _ninja_on_path():
-        if shutil.which("ninja") is None:
+        if not is_ninja_available():
             return "ninja, which builds it on first use, is not installed: pip install ninja, and it builds next run"
     return None
 
 
 class _Extension:
-    """One of the two extensions: its ahead-of-time module, or its build on first use. A subclass says
-    aot_name() and jit_name() (the module's names), blocker() (why it cannot be built here, or None),
-    spec() (torch.utils.cpp_extension.load's sources and flags), label() and duration() (for the line
-    printed while it builds) and directory() (its build directory in the cache)."""
+    """One of the extensions: its ahead-of-time module, or its build on first use. A subclass says
+    aot_name() and jit_name() (the module's names), blocker() (why it cannot be built here, or None; by
+    default what any C++ build needs), spec() (torch.utils.cpp_extension.load's sources and flags),
+    label() and duration() (for the line printed while it builds) and directory() (its build directory
+    in the cache)."""
 
     # Whether module(build=False) looks in the cache (the CUDA key asks the GPUs their archs).
     CACHE_WITHOUT_BUILD = True
@@ -238,6 +250,9 @@ class _Extension:
             self._found = module
         self._missed = module is None
         return module
+
+    def blocker(self) -> Optional[str]:
+        return _compiler_blocker()
 
     def _ahead_of_time(self) -> Optional[ModuleType]:
         """The module built ahead of time beside this package's own files. One that an import hook finds
@@ -317,9 +332,6 @@ class _CpuExtension(_Extension):
     def jit_name(self) -> str:
         return f"largedet_kernels_cpu_{cpu_isa()}"
 
-    def blocker(self) -> Optional[str]:
-        return _compiler_blocker()
-
     def spec(self) -> Dict:
         root = csrc()
         openmp = openmp_flags()
@@ -336,6 +348,26 @@ class _CpuExtension(_Extension):
         spec = self.spec()
         digest = _digest(csrc(), _CPU_INPUTS, spec["extra_cflags"], spec["extra_ldflags"])
         return cache_root() / _torch_key() / f"cpu-{cpu_isa()}-{digest}"
+
+
+class _StepCacheExtension(_Extension):
+    def aot_name(self) -> str:
+        return AOT_STEP_CACHE_MODULE
+
+    def jit_name(self) -> str:
+        return "largedet_kernels_step_cache"
+
+    def spec(self) -> Dict:
+        return dict(sources=[str(csrc() / s) for s in STEP_CACHE_SOURCES], extra_cflags=STEP_CACHE_CFLAGS)
+
+    def label(self) -> str:
+        return "the step cache's native check"
+
+    def duration(self) -> str:
+        return "~10 s"
+
+    def directory(self) -> Path:
+        return cache_root() / _torch_key() / f"step-cache-{_digest(csrc(), _STEP_CACHE_INPUTS, STEP_CACHE_CFLAGS)}"
 
 
 def cuda_include_dirs() -> List[str]:
@@ -399,3 +431,4 @@ class _CudaExtension(_Extension):
 
 CPU = _CpuExtension()
 CUDA = _CudaExtension()
+STEP_CACHE = _StepCacheExtension()

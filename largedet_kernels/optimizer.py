@@ -41,15 +41,44 @@ from .step_cache import Entry, StepCache
 # What step() reads from a param group: a change of any re-validates them and refreshes the hyper tables.
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", "cycle_length", "bias_correction", "eps_inside_sqrt",
               "grad_averaging", "adam_w_mode", "use_nvlamb", "max_grad_norm", "stochastic_rounding",
-              "seed")  # fmt: skip
+              "seed", "maximize", "adapt", "trust_ratio_bounds")  # fmt: skip
 # Hyper-parameters of the whole optimizer: a param group may not differ from the defaults in them.
 OPTIMIZER_WIDE = ("max_grad_norm", "stochastic_rounding", "seed")
+# Settings of the constructor only, kept as attributes (and by pickling), never in a param group.
+CONSTRUCTOR_ONLY = ("backend", "master_weights", "moment_dtype")
+# Keys a param group may hold beside its hyper-parameters: torch.optim's parameter names, and what lr
+# schedulers read (torch's initial_lr, timm's lr_scale).
+GROUP_EXTRAS = ("params", "param_names", "initial_lr", "lr_scale")
+# torch.optim's keywords that choose an implementation, and what to use here instead.
+TORCH_KEYWORDS = {
+    "foreach": "backend= chooses the implementation here ('torch' is the foreach one)",
+    "fused": "backend= chooses the implementation here ('cuda', 'triton' and 'cpu' are fused)",
+    "capturable": "the fused backends are capturable as they are (docs/backends.md)",
+    "differentiable": "the step is not differentiable",
+}
+
+# NOTE [state format] (docs/state-format.md)
+#     The param-group keys added since the first release of the state format, with the release that added
+#     each: a state_dict without one takes the optimizer's setting (__setstate__, which load_state_dict
+#     calls, as torch's optimizers do). A per-tensor state key added since ("master", v2) is likewise
+#     started when absent (_init_group). tests/checkpoints/ holds checkpoints of every release.
+STATE_FORMAT = 3
+FORMAT_HISTORY = {"stochastic_rounding": "v2", "seed": "v2", "maximize": "v3", "adapt": "v3",
+                  "trust_ratio_bounds": "v3"}  # fmt: skip
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 MASTER_DTYPE = torch.float32
 MOMENT_DTYPES = (torch.float32, torch.bfloat16)
 MASTER_WEIGHTS = ("auto", True, False)
 _HYPERS = operator.itemgetter(*HYPER_KEYS)
+
+
+def refuse_torch_keywords(cls: str, kwargs: Dict[str, Any]) -> None:
+    """TypeError for each keyword a constructor does not take, saying what to use instead of torch.optim's."""
+    for key in kwargs:
+        if key in TORCH_KEYWORDS:
+            raise TypeError(f"{cls} does not take torch.optim's {key}=: {TORCH_KEYWORDS[key]}")
+        raise TypeError(f"{cls}.__init__() got an unexpected keyword argument {key!r}")
 
 
 def finite_number(value: Any) -> bool:
@@ -64,8 +93,19 @@ def _check_hyper(group: Dict[str, Any], where: str = "") -> None:
     """ValueError naming the argument (and ``where``, its param group) for every out-of-range or non-finite
     hyper-parameter."""
     lr, eps, wd, alpha = group["lr"], group["eps"], group["weight_decay"], group["alpha"]
+    if isinstance(lr, torch.Tensor):  # NOTE [tensor lr] in backends/tables.py
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if not lr.is_floating_point():
+            raise ValueError(f"Invalid lr{where}: a tensor lr must be floating point, got {lr.dtype}")
+        devices = {local(p).device for p in group.get("params", ())}
+        if lr.device.type != "cpu" and any(d != lr.device for d in devices):
+            on = ", ".join(sorted(map(str, devices)))
+            raise ValueError(f"Invalid lr{where}: a tensor lr on {lr.device} for parameters on {on}: put it on "
+                             "the CPU or on their device")  # fmt: skip
+        lr = lr.item()  # when set or replaced, not at each step
     if not finite_number(lr) or lr < 0:
-        raise ValueError(f"Invalid lr{where}: {lr!r} (must be a finite Python number >= 0)")
+        raise ValueError(f"Invalid lr{where}: {lr!r} (must be a finite number >= 0, or a 1-element tensor of one)")
     if not finite_number(eps) or eps < 0:
         raise ValueError(f"Invalid eps{where}: {eps!r} (must be finite and >= 0)")
     betas = group["betas"]
@@ -82,9 +122,17 @@ def _check_hyper(group: Dict[str, Any], where: str = "") -> None:
     if max_norm is not None and (not finite_number(max_norm) or not max_norm > 0):
         raise ValueError(f"Invalid max_grad_norm{where}: {max_norm!r} (must be finite and > 0, or None to disable "
                          "clipping)")  # fmt: skip
-    if not isinstance(group["stochastic_rounding"], bool):
-        raise ValueError(f"Invalid stochastic_rounding{where}: {group['stochastic_rounding']!r} (must be True or "
-                         "False)")  # fmt: skip
+    for flag in ("stochastic_rounding", "maximize"):
+        if not isinstance(group[flag], bool):
+            raise ValueError(f"Invalid {flag}{where}: {group[flag]!r} (must be True or False)")
+    adapt = group["adapt"]
+    if adapt is not None and not isinstance(adapt, bool):
+        raise ValueError(f"Invalid adapt{where}: {adapt!r} (must be True, False, or None for apex's rule)")
+    bounds = group["trust_ratio_bounds"]
+    if bounds is not None and not (isinstance(bounds, (tuple, list)) and len(bounds) == 2
+                                   and all(finite_number(b) and b > 0 for b in bounds) and bounds[0] <= bounds[1]):
+        raise ValueError(f"Invalid trust_ratio_bounds{where}: {bounds!r} (must be (lo, hi), finite, 0 < lo <= hi, "
+                         "or None)")  # fmt: skip
     seed = group["seed"]
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < rounding.SEED_LIMIT:
         raise ValueError(f"Invalid seed{where}: {seed!r} (must be an integer in [0, 2**32))")
@@ -117,6 +165,25 @@ class _LambFamily(Optimizer):
         self._step_cache = StepCache()
         super().__init__(params, defaults)
 
+    # The attributes a copy keeps beside torch.optim's defaults, state and param groups.
+    _SETTINGS: Tuple[str, ...] = CONSTRUCTOR_ONLY
+
+    def __getstate__(self) -> Dict[str, Any]:
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._SETTINGS}}
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        """A copy's settings and fresh caches; groups of an earlier state format get the keys added since
+        (NOTE [state format])."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in FORMAT_HISTORY:
+                group.setdefault(key, self.defaults[key])
+        self._backend_of_device = {}
+        if "_step_cache" in self.__dict__:
+            self._step_cache.invalidate()
+        else:
+            self._step_cache = StepCache()
+
     def _check_group(self, group: Dict[str, Any], index: int) -> None:
         _check_hyper(group, f" in param group {index}")
         for key in OPTIMIZER_WIDE:
@@ -148,12 +215,24 @@ class _LambFamily(Optimizer):
                              "float16")  # fmt: skip
 
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        index = len(self.param_groups)
+        for key in param_group:
+            if key in CONSTRUCTOR_ONLY:
+                raise ValueError(f"{key} is a setting of the whole optimizer's constructor, not of a param group "
+                                 f"(param group {index})")  # fmt: skip
+            if key not in self.defaults and key not in GROUP_EXTRAS:
+                raise ValueError(f"unknown key {key!r} in param group {index}: the keys are "
+                                 f"{', '.join(sorted(self.defaults))} and {', '.join(GROUP_EXTRAS)}")  # fmt: skip
+        params = param_group["params"]
+        if not isinstance(params, (torch.Tensor, set)):  # a set is torch's TypeError
+            params = param_group["params"] = list(params)
+        if not isinstance(params, (torch.Tensor, set)) and len({id(p) for p in params}) != len(params):
+            # Before torch's add_param_group, which only warns (docs/api.md).
+            raise ValueError("a parameter appears twice in one param group: it would be stepped twice")
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            self._check_group(group, len(self.param_groups) - 1)
-            if len({id(p) for p in group["params"]}) != len(group["params"]):
-                raise ValueError("a parameter appears twice in one param group: it would be stepped twice")
+            self._check_group(group, index)
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError(f"complex parameters are not supported (got a {p.dtype} parameter)")
@@ -220,11 +299,12 @@ class _LambFamily(Optimizer):
             self._backend_of_device[device] = name, dispatch.backend_module(name)
         return self._backend_of_device[device]
 
-    def _init_group(self, group: Dict[str, Any]) -> None:
-        """State for the group's parameters that have gradients: zeros for a new one, and moved to the
-        parameter's device and math dtype after ``p.data = p.data.to(...)``. torch.compile runs a method of
-        this name eagerly before it traces step(), so a compiled first step sees the state of the next."""
-        for p in group["params"]:
+    def _init_group(self) -> None:
+        """State for every parameter that has a gradient: zeros for a new one, and moved to the parameter's
+        device and math dtype after ``p.data = p.data.to(...)``. torch.compile runs a method of this name
+        eagerly before it traces step(), so a compiled first step sees the state of the next; it reads the
+        state once, after the first call, so one call covers every group."""
+        for p in itertools.chain.from_iterable(group["params"] for group in self.param_groups):
             if p.grad is None:
                 continue
             state = self.state[p]
@@ -258,6 +338,8 @@ class _LambFamily(Optimizer):
         for i, group in enumerate(self.param_groups):
             self._check_group(group, i)
             group["betas"] = tuple(group["betas"])  # compared by value: no list to change in place
+            if group["trust_ratio_bounds"] is not None:
+                group["trust_ratio_bounds"] = tuple(group["trust_ratio_bounds"])
         return self._hypers()
 
     def _grad_factor(self, entries: List[Entry]) -> Optional[torch.Tensor]:
@@ -321,9 +403,12 @@ class PMDLAMB(_LambFamily):
     r = m/√(v+ε), u = r + λx, x ← x − η·α·(‖x‖/‖u‖)·u.
 
     Args:
-        params: parameters or param groups; every hyper-parameter below except
-            ``max_grad_norm`` and ``backend`` can be set per group.
-        lr: η. betas: (β1, β2). eps: ε. weight_decay: λ (decoupled).
+        params: parameters or param groups. Every hyper-parameter below can be set per group except
+            the optimizer-wide ``max_grad_norm``, ``stochastic_rounding`` and ``seed`` and the
+            constructor's ``backend``, ``master_weights`` and ``moment_dtype``; any other key in a group
+            is a ValueError.
+        lr: η. betas: (β1, β2). eps: ε. weight_decay: λ (decoupled: it acts at g = 0 too, where
+            u = λx and a step scales x by 1 − η·α).
         alpha: α, the trust-ratio scale (0.012 in the paper).
         cycle_length: T, the ξ cycle in steps; None gives ξ ≡ 1 (plain LAMB moments).
         bias_correction: divide m, v by (1−β1^t), (1−β2^t) before r.
@@ -341,6 +426,16 @@ class PMDLAMB(_LambFamily):
         stochastic_rounding: round bf16 parameters without masters stochastically, with
             a dither hashed from (seed, step, element): reproducible on every backend.
         seed: the dither's seed, an integer in [0, 2**32).
+        maximize: gradient ascent, as torch.optim's flag: the step is taken on −g (per group; the
+            kernels fold it into the per-tensor weight of g, so it costs nothing).
+        adapt: whether the step of a group's tensors is scaled by the trust ratio ‖x‖/‖u‖ (True: every
+            tensor, as the paper does), independent of weight decay; None is apex's rule (no trust
+            ratio for tensors without weight decay, unless ``use_nvlamb``).
+        trust_ratio_bounds: (lo, hi): ‖x‖/‖u‖ clamped to [lo, hi] before η·α scales it (DeepSpeed's
+            (0.01, 10), say); None: unbounded. A zero norm still gives 1, a non-finite one NaN.
+        lr may be a float or a 0-d (or one-element) tensor, on the CPU or the parameters' device,
+        which an lr schedule may write in place (NOTE [tensor lr] in backends/tables.py); the
+        other hyper-parameters take numbers.
     """
 
     def __init__(
@@ -361,13 +456,19 @@ class PMDLAMB(_LambFamily):
         moment_dtype: torch.dtype = torch.float32,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        maximize: bool = False,
+        adapt: Optional[bool] = True,
+        trust_ratio_bounds: Optional[Tuple[float, float]] = None,
+        **kwargs: Any,
     ) -> None:
+        refuse_torch_keywords("PMDLAMB", kwargs)
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha,
             cycle_length=cycle_length, bias_correction=bias_correction,
             eps_inside_sqrt=eps_inside_sqrt, grad_averaging=grad_averaging,
             max_grad_norm=max_grad_norm, adam_w_mode=True, use_nvlamb=True,
-            stochastic_rounding=stochastic_rounding, seed=seed,
+            stochastic_rounding=stochastic_rounding, seed=seed, maximize=maximize, adapt=adapt,
+            trust_ratio_bounds=trust_ratio_bounds,
         )  # fmt: skip
         super().__init__(params, defaults, backend, master_weights, moment_dtype)
 
@@ -383,7 +484,8 @@ class LAMB(_LambFamily):
     gradients are never overwritten (apex writes its update into them), and
     ``max_grad_norm`` cannot differ per param group (apex reads only the default).
     ``backend`` (``"auto" | "cuda" | "triton" | "cpu" | "torch"``), ``master_weights``, ``moment_dtype``,
-    ``stochastic_rounding`` and ``seed`` are PMDLAMB's.
+    ``stochastic_rounding``, ``seed``, ``maximize``, ``trust_ratio_bounds`` and a tensor ``lr`` are PMDLAMB's;
+    ``adapt`` too, whose default None keeps apex's rule (``use_nvlamb``).
     """
 
     def __init__(
@@ -405,7 +507,12 @@ class LAMB(_LambFamily):
         moment_dtype: torch.dtype = torch.float32,
         stochastic_rounding: bool = False,
         seed: int = 0,
+        maximize: bool = False,
+        adapt: Optional[bool] = None,
+        trust_ratio_bounds: Optional[Tuple[float, float]] = None,
+        **kwargs: Any,
     ) -> None:
+        refuse_torch_keywords("LAMB", kwargs)
         if amsgrad:
             raise RuntimeError("LAMB does not support the AMSGrad variant.")
         self.set_grad_none = set_grad_none
@@ -414,9 +521,12 @@ class LAMB(_LambFamily):
             cycle_length=None, bias_correction=bias_correction, eps_inside_sqrt=False,
             grad_averaging=grad_averaging, max_grad_norm=max_grad_norm,
             adam_w_mode=adam_w_mode, use_nvlamb=use_nvlamb,
-            stochastic_rounding=stochastic_rounding, seed=seed,
+            stochastic_rounding=stochastic_rounding, seed=seed, maximize=maximize, adapt=adapt,
+            trust_ratio_bounds=trust_ratio_bounds,
         )  # fmt: skip
         super().__init__(params, defaults, backend, master_weights, moment_dtype)
+
+    _SETTINGS = (*CONSTRUCTOR_ONLY, "set_grad_none")
 
     def zero_grad(self, set_to_none: Optional[bool] = None) -> None:
         super().zero_grad(self.set_grad_none if set_to_none is None else set_to_none)

@@ -4,13 +4,14 @@
 - :class:`WarmupMultiStepLR`: linear warm-up from a factor, then ×gamma at absolute
   iteration milestones, as a standard ``LRScheduler``.
 - :func:`param_groups`: weight decay for weights, none for biases and normalisation
-  parameters, as detection codebases do.
+  parameters, as detection codebases do; optionally no trust ratio for some (``no_adapt``).
 - :func:`convert_sync_batchnorm`: SyncBN whose statistics are shared by groups of
   ``group_size`` ranks (the paper's "BN size 32").
 """
 
+import itertools
 from bisect import bisect_right
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch.optim.lr_scheduler import LRScheduler
@@ -73,29 +74,46 @@ class WarmupMultiStepLR(LRScheduler):
         return [base * self.factor(self.last_epoch) for base in self.base_lrs]
 
 
+Selector = Callable[[str, torch.nn.Module, torch.nn.Parameter], bool]
+
+
+def norms(name: str, module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
+    """Every parameter of a normalisation layer."""
+    return isinstance(module, NORM_TYPES)
+
+
+def biases(name: str, module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
+    return name.endswith("bias")
+
+
 def no_decay_for_biases_and_norms(name: str, module: torch.nn.Module, param: torch.nn.Parameter) -> bool:
     """The default exemption: biases, and every parameter of a normalisation layer."""
-    return name.endswith("bias") or isinstance(module, NORM_TYPES)
+    return biases(name, module, param) or norms(name, module, param)
 
 
-def param_groups(
-    model: torch.nn.Module,
-    weight_decay: float,
-    no_decay: Callable[[str, torch.nn.Module, torch.nn.Parameter], bool] = no_decay_for_biases_and_norms,
-) -> List[Dict]:
-    """Two param groups: trainable parameters with ``weight_decay``, and those ``no_decay``
-    exempts (called with the parameter's local name, its module and itself) with 0."""
-    decay: List[torch.nn.Parameter] = []
-    exempt: List[torch.nn.Parameter] = []
+def param_groups(model: torch.nn.Module, weight_decay: float, no_decay: Selector = no_decay_for_biases_and_norms,
+                 no_adapt: Optional[Selector] = None) -> List[Dict]:  # fmt: skip
+    """Param groups of the trainable parameters: with ``weight_decay``, or with 0 for those ``no_decay``
+    exempts; and those ``no_adapt`` names with ``adapt=False``, whose steps take no trust ratio (the
+    selectors are called with the parameter's local name, its module and itself: ``norms``, ``biases``,
+    ``no_decay_for_biases_and_norms`` or your own). LAMB's authors exclude normalisation layers from both
+    and keep decay on biases: ``param_groups(model, wd, no_decay=norms, no_adapt=norms)``."""
+    buckets: Dict[Tuple[bool, bool], List[torch.nn.Parameter]] = {}
     seen = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if not param.requires_grad or id(param) in seen:
                 continue
             seen.add(id(param))
-            (exempt if no_decay(name, module, param) else decay).append(param)
-    groups = [dict(params=decay, weight_decay=weight_decay), dict(params=exempt, weight_decay=0.0)]
-    return [g for g in groups if g["params"]]
+            fixed = no_adapt is not None and no_adapt(name, module, param)
+            buckets.setdefault((no_decay(name, module, param), fixed), []).append(param)
+    groups = []
+    for exempt, fixed in itertools.product((False, True), (False, True)):
+        if (exempt, fixed) in buckets:
+            groups.append(dict(params=buckets[exempt, fixed], weight_decay=0.0 if exempt else weight_decay))
+            if fixed:
+                groups[-1]["adapt"] = False
+    return groups
 
 
 def convert_sync_batchnorm(model: torch.nn.Module, group_size: Optional[int] = 32) -> torch.nn.Module:

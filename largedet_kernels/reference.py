@@ -41,7 +41,7 @@ NOTE [non-finite gradients]
 """
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -92,6 +92,9 @@ def pmd_lamb_step(
     grad_averaging: bool = True,
     adam_w_mode: bool = True,
     use_nvlamb: bool = True,
+    maximize: bool = False,
+    adapt: Optional[bool] = None,
+    trust_ratio_bounds: Optional[Tuple[float, float]] = None,
     moment_dtype: Optional[torch.dtype] = None,
 ) -> None:
     """One PMD-LAMB step of Algorithm 1 for one tensor; updates x, m and v in place.
@@ -99,15 +102,16 @@ def pmd_lamb_step(
     ``g`` is the (already unscaled and clipped) gradient; it is not modified.
     ``t`` may be a 0-d tensor, so that ``torch.compile`` does not specialise on it.
     ``adam_w_mode=False`` adds λx to the gradient instead of to the update
-    (apex's L2 mode); ``use_nvlamb=False`` drops the trust ratio when λ = 0.
+    (apex's L2 mode); ``use_nvlamb=False`` drops the trust ratio when λ = 0; ``maximize`` steps on −g.
     ``moment_dtype`` rounds m and v to that dtype once updated. The two halves,
     :func:`update_moments` and :func:`update_parameter`, can be called alone.
     """
-    update_moments(x, g, m, v, t, beta1=beta1, beta2=beta2, weight_decay=weight_decay, cycle_length=cycle_length,
-                   grad_averaging=grad_averaging, adam_w_mode=adam_w_mode, moment_dtype=moment_dtype)  # fmt: skip
+    update_moments(x, -g if maximize else g, m, v, t, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                   cycle_length=cycle_length, grad_averaging=grad_averaging, adam_w_mode=adam_w_mode,
+                   moment_dtype=moment_dtype)  # fmt: skip
     update_parameter(x, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, alpha=alpha,
                      bias_correction=bias_correction, eps_inside_sqrt=eps_inside_sqrt, adam_w_mode=adam_w_mode,
-                     use_nvlamb=use_nvlamb)  # fmt: skip
+                     use_nvlamb=use_nvlamb, adapt=adapt, trust_ratio_bounds=trust_ratio_bounds)  # fmt: skip
 
 
 @torch.no_grad()
@@ -127,8 +131,11 @@ def update_moments(x, g, m, v, t, *, beta1: float, beta2: float, weight_decay: f
 @torch.no_grad()
 def update_parameter(x, m, v, t, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                      alpha: float, bias_correction: bool, eps_inside_sqrt: bool, adam_w_mode: bool,
-                     use_nvlamb: bool) -> None:  # fmt: skip
-    """Lines 8–10 of Algorithm 1: x in place from the updated m and v."""
+                     use_nvlamb: bool, adapt: Optional[bool] = None,
+                     trust_ratio_bounds: Optional[Tuple[float, float]] = None) -> None:  # fmt: skip
+    """Lines 8–10 of Algorithm 1: x in place from the updated m and v. ``adapt`` says whether the trust
+    ratio applies (None: apex's rule, unless ``use_nvlamb`` none when λ = 0); ``trust_ratio_bounds``
+    clamps ‖x‖/‖u‖ where both norms are non-zero."""
     lam = weight_decay
     # Line 8: the update step r.
     m_hat, v_hat = m, v
@@ -144,8 +151,11 @@ def update_parameter(x, m, v, t, *, lr: float, beta1: float, beta2: float, eps: 
     u = r + lam * x if adam_w_mode else r
     x_norm, u_norm = torch.linalg.vector_norm(x), torch.linalg.vector_norm(u)
     trust_ratio = torch.ones_like(x_norm)
-    if use_nvlamb or lam != 0:
-        trust_ratio = torch.where((x_norm > 0) & (u_norm > 0), x_norm / u_norm, 1.0)
+    if (use_nvlamb or lam != 0) if adapt is None else adapt:
+        ratio = x_norm / u_norm
+        if trust_ratio_bounds is not None:
+            ratio = ratio.clamp(*trust_ratio_bounds)
+        trust_ratio = torch.where((x_norm > 0) & (u_norm > 0), ratio, 1.0)
     trust_ratio = torch.where(x_norm.isfinite() & u_norm.isfinite(), trust_ratio, math.nan)
     x.sub_(lr * alpha * trust_ratio * u)
 

@@ -1,6 +1,6 @@
 """Stochastic rounding of float32 values to bfloat16, with the counter-based dither every backend shares.
 
-NOTE [stochastic rounding] (also in csrc/rounding.h and largedet_kernels/triton_kernels.py)
+NOTE [stochastic rounding]
     A bf16 parameter without an fp32 master loses every update below half its rounding step
     (2⁻⁹ of its value) when rounded to nearest, and PMD-LAMB's updates are η·α of the tensor's
     norm: most round away. Stochastic rounding rounds y up with probability equal to the

@@ -7,7 +7,7 @@ NOTE [step cache]
     rebuilt only when something it was built from changed. Each step checks that at C speed: the
     param groups (identity, and the values of the optimizer's HYPER_KEYS: a change re-validates
     them and refreshes only the hyper tables), then, in one call of the native check
-    (csrc/cpu/step_cache.cpp; map() passes over flat lists without it), the parameters (identity,
+    (csrc/step_cache/step_cache.cpp; map() passes over flat lists without it), the parameters (identity,
     local tensor, address and layout: ``p.data = ...`` changes them) and the gradients (present or
     not as before, and their addresses, dtypes and layouts). A new gradient address refreshes only
     the pointer tables; anything else rebuilds the cache. Gradients are not held between steps:
@@ -30,11 +30,11 @@ from .sharding import ShardKey, check_grad, local, shard_key
 if TYPE_CHECKING:
     from .optimizer import _LambFamily
 
-# The native check (csrc/cpu/step_cache.cpp) is taken once it is loaded, never built for it (a torch-backend
-# step must not wait ~40 s for a compiler); until then _NATIVE is _UNRESOLVED. None: the Python check.
+# The native check (csrc/step_cache/step_cache.cpp, _extensions.STEP_CACHE): _UNRESOLVED until it is loaded
+# or its build is refused (_Built.watch says when it may be built), None for the Python check.
 _UNRESOLVED: Any = object()
 _NATIVE: Any = _UNRESOLVED
-# Its verdicts, and the columns of its snapshot (the rows of csrc/cpu/step_cache.cpp's Column).
+# Its verdicts, and the columns of its snapshot (csrc/step_cache/step_cache.cpp's Column).
 _NEW_GRADIENT_ADDRESSES, _REBUILD = 1, 2
 _SNAPSHOT_COLUMNS = 8
 
@@ -59,12 +59,17 @@ class Entry:
     shard_key: ShardKey
 
 
-def _native() -> Optional[ModuleType]:
-    """The native check, or None for the Python check (see _NATIVE)."""
+def _native(build: bool) -> Optional[ModuleType]:
+    """The native check, or None for the Python check (see _NATIVE); with ``build``, built first if need be (once
+    per cache, ~10 s), or the Python check for good when it cannot be."""
     global _NATIVE
     if _NATIVE is _UNRESOLVED:
-        module = _extensions.CPU.module(build=False)
-        if module is None:
+        try:
+            module = _extensions.STEP_CACHE.module(build=build)
+        except _extensions.ExtensionUnavailable:
+            _NATIVE = None
+            return None
+        if module is None:  # not built yet: a later step may build it
             return None
         _NATIVE = module
     return _NATIVE
@@ -104,7 +109,9 @@ class _Built:
 
     def watch(self, grads: List[torch.Tensor]) -> None:
         """Take what the per-step check compares: a snapshot for the native check where it can, else lists."""
-        native = _native()
+        # The native check is built on first use by a fused backend's step, which compiled or loaded kernels of its
+        # own anyway; a step of the torch backend alone, the one that needs no compiler, takes it only once built.
+        native = _native(build=any(e.backend.NAME != "torch" for e in self.entries))
         if native is not None:
             snapshot = torch.empty(len(self.params), _SNAPSHOT_COLUMNS, dtype=torch.int64)
             self.snapshot = snapshot if native.step_cache_snapshot(self.params, snapshot) else None
@@ -248,7 +255,7 @@ class StepCache:
         """One entry per (device, param dtype, grad dtype, shard key), state initialised; with, for _Built, each
         entry's positions, the flat parameters, the positions of those with gradients, their local tensors and
         their local gradients."""
-        groups, state = optimizer.param_groups, optimizer.state
+        groups = optimizer.param_groups
         params = list(itertools.chain.from_iterable(g["params"] for g in groups))
         group_of = [g for g in groups for _ in g["params"]]
         with_grad = [i for i, p in enumerate(params) if p.grad is not None]
@@ -260,8 +267,8 @@ class StepCache:
         buckets: Dict[Tuple[Any, ...], Bucket] = {}
         positions: Dict[Tuple[Any, ...], List[int]] = {}
         xs, grads = [], []
-        for group in groups:
-            optimizer._init_group(group)
+        optimizer._init_group()
+        state = optimizer.state
         for n, i in enumerate(with_grad):
             p = params[i]
             s = state[p]

@@ -30,11 +30,11 @@ NOTE [two passes]
     one reduced pair per tensor, as under NOTE [sharded norms]; ``_tensor_sums``
     sums in the same order either way, so the bits agree.
 
-NOTE [pointer tables] (in largedet_kernels/backends/chunk_plan.py)
+Pointer tables (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py)
     Each program handles CHUNK elements of one tensor, found through int64
     address tables on the device; offsets are int64.
 
-NOTE [vector and scalar paths] (also in csrc/multi_tensor_apply.cuh)
+The vector and scalar paths (NOTE [vector and scalar paths] in csrc/multi_tensor_apply.cuh)
     Each program tests the addresses of the streams it moves of its own tensor:
     when all are 16-byte aligned it walks the chunk with pointers hinted
     ``tl.multiple_of(·, 16)``, whose full (unmasked) tiles compile to 128-bit
@@ -42,7 +42,7 @@ NOTE [vector and scalar paths] (also in csrc/multi_tensor_apply.cuh)
     gradient viewing a DDP bucket) leaves the others of its bucket vectorised.
     Chunks start at multiples of CHUNK: whole tiles of an aligned tensor stay aligned.
 
-NOTE [sharded norms] (in largedet_kernels/optimizer.py)
+Sharded norms (NOTE [sharded norms] in largedet_kernels/sharding.py)
     Shards of a tensor take three launches: pass 1, ``tensor_sums_kernel`` (each
     tensor's local Σx², Σu²), then, after the caller's all-reduce, pass 2 reading
     one reduced pair per tensor: the launches of an unsharded step of a plan that
@@ -65,7 +65,7 @@ NOTE [bf16 bits]
     (NOTE [stochastic rounding] in largedet_kernels/rounding.py): a bf16
     parameter without a master whose hyper row asks for it.
 
-NOTE [double coefficients] (in largedet_kernels/backends/chunk_plan.py)
+Double coefficients (NOTE [double coefficients] in largedet_kernels/backends/tables.py)
     The hyper-parameter table is fp64; ξ, ξβ and the bias corrections are
     formed from it in fp64 once per program and rounded to the math type once.
 """
@@ -76,7 +76,7 @@ import triton.language as tl
 # Whether triton.jit below makes interpreted functions, whose bf16 casts truncate (NOTE [bf16 bits]).
 INTERPRETED = tl.constexpr(triton.knobs.runtime.interpret)
 
-# Columns of the per-tensor hyper-parameter table (fp64): chunk_plan.HYPER_COLUMNS, in order.
+# Columns of the per-tensor hyper-parameter table (fp64): tables.HYPER_COLUMNS, in order.
 LR_ALPHA = tl.constexpr(0)  # η·α
 BETA1 = tl.constexpr(1)
 BETA2 = tl.constexpr(2)
@@ -91,7 +91,10 @@ ADAM_W_MODE = tl.constexpr(10)
 USE_TRUST_RATIO = tl.constexpr(11)
 STOCHASTIC_ROUNDING = tl.constexpr(12)  # bf16 parameters without masters (NOTE [bf16 bits])
 SEED = tl.constexpr(13)  # an integer below 2**32
-N_HYPER = tl.constexpr(14)
+MAXIMIZE = tl.constexpr(14)  # gradient ascent: weight_g and λ in g negated, as in csrc/pmd_lamb_math.h
+TRUST_RATIO_MIN = tl.constexpr(15)  # the bounds of ‖x‖/‖u‖: 0 and +inf when unbounded
+TRUST_RATIO_MAX = tl.constexpr(16)
+N_HYPER = tl.constexpr(17)
 
 HALF_PI = tl.constexpr(1.5707963267948966)
 
@@ -121,20 +124,21 @@ def _step_coefficients(hyper, tensor, t, MATH: tl.constexpr):
     bias_correction = tl.load(row + BIAS_CORRECTION) != 0
     eps_inside = tl.load(row + EPS_INSIDE_SQRT) != 0
     adam_w = tl.load(row + ADAM_W_MODE) != 0
+    sign = tl.where(tl.load(row + MAXIMIZE) != 0, -1.0, 1.0)
 
     t64 = t.to(tl.float64)
     period = tl.where(cycle > 0, cycle, 1.0)
     xi = tl.where(cycle > 0, tl.cos((t64 % period) / period * HALF_PI), 1.0)
     decay_m = (xi * beta1).to(MATH)
     decay_v = (xi * beta2).to(MATH)
-    weight_g = tl.load(row + WEIGHT_G).to(MATH)
+    weight_g = (sign * tl.load(row + WEIGHT_G)).to(MATH)
     weight_g2 = tl.load(row + WEIGHT_G2).to(MATH)
     # β^t = 2^(t·log2 β); β = 0 gives 2^-inf = 0.
     correction_m = tl.where(bias_correction, 1.0 - tl.exp2(t64 * tl.log2(beta1)), 1.0).to(MATH)
     correction_v = tl.where(bias_correction, 1.0 - tl.exp2(t64 * tl.log2(beta2)), 1.0).to(MATH)
     eps_in = tl.where(eps_inside, eps, 0.0).to(MATH)
     eps_out = tl.where(eps_inside, 0.0, eps).to(MATH)
-    decay_in_grad = tl.where(adam_w, 0.0, weight_decay).to(MATH)
+    decay_in_grad = tl.where(adam_w, 0.0, sign * weight_decay).to(MATH)
     decay_in_update = tl.where(adam_w, weight_decay, 0.0).to(MATH)
     return (decay_m, decay_v, weight_g, weight_g2, correction_m, correction_v,
             eps_in, eps_out, decay_in_grad, decay_in_update)  # fmt: skip
@@ -452,7 +456,9 @@ def pmd_lamb_update_kernel(
     u_norm = _sqrt(sum_u, MATH)
     trusted = (tl.load(hyper + tensor * N_HYPER + USE_TRUST_RATIO) != 0) & (x_norm > 0) & (u_norm > 0)
     lr_alpha = tl.load(hyper + tensor * N_HYPER + LR_ALPHA).to(MATH)
-    ratio = lr_alpha * tl.where(trusted, _div(x_norm, u_norm, MATH), 1.0)
+    lo = tl.load(hyper + tensor * N_HYPER + TRUST_RATIO_MIN).to(MATH)
+    hi = tl.load(hyper + tensor * N_HYPER + TRUST_RATIO_MAX).to(MATH)
+    ratio = lr_alpha * tl.where(trusted, tl.minimum(tl.maximum(_div(x_norm, u_norm, MATH), lo), hi), 1.0)
     # NOTE [non-finite gradients] (in largedet_kernels/reference.py): a norm that is not finite makes all of x NaN.
     finite = (x_norm < float("inf")) & (u_norm < float("inf"))
     ratio = tl.where(finite, ratio, float("nan"))

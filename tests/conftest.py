@@ -44,6 +44,16 @@ def backend(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(params=[*CPU_BACKENDS, "cuda"], ids=[*CPU_BACKENDS, "cuda-emulated"])
+def every_backend(request, monkeypatch):
+    """Every backend this machine runs: those of CPU tensors, and the cuda backend through the emulator."""
+    if request.param == "cuda":
+        request.getfixturevalue("emulated_cuda")
+    elif request.param == "triton":
+        _small_triton_chunks(monkeypatch)
+    return request.param
+
+
 @pytest.fixture
 def triton_backend(monkeypatch):
     """The Triton backend on CPU tensors under the interpreter, with small chunks."""
@@ -71,6 +81,7 @@ def emulated_cuda(cuda_emulator, monkeypatch):
 
     on_gpus = cuda.unavailable_reason
     monkeypatch.setattr(cuda, "unavailable_reason", lambda device: None if device.type == "cpu" else on_gpus(device))
+    monkeypatch.setattr(cuda.KERNELS, "ops", getattr(torch.ops, cuda_emulator.NAMESPACE))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield cuda_emulator

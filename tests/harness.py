@@ -43,7 +43,8 @@ def random_grads(
 
 def reference_kwargs(group: Dict) -> Dict:
     keys = ("lr", "eps", "weight_decay", "alpha", "cycle_length", "bias_correction",
-            "eps_inside_sqrt", "grad_averaging", "adam_w_mode", "use_nvlamb")  # fmt: skip
+            "eps_inside_sqrt", "grad_averaging", "adam_w_mode", "use_nvlamb", "maximize", "adapt",
+            "trust_ratio_bounds")  # fmt: skip
     kwargs = {k: group[k] for k in keys}
     kwargs["beta1"], kwargs["beta2"] = group["betas"]
     return kwargs
@@ -101,7 +102,8 @@ class ReferenceRun:
             kwargs = reference_kwargs(group)
             moment_kwargs = {k: kwargs[k] for k in ("beta1", "beta2", "weight_decay", "cycle_length",
                                                      "grad_averaging", "adam_w_mode")}  # fmt: skip
-            update_kwargs = {k: kwargs[k] for k in kwargs if k not in ("cycle_length", "grad_averaging")}
+            update_kwargs = {k: kwargs[k] for k in kwargs if k not in ("cycle_length", "grad_averaging", "maximize")}
+            sign = -1.0 if kwargs["maximize"] else 1.0
             for p in group["params"]:
                 if g64[i] is not None:
                     self.t[i] += 1
@@ -109,7 +111,7 @@ class ReferenceRun:
                     if not bf16_moments(self.opt, p):
                         reference.pmd_lamb_step(x, g64[i] * factor, m, v, t, **kwargs)
                     else:
-                        reference.update_moments(x, g64[i] * factor, m, v, t, moment_dtype=torch.bfloat16,
+                        reference.update_moments(x, sign * g64[i] * factor, m, v, t, moment_dtype=torch.bfloat16,
                                                  **moment_kwargs)  # fmt: skip
                         # The moments are judged against the reference's by assert_close_to_reference.
                         stored = [self.opt.state[p][k].double() for k in ("exp_avg", "exp_avg_sq")]

@@ -107,8 +107,12 @@ def test_hyper_parameters_are_checked_only_when_they_change(monkeypatch):
     assert checked == [" in param group 0", " in param group 1"]
 
 
-@pytest.mark.parametrize("value", [torch.tensor(1e-3), 10**400], ids=["tensor", "beyond-float"])
-def test_an_lr_that_is_no_finite_python_number_is_refused(value):
+BAD_LRS = {"negative-tensor": torch.tensor(-1e-3), "nan-tensor": torch.tensor(float("nan")),
+           "integer-tensor": torch.tensor([1], dtype=torch.int64), "beyond-float": 10**400}  # fmt: skip
+
+
+@pytest.mark.parametrize("value", BAD_LRS.values(), ids=BAD_LRS.keys())
+def test_an_lr_that_is_no_finite_number_is_refused(value):
     with pytest.raises(ValueError, match="Invalid lr: "):
         PMDLAMB(_params(), lr=value)
     opt = PMDLAMB(_params())

@@ -1,5 +1,6 @@
 """Host side of the fused backends, on CPU: chunk tables, table layouts, kernel routing."""
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -45,7 +46,7 @@ def test_hyper_columns_agree_across_languages():
 
     triton_names = ["LR_ALPHA", "BETA1", "BETA2", "WEIGHT_G", "WEIGHT_G2", "EPS", "WEIGHT_DECAY", "CYCLE",
                     "BIAS_CORRECTION", "EPS_INSIDE_SQRT", "ADAM_W_MODE", "USE_TRUST_RATIO", "STOCHASTIC_ROUNDING",
-                    "SEED"]  # fmt: skip
+                    "SEED", "MAXIMIZE", "TRUST_RATIO_MIN", "TRUST_RATIO_MAX"]  # fmt: skip
     assert [getattr(triton_kernels, n).value for n in triton_names] == list(range(len(tables.HYPER_COLUMNS)))
     assert triton_kernels.N_HYPER.value == len(tables.HYPER_COLUMNS)
     header = (ROOT / "csrc/tables.h").read_text()
@@ -54,6 +55,34 @@ def test_hyper_columns_agree_across_languages():
     for i, column in enumerate(tables.HYPER_COLUMNS):
         assert snake[column] == i, column
     assert snake["hyper_columns"] == len(tables.HYPER_COLUMNS)
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def test_packed_chunk_tables_agree_across_languages():
+    header = (ROOT / "csrc/tables.h").read_text()
+    for enum, parts in (("ChunkTablePart", tables.CHUNK_TABLE_PARTS), ("WorkspacePart", tables.WORKSPACE_PARTS)):
+        body = re.search(rf"enum {enum} : int \{{([^}}]*)\}}", header).group(1)
+        values = {_snake(name): int(v) for name, v in re.findall(r"k(\w+) = (\d+)", body)}
+        assert values.pop(_snake(enum) + "s") == len(parts)
+        assert sorted(values, key=values.get) == list(parts)
+    # The plan packs the parts in that order, at the offsets of csrc/tables.h's part_offset.
+    numels = [0, 7, 9, 25]
+    bucket = Bucket(torch.device("cpu"), params=[torch.empty(n) for n in numels])
+    plan = chunk_plan.plan_for(bucket, 8)
+    layout = dict(zip(tables.CHUNK_TABLE_PARTS, chunk_plan.chunk_layout(numels, 8)))
+    n_chunks, n = len(layout["chunk_tensor"]), len(numels)
+    offsets = dict(chunk_tensor=0, chunk_index=n_chunks, first_chunk=2 * n_chunks, chunk_count=2 * n_chunks + n)
+    assert plan.chunks.dtype == torch.int32 and plan.chunks.numel() == 2 * (n_chunks + n)
+    for part in tables.CHUNK_TABLE_PARTS:
+        assert plan.chunks[offsets[part] : offsets[part] + len(layout[part])].tolist() == layout[part], part
+        assert getattr(plan, part).tolist() == layout[part], part
+    assert plan.pair_chunks[: 2 * n_chunks].equal(plan.chunks[: 2 * n_chunks])
+    assert plan.pair_chunks[2 * n_chunks :].tolist() == list(range(n)) + [1] * n
+    assert plan.workspace.numel() == 2 * n_chunks + n and plan.partials.numel() == 2 * n_chunks
+    assert plan.t_now.data_ptr() == plan.workspace.data_ptr() + 2 * n_chunks * plan.workspace.element_size()
 
 
 def test_pointer_rows_agree_across_languages():
@@ -84,10 +113,17 @@ def test_hyper_row_follows_the_group():
     row = dict(zip(tables.HYPER_COLUMNS, tables.hyper_row(group)))
     assert row["lr_alpha"] == 0.5 * 0.1 and row["cycle_length"] == 200 and row["use_trust_ratio"]
     assert row["weight_g"] == 1 - 0.9 and row["weight_g2"] == 1 - 0.999
-    group.update(cycle_length=None, use_nvlamb=False, grad_averaging=False)
+    assert (row["trust_ratio_min"], row["trust_ratio_max"], row["maximize"]) == (0.0, math.inf, False)
+    group.update(cycle_length=None, use_nvlamb=False, grad_averaging=False, adapt=None)
     row = dict(zip(tables.HYPER_COLUMNS, tables.hyper_row(group)))
     assert row["cycle_length"] == 0 and not row["use_trust_ratio"]  # LAMB: no trust ratio without decay
     assert row["weight_g"] == 1.0 and row["weight_g2"] == 1 - 0.999
+    group.update(adapt=True, trust_ratio_bounds=(0.01, 10.0), maximize=True)  # adapt overrides apex's rule
+    row = dict(zip(tables.HYPER_COLUMNS, tables.hyper_row(group)))
+    assert row["use_trust_ratio"] and row["maximize"]
+    assert (row["trust_ratio_min"], row["trust_ratio_max"]) == (0.01, 10.0)
+    group.update(adapt=False, weight_decay=0.1, use_nvlamb=True)
+    assert not dict(zip(tables.HYPER_COLUMNS, tables.hyper_row(group)))["use_trust_ratio"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
@@ -154,3 +190,33 @@ def test_tables_are_not_rebuilt_during_graph_capture(monkeypatch):
     bucket.grads[0] = torch.randn(4)
     with pytest.raises(RuntimeError, match="address.*CUDA graph"):
         plan.pointers(bucket)
+
+
+# The dtype pairs stated in Python (tables.has_kernels) are exactly those the C++ kernels take: the CPU
+# kernels' and the CUDA kernels' (emulated), each asked every pair through its op.
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@pytest.mark.parametrize("namespace", ["largedet", "largedet_emulated"], ids=["cpu", "cuda-emulated"])
+def test_the_kernels_take_exactly_the_dtype_pairs_of_has_kernels(cuda_emulator, namespace):
+    from harness import make_bucket
+
+    from largedet_kernels.backends import cpu, cuda
+
+    assert cpu.unavailable_reason(torch.device("cpu")) is None
+    chunk = cpu.CHUNK if namespace == "largedet" else cuda.CHUNK
+    group = PMDLAMB([torch.zeros(1)]).param_groups[0]
+    taken = {}
+    for x, g in itertools.product(FLOATS, FLOATS):
+        bucket = make_bucket([torch.randn(5, dtype=x)], group)
+        bucket.grads = [torch.randn(5, dtype=g)]
+        plan = chunk_plan.plan_for(bucket, chunk)
+        try:
+            getattr(torch.ops, namespace).step_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs,
+                                                bucket.steps, [], plan.chunks, plan.workspace, plan.chunk,
+                                                plan.hyper(bucket), plan.one, plan.zero)  # fmt: skip
+            taken[x, g] = True
+        except RuntimeError as err:
+            assert "no kernel for" in str(err), err
+            taken[x, g] = False
+    assert taken == {(x, g): tables.has_kernels(x, g) for x, g in itertools.product(FLOATS, FLOATS)}

@@ -111,7 +111,7 @@ def test_a_vector_access_past_a_tensor_is_reported(emulated_cuda):
     plan.address_key = ()
     with pytest.raises(RuntimeError, match=r"grad_sumsq launch failed: kernel failed in block 0 of 1, thread 1: "
                                            r"16-byte load at 0x[0-9a-f]+ outside every live allocation"):  # fmt: skip
-        cuda._KERNELS.grad_sumsq(bucket, plan)
+        cuda.KERNELS.grad_sumsq(bucket, plan)
 
 
 def test_a_misaligned_vector_access_is_reported(cuda_emulator):

@@ -137,26 +137,22 @@ assert cuda.unavailable_reason(torch.device("cuda")) is None, cuda.unavailable_r
 def written(op):
     return {a.name for a in op.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
 
-assert written(torch.ops.largedet.pmd_lamb_step_) == {"params", "exp_avgs", "exp_avg_sqs", "steps", "masters",
-                                                      "partials", "t_now"}
-assert written(torch.ops.largedet.pmd_lamb_moments_) == {"exp_avgs", "exp_avg_sqs", "partials", "t_now", "sums"}
-assert written(torch.ops.largedet.pmd_lamb_update_) == {"params", "steps", "masters"}
-assert written(torch.ops.largedet.grad_sumsq) == {"partials"}
+assert written(torch.ops.largedet.step_) == {"params", "exp_avgs", "exp_avg_sqs", "steps", "masters", "workspace"}
+assert written(torch.ops.largedet.moments_) == {"exp_avgs", "exp_avg_sqs", "steps", "workspace", "sums"}
+assert written(torch.ops.largedet.update_) == {"params", "steps", "masters"}
+assert written(torch.ops.largedet.grad_sumsq) == {"workspace"}
+assert all(written(getattr(torch.ops.largedet, name)) == set() for name in
+           ("table_step_", "table_moments_", "table_update_", "table_grad_sumsq"))
 
 with FakeTensorMode():
     grads = [torch.empty(5, device="cuda"), torch.empty(3, 3, device="cuda")]
-    i32 = lambda n: torch.empty(n, dtype=torch.int32, device="cuda")
-    tables = (torch.empty(6, 2, dtype=torch.int64, device="cuda"), torch.empty(2, dtype=torch.int64, device="cuda"),
-              i32(2), i32(2), i32(2), i32(2))
-    partials = torch.empty(4, device="cuda")
-    out = torch.ops.largedet.grad_sumsq(grads, *tables, partials, 16384, torch.float32)
-    assert out.shape == () and out.device.type == "cuda"
+    chunks, workspace = torch.empty(8, dtype=torch.int32, device="cuda"), torch.empty(6, device="cuda")
+    out = torch.ops.largedet.grad_sumsq(grads, chunks, workspace, 16384)
+    assert out.shape == () and out.dtype == torch.float32 and out.device.type == "cuda"
     params = [g.bfloat16() for g in grads]
-    none = torch.ops.largedet.pmd_lamb_step_(params, grads, params, params, [torch.empty((), device="cuda")] * 2,
-                                            grads, *tables, torch.empty(2, 14, dtype=torch.float64, device="cuda"),
-                                            torch.empty((), device="cuda"), torch.empty((), device="cuda"), partials,
-                                            torch.empty(2, device="cuda"), 16384, torch.bfloat16, torch.float32,
-                                            torch.bfloat16, True)
+    none = torch.ops.largedet.step_(params, grads, params, params, [torch.empty((), device="cuda")] * 2, grads,
+                                    chunks, workspace, 16384, torch.empty(2, 14, dtype=torch.float64, device="cuda"),
+                                    torch.empty((), device="cuda"), torch.empty((), device="cuda"))
     assert none is None
 print("ok")
 """

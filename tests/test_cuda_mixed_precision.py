@@ -193,7 +193,7 @@ def test_a_skipped_step_changes_nothing(emulated_cuda, monkeypatch, setting, red
     assert scaler.get_scale() == 2.0  # the scaler saw the overflow and backed off
 
 
-# --- NOTE [tensor lists or tables] in csrc/binding.cpp: given lists, the ops check them.
+# --- NOTE [tensor lists or tables] in largedet_kernels/backends/ops.py: given lists, the ops check them.
 
 
 def _mixed_bucket():
@@ -210,15 +210,13 @@ def _mixed_bucket():
     return bucket, chunk_plan.plan_for(bucket, cuda.CHUNK)
 
 
-def _step_with_lists(bucket, plan, has_masters: bool = True, m_dtype=None, **replaced) -> None:
-    """pmd_lamb_step_ given the bucket's tensor lists, some of them replaced, and the flags."""
+def _step_with_lists(bucket, plan, **replaced) -> None:
+    """The tensor-list form of the step given the bucket's lists, some of them replaced."""
     lists = dict(params=bucket.params, grads=bucket.grads, exp_avgs=bucket.exp_avgs, exp_avg_sqs=bucket.exp_avg_sqs,
                  steps=bucket.steps, masters=bucket.masters)  # fmt: skip
     lists.update(replaced)
-    # The tables, scalars and dtypes the optimizer's step passes after its six empty lists, then m_dtype, has_masters.
-    tables = cuda._KERNELS._args(bucket, plan, plan.one, plan.zero, plan.partials, plan.first_chunk, plan.chunk_count)
-    torch.ops.largedet.pmd_lamb_step_(*lists.values(), *tables[6:-2], m_dtype or bucket.exp_avgs[0].dtype,
-                                      has_masters)  # fmt: skip
+    cuda.KERNELS.ops.step_(*lists.values(), plan.chunks, plan.workspace, plan.chunk, plan.hyper(bucket), plan.one,
+                           plan.zero)  # fmt: skip
 
 
 def test_the_tensor_lists_give_the_tables_step(emulated_cuda):
@@ -226,7 +224,7 @@ def test_the_tensor_lists_give_the_tables_step(emulated_cuda):
     initial = [m.clone() for m in with_lists[0].masters]
     for _ in range(2):
         _step_with_lists(*with_lists)
-        cuda._KERNELS.step(*tables_only, tables_only[1].one, tables_only[1].zero)
+        cuda.KERNELS.step(*tables_only, tables_only[1].one, tables_only[1].zero)
     for name in ("params", "masters", "exp_avgs", "exp_avg_sqs", "steps"):
         a, b = getattr(with_lists[0], name), getattr(tables_only[0], name)
         assert all(torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b)), name
@@ -241,14 +239,15 @@ def test_the_tensor_lists_give_the_tables_step(emulated_cuda):
     [
         (lambda b: dict(masters=[m.bfloat16() for m in b.masters]), "masters must be Float, one is BFloat16"),
         (lambda b: dict(masters=b.masters[:1]), "masters has 1 tensors, the tables address 2"),
-        (lambda b: dict(has_masters=False), "2 masters given, and has_masters is false"),
-        (lambda b: dict(exp_avgs=[m.float() for m in b.exp_avgs]), "exp_avgs must be BFloat16, one is Float"),
-        (lambda b: dict(exp_avgs=[m.half() for m in b.exp_avgs], exp_avg_sqs=[m.half() for m in b.exp_avg_sqs],
-                        m_dtype=torch.float16), "no kernel for Half moments of BFloat16 parameters"),
+        (lambda b: dict(grads=[]), "grads is empty"),
+        (lambda b: dict(exp_avg_sqs=[m.float() for m in b.exp_avg_sqs]), "exp_avg_sqs must be BFloat16, one is Float"),
+        (lambda b: dict(exp_avgs=[m.half() for m in b.exp_avgs], exp_avg_sqs=[m.half() for m in b.exp_avg_sqs]),
+         "no kernel for Half moments of BFloat16 parameters"),
+        (lambda b: dict(params=[b.params[0], b.params[1].half()]), "params must be BFloat16, one is Half"),
         (lambda b: dict(params=[p.float() for p in b.params], grads=[g.float() for g in b.grads]),
-         "params must be BFloat16, one is Float"),
+         "fp32 master weights are for float16 and bfloat16 parameters, not Float"),
     ],
-    ids=["master-dtype", "master-count", "masters-unannounced", "moment-dtype", "fp16-moments", "param-dtype"],
+    ids=["master-dtype", "master-count", "no-grads", "moment-dtype", "fp16-moments", "param-dtype", "fp32-masters"],
 )  # fmt: skip
 def test_the_ops_check_the_tensor_lists(emulated_cuda, replaced, message):
     bucket, plan = _mixed_bucket()
@@ -262,4 +261,4 @@ def test_masters_are_for_16_bit_parameters(emulated_cuda):
     bucket.masters = [torch.randn(9)]
     plan = chunk_plan.plan_for(bucket, cuda.CHUNK)
     with pytest.raises(RuntimeError, match="fp32 master weights are for float16 and bfloat16 parameters, not Float"):
-        cuda._KERNELS.step(bucket, plan, plan.one, plan.zero)
+        cuda.KERNELS.step(bucket, plan, plan.one, plan.zero)

@@ -1,5 +1,8 @@
 """Bad input fails loudly, naming the argument, before anything is modified."""
 
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -78,10 +81,56 @@ def test_cuda_backend_on_cpu_says_how_to_get_it():
         PMDLAMB(_p(), backend="cuda")
 
 
-def test_a_parameter_twice_in_a_group_is_refused():
+def test_a_parameter_twice_in_a_group_is_refused_before_torchs_warning():
     p = torch.nn.Parameter(torch.randn(3))
-    with pytest.raises(ValueError, match="twice"):
-        PMDLAMB([p, p])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch's "duplicate parameters" warning would raise here
+        with pytest.raises(ValueError, match="twice"):
+            PMDLAMB([p, p])
+        opt = PMDLAMB([torch.nn.Parameter(torch.randn(2))])
+        with pytest.raises(ValueError, match="twice"):
+            opt.add_param_group({"params": iter([p, p])})
+    assert len(opt.param_groups) == 1
+
+
+@pytest.mark.parametrize("cls", [PMDLAMB, LAMB])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("backend", "torch", "backend is a setting of the whole optimizer's constructor"),
+        ("master_weights", False, "master_weights is a setting of the whole optimizer's constructor"),
+        ("moment_dtype", torch.bfloat16, "moment_dtype is a setting of the whole optimizer's constructor"),
+        ("momentum", 0.9, "unknown key 'momentum' in param group 1"),
+        ("weight_decay_rate", 0.1, "unknown key 'weight_decay_rate' in param group 1"),
+    ],
+)  # fmt: skip
+def test_a_param_group_key_that_would_be_ignored_is_refused(cls, key, value, message):
+    group = {"params": _p(), key: value}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        cls([{"params": _p()}, group])
+    opt = cls(_p())
+    with pytest.raises(ValueError, match=re.escape(message)):
+        opt.add_param_group(group)
+    assert len(opt.param_groups) == 1
+
+
+def test_the_keys_of_torch_and_of_lr_schedulers_are_taken():
+    named = [("w", torch.nn.Parameter(torch.randn(3)))]
+    opt = PMDLAMB([{"params": [p for _, p in named], "param_names": ["w"], "initial_lr": 0.1, "lr_scale": 0.5}])
+    assert opt.param_groups[0]["param_names"] == ["w"]
+
+
+@pytest.mark.parametrize("cls", [PMDLAMB, LAMB])
+@pytest.mark.parametrize(
+    "key,instead",
+    [("foreach", "backend="), ("fused", "backend="), ("capturable", "capturable as they are"),
+     ("differentiable", "not differentiable")],
+)  # fmt: skip
+def test_torch_optims_implementation_keywords_say_what_to_use(cls, key, instead):
+    with pytest.raises(TypeError, match=f"does not take torch.optim's {key}=: .*{re.escape(instead)}"):
+        cls(_p(), **{key: True})
+    with pytest.raises(TypeError, match=re.escape("got an unexpected keyword argument 'nesterov'")):
+        cls(_p(), nesterov=True)
 
 
 def test_auto_on_cpu_never_takes_the_triton_interpreter(monkeypatch):

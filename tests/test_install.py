@@ -1,7 +1,8 @@
-"""A plain ``pip install`` gets the cpu backend's kernels: built on first use (largedet_kernels/_extensions.py)
-against the torch running, into a cache keyed by what their ABI depends on; ranks that start together build
-once; the JIT can be switched off, says why when it cannot build, and leaves the CUDA build to machines with
-a GPU. The acceptance test installs a copy of the checkout into a fresh venv, with no flags."""
+"""A plain ``pip install`` gets the cpu backend's kernels and the step cache's native check: built on first use
+(largedet_kernels/_extensions.py) against the torch running, into a cache keyed by what their ABI depends on;
+ranks that start together build once; the JIT can be switched off, says why when it cannot build, and leaves the
+CUDA build to machines with a GPU. The acceptance test installs a copy of the checkout into a fresh venv, with no
+flags."""
 
 import json
 import os
@@ -32,7 +33,7 @@ _FIRST_STEP = r"""
 import copy, json, sys
 import torch
 import largedet_kernels
-from largedet_kernels import PMDLAMB, _extensions
+from largedet_kernels import PMDLAMB, _extensions, step_cache
 
 torch.manual_seed(int(sys.argv[1]))
 model = torch.nn.Sequential(torch.nn.Linear(37, 19), torch.nn.ReLU(), torch.nn.Linear(19, 5))
@@ -46,7 +47,8 @@ worst = 0.0
 for a, b, x0 in zip(model.parameters(), twin.parameters(), before):
     bound = 1e-6 * (b - x0).abs().max() + torch.finfo(torch.float32).eps * x0.abs().max()
     worst = max(worst, float((a - b).abs().max() / bound))
-print(json.dumps(dict(package=largedet_kernels.__file__, kernels=_extensions.CPU.module().__file__, worst=worst,
+print(json.dumps(dict(package=largedet_kernels.__file__, kernels=_extensions.CPU.module().__file__,
+                      step_cache=step_cache._native(build=False).__file__, worst=worst,
                       changed=float(max((b - x0).abs().max() for b, x0 in zip(twin.parameters(), before))))))
 """
 
@@ -88,10 +90,12 @@ def test_a_plain_pip_install_builds_the_cpu_kernels_on_first_use(tmp_path):
     seed = random.SystemRandom().randrange(2**31)
     first, stderr = _first_step(python, work, env, seed)
     assert str(venv) in first["package"] and str(src) not in first["package"], first
-    assert first["kernels"].startswith(str(cache)), first  # from the build on first use, into the cache
-    assert len(_build_lines(stderr)) == 1, stderr
+    # From the builds on first use, into the cache: the kernels', then the check's on the cpu step.
+    assert first["kernels"].startswith(str(cache)) and first["step_cache"].startswith(str(cache)), first
+    assert len(_build_lines(stderr)) == 2, stderr
     assert first["changed"] > 0 and first["worst"] <= 1.0, (seed, first)
     assert list(cache.glob(f"*/cpu-{_extensions.cpu_isa()}-*/built")), sorted(cache.rglob("*"))
+    assert list(cache.glob("*/step-cache-*/built")), sorted(cache.rglob("*"))
     built = time.monotonic()
 
     again, stderr = _first_step(python, work, env, seed)  # the next process takes the cache, quietly
@@ -119,15 +123,19 @@ def test_ranks_starting_together_build_once(tmp_path):
         assert rank.returncode == 0, err[-4000:]
         result = json.loads(out.strip().splitlines()[-1])
         assert result["kernels"].startswith(str(cache)) and result["worst"] <= 1.0, (seed, result)
-        assert len(_build_lines(err)) <= 1, err
-    (directory,) = cache.glob("*/cpu-*")
+        assert result["step_cache"].startswith(str(cache)), result
+        assert len(_build_lines(err)) <= 2, err
     # One compile of each object and one link: the rank that waited on the lock found them built.
-    compiled = [line.split("\t")[3] for line in (directory / ".ninja_log").read_text().splitlines()[1:]]
-    assert sorted(compiled) == ["largedet_kernels_cpu_" + cpu.ISA + ".so", "pmd_lamb_cpu.o", "step_cache.o"], compiled
+    for pattern, objects in (("*/cpu-*", ["largedet_kernels_cpu_" + cpu.ISA + ".so", "module.o", "pmd_lamb_cpu.o"]),
+                             ("*/step-cache-*", ["largedet_kernels_step_cache.so", "step_cache.o"])):
+        (directory,) = cache.glob(pattern)
+        compiled = [line.split("\t")[3] for line in (directory / ".ninja_log").read_text().splitlines()[1:]]
+        assert sorted(compiled) == objects, compiled
 
 
 def test_the_cache_key(monkeypatch, tmp_path):
-    # Each of torch's version, its C++ ABI, the ISA and a byte of the sources has a directory of its own.
+    # Each of torch's version, its C++ ABI, the ISA and a byte of the sources has a directory of its own; a
+    # byte of one extension's sources moves that extension's alone.
     sources = tmp_path / "csrc"
     shutil.copytree(_extensions.csrc(), sources)
     monkeypatch.setattr(_extensions, "csrc", lambda: sources)
@@ -146,9 +154,12 @@ def test_the_cache_key(monkeypatch, tmp_path):
     keys.add(key(torch._C, "_GLIBCXX_USE_CXX11_ABI", not torch._C._GLIBCXX_USE_CXX11_ABI))
     keys.add(key(torch, "__version__", torch.__version__ + ".post1"))
     assert _extensions.CPU.directory() == base  # nothing else moves it
-    header = sources / "rounding.h"
-    header.write_text(header.read_text() + "\n")
-    keys.add(_extensions.CPU.directory())
+    check = _extensions.STEP_CACHE.directory()
+    assert check.parent == base.parent and check.name.startswith("step-cache-"), check
+    for edited in (sources / "rounding.h", sources / "step_cache" / "step_cache.cpp"):
+        edited.write_text(edited.read_text() + "\n")
+        keys.add(_extensions.CPU.directory())
+        assert (_extensions.STEP_CACHE.directory() == check) == (edited.parent == sources), edited
     assert base in keys and len(keys) == len(_extensions.CPU_ISAS) + 3, keys
 
 
@@ -166,18 +177,33 @@ def _no_build(*args, **kwargs):
     raise AssertionError("torch.utils.cpp_extension.load was called")
 
 
-def test_an_extension_found_outside_the_package_is_not_taken(monkeypatch):
+@pytest.mark.parametrize("name", ["CPU", "STEP_CACHE"])
+def test_an_extension_found_outside_the_package_is_not_taken(monkeypatch, name):
     # An import hook of another installation (an editable install's finder) may find a module of that name
     # built from other sources; only one beside the package's own files is taken.
     import importlib.machinery
 
-    real = _extensions.CPU._ahead_of_time()
+    extension = getattr(_extensions, name)
+    real = extension._ahead_of_time()
     if real is None:
-        pytest.skip("the CPU extension is not built ahead of time")
+        pytest.skip(f"the {name} extension is not built ahead of time")
     assert Path(real.__file__).resolve().parent == Path(_extensions.__file__).resolve().parent
-    elsewhere = importlib.machinery.ModuleSpec(_extensions.CPU.aot_name(), None, origin="/elsewhere/x.so")
+    elsewhere = importlib.machinery.ModuleSpec(extension.aot_name(), None, origin="/elsewhere/x.so")
     monkeypatch.setattr(_extensions.importlib.util, "find_spec", lambda name: elsewhere)
-    assert _extensions.CPU._ahead_of_time() is None
+    assert extension._ahead_of_time() is None
+
+
+def test_the_step_cache_check_built_ahead_of_time_is_taken():
+    # setup.py builds it beside the package whenever it builds anything there, LARGEDET_CPU_BUILD=0 or not.
+    from largedet_kernels import step_cache
+
+    package = Path(_extensions.__file__).resolve().parent
+    if not list(package.glob("_C*.so")):
+        pytest.skip("nothing is built ahead of time (not installed with --no-build-isolation)")
+    (built,) = package.glob("_C_step_cache.*so")
+    module = _extensions.STEP_CACHE.module(build=False)
+    assert module.__name__ == "largedet_kernels._C_step_cache" and Path(module.__file__).resolve() == built
+    assert step_cache._native(build=False) is module
 
 
 def test_a_broken_file_in_the_cache_is_built_again(unbuilt):
@@ -277,7 +303,7 @@ def test_import_builds_nothing(tmp_path):
         import sys, largedet_kernels
         from largedet_kernels import step_cache
         assert step_cache._NATIVE is step_cache._UNRESOLVED
-        assert not [m for m in sys.modules if "largedet_kernels_cpu" in m or "_C_cpu" in m], sys.modules
+        assert not [m for m in sys.modules if m.startswith(("largedet_kernels_", "largedet_kernels._C"))], sys.modules
     """)
     env = _clean_env(PYTHONPATH=str(site), LARGEDET_KERNELS_CACHE=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)

@@ -134,7 +134,7 @@ def test_mmengine_config_trains_with_pmdlamb(tmp_path, mmengine_config, mmengine
     hub = runner.message_hub
     # LinearLR from 1/3 (end=4: the full lr from iteration 3), then ×0.1 from iteration 8.
     factors = [1 / 3 + (2 / 3) * i / 3 for i in range(4)] + [1.0] * 4 + [0.1] * 2
-    assert hub.get_scalar("train/lr").data[0].tolist() == pytest.approx([0.02 * f for f in factors])
+    assert hub.get_scalar("train/lr").data[0].tolist() == pytest.approx([0.4 * f for f in factors])
     losses = hub.get_scalar("train/loss").data[0]
     assert len(losses) == iters and all(a > b for a, b in zip(losses, losses[1:])), losses
     # clip_grad logs the norm it clipped from each iteration.
@@ -382,7 +382,7 @@ def test_timm_create_optimizer_v2_builds_pmdlamb(caplog):
     decay = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     assert len(decay) == sum(1 for _ in model.parameters())
     assert all(decay[id(p)] == (0.0 if p.dim() <= 1 else 5e-4) for p in model.parameters())
-    assert {g["lr"] for g in optimizer.param_groups} == {0.02}
+    assert {g["lr"] for g in optimizer.param_groups} == {0.4}
 
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     weights = model.fc.weight.detach().clone()

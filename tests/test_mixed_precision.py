@@ -76,7 +76,7 @@ def test_a_master_laid_out_unlike_its_parameter_is_stepped_right(backend):
     run_against_reference(opt, steps=3, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
 
 
-# NOTE [stochastic rounding]
+# --- NOTE [stochastic rounding] in largedet_kernels/rounding.py
 
 
 def test_stochastic_rounding_is_unbiased(backend, monkeypatch):

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from ranks import run_ranks
 
 from largedet_kernels import PMDLAMB
-from largedet_kernels.recipe import WarmupMultiStepLR, convert_sync_batchnorm, param_groups, scaled_lr
+from largedet_kernels.recipe import WarmupMultiStepLR, biases, convert_sync_batchnorm, norms, param_groups, scaled_lr
 
 
 def test_scaled_lr():
@@ -57,6 +57,20 @@ def test_param_groups_exempt_biases_and_norms():
         id(p) for p in (model[0].bias, model[1].weight, model[1].bias, model[3].bias, model[4].weight, model[4].bias)
     }
     PMDLAMB(groups)  # usable as is
+
+
+def test_param_groups_exclude_norms_from_adaptation_apart_from_decay():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2))
+    # LAMB's authors: norms out of both, biases keep their decay and their trust ratio.
+    groups = param_groups(model, weight_decay=0.01, no_decay=norms, no_adapt=norms)
+    assert [(g["weight_decay"], g.get("adapt", True)) for g in groups] == [(0.01, True), (0.0, False)]
+    assert {id(p) for p in groups[1]["params"]} == {id(model[1].weight), id(model[1].bias)}
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for i in (0, 2) for p in model[i].parameters()}
+    groups = param_groups(model, weight_decay=0.01, no_adapt=biases)  # no group for an empty combination
+    assert [(g["weight_decay"], g.get("adapt", True), len(g["params"])) for g in groups] == [
+        (0.01, True, 2), (0.0, True, 1), (0.0, False, 3)]  # fmt: skip
+    opt = PMDLAMB(groups, backend="torch")
+    assert [g["adapt"] for g in opt.param_groups] == [True, True, False]
 
 
 def _syncbn_worker(rank, world, group_size):

@@ -4,7 +4,7 @@
 // is csrc/pmd_lamb_math.h's, shared with the CUDA kernels.
 //
 // NOTE [cpu passes]
-//   As on the GPU (NOTE [two passes] in csrc/pmd_lamb.cuh) the trust ratio needs a whole-
+//   As on the GPU (NOTE [two passes] in largedet_kernels/triton_kernels.py) the trust ratio needs a whole-
 //   tensor reduction before x may change. Tensors are cut into chunks of kChunk elements
 //   whatever the thread count, and a chunk sums x² and u² in a fixed order (vector lanes
 //   over a tile, then the lanes in order into a double), the chunks of a tensor in order:
@@ -15,6 +15,7 @@
 //   largedet_kernels/optimizer.py) x is read from the master and written to both; moments
 //   stored in bf16 are read back once stored, so that r is formed from the state.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -42,9 +43,10 @@ using at::TensorList;
 constexpr int64_t kChunk = 1 << 16;  // elements per work item: x, g, m, v of fp32 fit a core's L2
 constexpr int64_t kTile = 512;       // elements summed in vector lanes before the lanes go to a double
 
-// Math in float32, or float64 for float64 parameters (as on the GPU).
-template <typename X>
-using MathOf = std::conditional_t<std::is_same_v<X, double>, double, float>;
+// The kernels' math type (csrc/tables.h) is ATen's.
+template <typename... X>
+constexpr bool kOpMath = (std::is_same_v<MathOf<X>, at::opmath_type<X>> && ...);
+static_assert(kOpMath<float, double, at::Half, at::BFloat16>);
 
 // Whether T is a 16-bit float that at::vec widens to, and narrows from, float vectors in registers.
 template <typename M, typename T>
@@ -124,7 +126,7 @@ struct TensorStep {
   const double* row;  // its row of the hyper-parameter table, in double (NOTE [double coefficients]
                       // in largedet_kernels/backends/chunk_plan.py)
   double t;           // the step being taken
-  bool stochastic;    // x rounded stochastically (NOTE [stochastic rounding] in csrc/rounding.h)
+  bool stochastic;    // x rounded stochastically (NOTE [stochastic rounding] in largedet_kernels/rounding.py)
   uint32_t key;       // the rounding key of this step
 
   // x as the math sees it: the master when there is one.
@@ -234,62 +236,60 @@ std::vector<Sums> per_tensor(const std::vector<Item>& items, const std::vector<S
   return sums;
 }
 
-// NOTE [cpu pointer tables]
-//   Each op comes twice. The tensor-list form (step_, moments_, update_, grad_sumsq) declares what
-//   it mutates, so torch.compile can trace it, and checks every tensor. The table form (table_step_,
-//   ...) takes the addresses from an int64 table [6, n] of x, g, m, v, step and master, as the GPU kernels
-//   do (NOTE [pointer tables] in largedet_kernels/backends/chunk_plan.py): converting five lists
-//   of tensors costs ~1.5 us per tensor at the call, more than the step of a small tensor. The
-//   table is the optimizer's, built from tensors it checked and keeps alive, and refreshed when an
-//   address changes (NOTE [step cache] in largedet_kernels/optimizer.py); eager mode only.
-enum Row : int64_t { kRowX = 0, kRowG = 1, kRowM = 2, kRowV = 3, kRowStep = 4, kRowMaster = 5, kRows = 6 };
-
+// The pointer table's rows are tables.h's PointerRow; the table form takes the optimizer's table as it is
+// (NOTE [tensor lists or tables] in largedet_kernels/backends/ops.py), the list form builds one.
 // A bucket's addresses and sizes as the table form takes them, from its tensors for the list form.
 struct Table {
-  std::vector<int64_t> ptrs;  // [kRows, n]
+  std::vector<int64_t> ptrs;  // [kPointerRows, n]
   std::vector<int64_t> numels;
   int64_t n = 0;
 
   Table(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
         TensorList masters)
-      : ptrs(kRows * params.size(), 0), n(static_cast<int64_t>(params.size())) {
+      : ptrs(kPointerRows * params.size(), 0), n(static_cast<int64_t>(params.size())) {
     for (int64_t i = 0; i < n; ++i) {
-      if (!masters.empty()) ptrs[kRowMaster * n + i] = reinterpret_cast<int64_t>(masters[i].data_ptr());
-      ptrs[kRowX * n + i] = reinterpret_cast<int64_t>(params[i].data_ptr());
-      if (!grads.empty()) ptrs[kRowG * n + i] = reinterpret_cast<int64_t>(grads[i].data_ptr());
-      ptrs[kRowM * n + i] = reinterpret_cast<int64_t>(exp_avgs[i].data_ptr());
-      ptrs[kRowV * n + i] = reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr());
-      ptrs[kRowStep * n + i] = reinterpret_cast<int64_t>(steps[i].data_ptr());
+      if (!masters.empty()) ptrs[kMaster * n + i] = reinterpret_cast<int64_t>(masters[i].data_ptr());
+      ptrs[kX * n + i] = reinterpret_cast<int64_t>(params[i].data_ptr());
+      if (!grads.empty()) ptrs[kG * n + i] = reinterpret_cast<int64_t>(grads[i].data_ptr());
+      ptrs[kM * n + i] = reinterpret_cast<int64_t>(exp_avgs[i].data_ptr());
+      ptrs[kV * n + i] = reinterpret_cast<int64_t>(exp_avg_sqs[i].data_ptr());
+      ptrs[kStep * n + i] = reinterpret_cast<int64_t>(steps[i].data_ptr());
       numels.push_back(params[i].numel());
     }
   }
 
   Table(const Tensor& table, const Tensor& numels_) : n(numels_.numel()) {
     TORCH_CHECK(table.device().is_cpu() && table.scalar_type() == at::kLong && table.is_contiguous() &&
-                    table.numel() == kRows * n,
-                "largedet_cpu: the pointer table must be a contiguous CPU int64 tensor of ", kRows, " x ", n,
+                    table.numel() == kPointerRows * n,
+                "largedet: the pointer table must be a contiguous CPU int64 tensor of ", kPointerRows, " x ", n,
                 " addresses, got ", table.scalar_type(), " ", table.sizes());
     TORCH_CHECK(numels_.device().is_cpu() && numels_.scalar_type() == at::kLong && numels_.is_contiguous(),
-                "largedet_cpu: numels must be a contiguous CPU int64 tensor");
-    TORCH_CHECK(n > 0, "largedet_cpu: no tensors to step");
-    ptrs.assign(table.data_ptr<int64_t>(), table.data_ptr<int64_t>() + kRows * n);
+                "largedet: numels must be a contiguous CPU int64 tensor");
+    TORCH_CHECK(n > 0, "largedet: no tensors to step");
+    ptrs.assign(table.data_ptr<int64_t>(), table.data_ptr<int64_t>() + kPointerRows * n);
     numels.assign(numels_.data_ptr<int64_t>(), numels_.data_ptr<int64_t>() + n);
+  }
+
+  // The table of a step, whose master row must agree with has_masters.
+  Table(const Tensor& table, const Tensor& numels_, bool has_masters) : Table(table, numels_) {
+    TORCH_CHECK(has_masters == (ptrs[kMaster * n] != 0), "largedet: has_masters is ", has_masters,
+                ", and the pointer table's master row says otherwise");
   }
 
   // Only the gradient row filled: what Σg² reads.
   static Table of_gradients(TensorList grads) {
     Table table({}, {}, {}, {}, {}, {});
     table.n = static_cast<int64_t>(grads.size());
-    table.ptrs.assign(kRows * table.n, 0);
+    table.ptrs.assign(kPointerRows * table.n, 0);
     for (int64_t i = 0; i < table.n; ++i) {
-      table.ptrs[kRowG * table.n + i] = reinterpret_cast<int64_t>(grads[i].data_ptr());
+      table.ptrs[kG * table.n + i] = reinterpret_cast<int64_t>(grads[i].data_ptr());
       table.numels.push_back(grads[i].numel());
     }
     return table;
   }
 
   template <typename T>
-  T* at(Row row, int64_t i) const {
+  T* at(PointerRow row, int64_t i) const {
     return reinterpret_cast<T*>(ptrs[row * n + i]);
   }
 };
@@ -308,12 +308,12 @@ struct BucketStep {
     if (grad_factor) factor = static_cast<M>(grad_factor->item<double>());
     tensors.reserve(table.n);
     for (int64_t i = 0; i < table.n; ++i) {
-      float* step = table.at<float>(kRowStep, i);
+      float* step = table.at<float>(kStep, i);
       if (advance) *step += 1.0f;
       const double* row = rows + i * kHyperColumns;
       const uint32_t key = rounding_key(static_cast<uint32_t>(row[kSeed]), static_cast<uint32_t>(*step));
-      tensors.push_back({table.at<X>(kRowX, i), table.at<const G>(kRowG, i), table.at<S>(kRowM, i),
-                         table.at<S>(kRowV, i), table.at<float>(kRowMaster, i), numels[i], row, *step,
+      tensors.push_back({table.at<X>(kX, i), table.at<const G>(kG, i), table.at<S>(kM, i),
+                         table.at<S>(kV, i), table.at<float>(kMaster, i), numels[i], row, *step,
                          row[kStochasticRounding] != 0, key});
     }
   }
@@ -354,7 +354,7 @@ void dispatch_xg(at::ScalarType x, at::ScalarType g, F&& f) {
   if (x == at::kHalf && g == at::kFloat) return f(Half{}, float{});
   if (x == at::kBFloat16 && g == at::kBFloat16) return f(BFloat16{}, BFloat16{});
   if (x == at::kBFloat16 && g == at::kFloat) return f(BFloat16{}, float{});
-  TORCH_CHECK(false, "largedet_cpu: no kernel for ", x, " parameters with ", g, " gradients");
+  TORCH_CHECK(false, "largedet: no kernel for ", x, " parameters with ", g, " gradients");
 }
 
 // Calls f(X{}, G{}, S{}) for the bucket's (parameter, gradient, moment) dtypes: moments are stored
@@ -368,55 +368,55 @@ void dispatch(at::ScalarType x, at::ScalarType g, at::ScalarType m, F&& f) {
     if constexpr (std::is_same_v<M, float>) {
       if (m == at::kBFloat16) return f(x_tag, g_tag, at::BFloat16{});
     }
-    TORCH_CHECK(false, "largedet_cpu: no kernel for ", m, " moments of ", x, " parameters");
+    TORCH_CHECK(false, "largedet: no kernel for ", m, " moments of ", x, " parameters");
   });
 }
 
 void check_bucket(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
                   TensorList steps, TensorList masters) {
   const size_t n = params.size();
-  TORCH_CHECK(n > 0, "largedet_cpu: no tensors to step");
+  TORCH_CHECK(n > 0, "largedet: no tensors to step");
   TORCH_CHECK((grads.empty() || grads.size() == n) && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
                   steps.size() == n && (masters.empty() || masters.size() == n),
-              "largedet_cpu: params, grads, exp_avgs, exp_avg_sqs, steps and masters (if any) must have one tensor "
+              "largedet: params, grads, exp_avgs, exp_avg_sqs, steps and masters (if any) must have one tensor "
               "each per parameter");
   const at::ScalarType moment = exp_avgs[0].scalar_type();
   for (size_t i = 0; i < n; ++i) {
     const Tensor& p = params[i];
-    TORCH_CHECK(p.device().is_cpu() && p.is_non_overlapping_and_dense(), "largedet_cpu: parameter ", i,
+    TORCH_CHECK(p.device().is_cpu() && p.is_non_overlapping_and_dense(), "largedet: parameter ", i,
                 " must be a dense CPU tensor");
-    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "largedet_cpu: parameters of one bucket share a dtype");
+    TORCH_CHECK(p.scalar_type() == params[0].scalar_type(), "largedet: parameters of one bucket share a dtype");
     for (const Tensor* t : {&exp_avgs[i], &exp_avg_sqs[i]}) {
       TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == moment && t->strides() == p.strides() &&
                       t->sizes() == p.sizes(),
-                  "largedet_cpu: the moments of parameter ", i, " must be ", moment, " CPU tensors laid out like it");
+                  "largedet: the moments of parameter ", i, " must be ", moment, " CPU tensors laid out like it");
     }
     if (!masters.empty()) {
       TORCH_CHECK(masters[i].device().is_cpu() && masters[i].scalar_type() == at::kFloat &&
                       masters[i].strides() == p.strides() && masters[i].sizes() == p.sizes(),
-                  "largedet_cpu: the master of parameter ", i, " must be a float32 CPU tensor laid out like it");
+                  "largedet: the master of parameter ", i, " must be a float32 CPU tensor laid out like it");
     }
     if (!grads.empty()) {
       TORCH_CHECK(grads[i].device().is_cpu() && grads[i].strides() == p.strides() && grads[i].sizes() == p.sizes() &&
                       grads[i].scalar_type() == grads[0].scalar_type(),
-                  "largedet_cpu: the gradient of parameter ", i, " must be a CPU tensor laid out like it");
+                  "largedet: the gradient of parameter ", i, " must be a CPU tensor laid out like it");
     }
     TORCH_CHECK(steps[i].device().is_cpu() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
-                "largedet_cpu: steps must be float32 CPU scalars");
+                "largedet: steps must be float32 CPU scalars");
   }
 }
 
 void check_hyper(const Tensor& hyper, int64_t n) {
   TORCH_CHECK(hyper.device().is_cpu() && hyper.scalar_type() == at::kDouble && hyper.is_contiguous() &&
                   hyper.numel() == n * kHyperColumns,
-              "largedet_cpu: hyper must be a contiguous CPU float64 tensor of ", n, " x ", kHyperColumns,
+              "largedet: hyper must be a contiguous CPU float64 tensor of ", n, " x ", kHyperColumns,
               " values, got ", hyper.scalar_type(), " ", hyper.sizes());
 }
 
 void check_sums(const Tensor& sums, at::ScalarType x, int64_t n) {
-  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == (x == at::kDouble ? at::kDouble : at::kFloat) &&
+  TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::toOpMathType(x) &&
                   sums.is_contiguous() && sums.numel() == 2 * n,
-              "largedet_cpu: sums must be a contiguous CPU tensor of the math dtype with 2 values per tensor");
+              "largedet: sums must be a contiguous CPU tensor of the math dtype with 2 values per tensor");
 }
 
 // Both passes (NOTE [cpu passes]).
@@ -443,7 +443,7 @@ void step(const Table& table, at::ScalarType x, at::ScalarType g, at::ScalarType
 // Pass 1 and each tensor's local Σx², Σu² into sums [n, 2] (NOTE [sharded norms] in
 // largedet_kernels/optimizer.py); the steps advance here.
 void moments(const Table& table, at::ScalarType x, at::ScalarType g, at::ScalarType m, const Tensor& hyper,
-             const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf, Tensor& sums) {
+             const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf, const Tensor& sums) {
   check_hyper(hyper, table.n);
   check_sums(sums, x, table.n);
   sums.zero_();
@@ -467,7 +467,7 @@ void update(const Table& table, at::ScalarType x, at::ScalarType m, const Tensor
             const c10::optional<Tensor>& found_inf, const Tensor& sums) {
   check_hyper(hyper, table.n);
   TORCH_CHECK(sums.device().is_cpu() && sums.numel() == 2 * table.n,
-              "largedet_cpu: sums must hold 2 values per tensor");
+              "largedet: sums must hold 2 values per tensor");
   if (skipped(found_inf)) return;
   const Tensor sums64 = sums.to(at::kDouble).contiguous();
   const double* s = sums64.data_ptr<double>();
@@ -492,12 +492,12 @@ Tensor grad_sumsq(const Table& table, at::ScalarType g_type) {
   items.insert(items.end(), large.begin(), large.end());
   std::vector<double> partials(items.size());
   double total = 0;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g_type, "largedet_cpu_grad_sumsq", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g_type, "largedet_grad_sumsq", [&] {
     using M = MathOf<scalar_t>;
     using Vec = at::vec::Vectorized<M>;
     at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
-        const scalar_t* g = table.at<const scalar_t>(kRowG, items[k].tensor);
+        const scalar_t* g = table.at<const scalar_t>(kG, items[k].tensor);
         for (int64_t tile = items[k].begin; tile < items[k].end; tile += kTile) {
           Vec acc(0);
           for (int64_t i = tile; i < std::min(tile + kTile, items[k].end); i += Vec::size()) {
@@ -510,92 +510,85 @@ Tensor grad_sumsq(const Table& table, at::ScalarType g_type) {
     });
   });
   for (double p : partials) total += p;
-  const at::ScalarType out = g_type == at::kDouble ? at::kDouble : at::kFloat;
-  return at::scalar_tensor(total, at::TensorOptions().dtype(out));
+  return at::scalar_tensor(total, at::TensorOptions().dtype(at::toOpMathType(g_type)));
 }
 
-// The tensor-list form (NOTE [cpu pointer tables]): every tensor checked, then the same work.
+// The ops of largedet_kernels/backends/ops.py for CPU tensors. The chunk table and workspace stay unread
+// (NOTE [tensor lists or tables] there); the chunk size must be kChunk, which the plan's tables assume.
+void check_chunk_size(int64_t chunk_size) {
+  TORCH_CHECK(chunk_size == kChunk, "largedet: the CPU kernels take chunks of ", kChunk, " elements, not ",
+              chunk_size);
+}
+
+// The table form.
+void table_step_(const Tensor& ptrs, const Tensor& numels, const Tensor&, const Tensor&, int64_t chunk_size,
+                 at::ScalarType x, at::ScalarType g, at::ScalarType m, bool has_masters, const Tensor& hyper,
+                 const Tensor& grad_factor, const Tensor& found_inf) {
+  check_chunk_size(chunk_size);
+  step(Table(ptrs, numels, has_masters), x, g, m, hyper, grad_factor, found_inf);
+}
+
+void table_moments_(const Tensor& ptrs, const Tensor& numels, const Tensor&, const Tensor&, int64_t chunk_size,
+                    at::ScalarType x, at::ScalarType g, at::ScalarType m, bool has_masters, const Tensor& hyper,
+                    const Tensor& grad_factor, const Tensor& found_inf, const Tensor& sums) {
+  check_chunk_size(chunk_size);
+  moments(Table(ptrs, numels, has_masters), x, g, m, hyper, grad_factor, found_inf, sums);
+}
+
+void table_update_(const Tensor& ptrs, const Tensor& numels, const Tensor&, const Tensor&, int64_t chunk_size,
+                   at::ScalarType x, at::ScalarType, at::ScalarType m, bool has_masters, const Tensor& hyper,
+                   const Tensor& found_inf, const Tensor& sums) {
+  check_chunk_size(chunk_size);
+  update(Table(ptrs, numels, has_masters), x, m, hyper, found_inf, sums);
+}
+
+Tensor table_grad_sumsq(const Tensor& ptrs, const Tensor& numels, const Tensor&, const Tensor&, int64_t chunk_size,
+                        at::ScalarType g) {
+  check_chunk_size(chunk_size);
+  return grad_sumsq(Table(ptrs, numels), g);
+}
+
+// The tensor-list form: every tensor checked, then the same work.
 void step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-           TensorList masters, const Tensor& hyper, const c10::optional<Tensor>& grad_factor,
-           const c10::optional<Tensor>& found_inf) {
+           TensorList masters, const Tensor&, const Tensor&, int64_t chunk_size, const Tensor& hyper,
+           const Tensor& grad_factor, const Tensor& found_inf) {
+  check_chunk_size(chunk_size);
   check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, masters);
   step(Table(params, grads, exp_avgs, exp_avg_sqs, steps, masters), params[0].scalar_type(), grads[0].scalar_type(),
        exp_avgs[0].scalar_type(), hyper, grad_factor, found_inf);
 }
 
 void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
-              TensorList masters, const Tensor& hyper, const c10::optional<Tensor>& grad_factor,
-              const c10::optional<Tensor>& found_inf, Tensor& sums) {
+              TensorList masters, const Tensor&, const Tensor&, int64_t chunk_size, const Tensor& hyper,
+              const Tensor& grad_factor, const Tensor& found_inf, const Tensor& sums) {
+  check_chunk_size(chunk_size);
   check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, masters);
   moments(Table(params, grads, exp_avgs, exp_avg_sqs, steps, masters), params[0].scalar_type(),
           grads[0].scalar_type(), exp_avgs[0].scalar_type(), hyper, grad_factor, found_inf, sums);
 }
 
 void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps, TensorList masters,
-             const Tensor& hyper, const c10::optional<Tensor>& found_inf, const Tensor& sums) {
+             const Tensor&, const Tensor&, int64_t chunk_size, const Tensor& hyper, const Tensor& found_inf,
+             const Tensor& sums) {
+  check_chunk_size(chunk_size);
   check_bucket(params, {}, exp_avgs, exp_avg_sqs, steps, masters);
   update(Table(params, {}, exp_avgs, exp_avg_sqs, steps, masters), params[0].scalar_type(),
          exp_avgs[0].scalar_type(), hyper, found_inf, sums);
 }
 
-Tensor grad_sumsq_(TensorList grads) {
-  TORCH_CHECK(!grads.empty(), "largedet_cpu: no gradients");
+Tensor grad_sumsq_(TensorList grads, const Tensor&, const Tensor&, int64_t chunk_size) {
+  check_chunk_size(chunk_size);
+  TORCH_CHECK(!grads.empty(), "largedet: no gradients");
   for (const Tensor& g : grads) {
     TORCH_CHECK(g.device().is_cpu() && g.is_non_overlapping_and_dense() && g.scalar_type() == grads[0].scalar_type(),
-                "largedet_cpu: gradients must be dense CPU tensors of one dtype");
+                "largedet: gradients must be dense CPU tensors of one dtype");
   }
   return grad_sumsq(Table::of_gradients(grads), grads[0].scalar_type());
 }
 
-// The table form (NOTE [cpu pointer tables]).
-void table_step_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x, at::ScalarType g,
-                 at::ScalarType m, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
-  step(Table(ptrs, numels), x, g, m, hyper, grad_factor, found_inf);
-}
-
-void table_moments_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x, at::ScalarType g,
-                    at::ScalarType m, const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf,
-                    Tensor& sums) {
-  moments(Table(ptrs, numels), x, g, m, hyper, grad_factor, found_inf, sums);
-}
-
-void table_update_(const Tensor& ptrs, const Tensor& numels, const Tensor& hyper, at::ScalarType x, at::ScalarType m,
-                   const c10::optional<Tensor>& found_inf, const Tensor& sums) {
-  update(Table(ptrs, numels), x, m, hyper, found_inf, sums);
-}
-
-Tensor table_grad_sumsq(const Tensor& ptrs, const Tensor& numels, at::ScalarType g) {
-  return grad_sumsq(Table(ptrs, numels), g);
-}
-
 }  // namespace
 
-TORCH_LIBRARY(largedet_cpu, m) {
-  m.def(
-      "step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] steps, Tensor(e!)[] masters, Tensor hyper, Tensor? grad_factor, Tensor? found_inf) -> ()");
-  m.def(
-      "moments_(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
-      "Tensor(c!)[] steps, Tensor[] masters, Tensor hyper, Tensor? grad_factor, Tensor? found_inf, "
-      "Tensor(d!) sums) -> ()");
-  m.def(
-      "update_(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor[] steps, Tensor(b!)[] masters, "
-      "Tensor hyper, Tensor? found_inf, Tensor sums) -> ()");
-  m.def("grad_sumsq(Tensor[] grads) -> Tensor");
-  // NOTE [cpu pointer tables]: what these write is addressed by `ptrs`, not declared; never traced.
-  m.def(
-      "table_step_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, ScalarType g_dtype, "
-      "ScalarType m_dtype, Tensor? grad_factor, Tensor? found_inf) -> ()");
-  m.def(
-      "table_moments_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, ScalarType g_dtype, "
-      "ScalarType m_dtype, Tensor? grad_factor, Tensor? found_inf, Tensor(a!) sums) -> ()");
-  m.def(
-      "table_update_(Tensor ptrs, Tensor numels, Tensor hyper, ScalarType x_dtype, ScalarType m_dtype, "
-      "Tensor? found_inf, Tensor sums) -> ()");
-  m.def("table_grad_sumsq(Tensor ptrs, Tensor numels, ScalarType g_dtype) -> Tensor");
-}
-
-TORCH_LIBRARY_IMPL(largedet_cpu, CPU, m) {
+TORCH_LIBRARY_IMPL(largedet, CPU, m) {
   m.impl("step_", &step_);
   m.impl("moments_", &moments_);
   m.impl("update_", &update_);

@@ -77,11 +77,11 @@ class Bucket:
     hyper_version: Optional[int] = None
     # Derived from the bucket by the backends, living as long as it: the fused backends' split into
     # kernel and torch parts and the device tables of the kernel part (chunk_plan.py), the torch
-    # backend's slices and its hyper-parameters as (hyper_version, device columns, host columns).
+    # backend's slices and its hyper-parameters as (hyper_version, device columns, host columns, tensor lrs).
     split: Optional["Split"] = None
     plan: Optional["ChunkPlan"] = None
     slices: Optional[List[Tuple[int, int]]] = None
-    constants: Optional[Tuple[Optional[int], Dict[str, torch.Tensor], Dict[str, list]]] = None
+    constants: Optional[Tuple[Optional[int], Dict[str, torch.Tensor], Dict[str, list], Any]] = None
 
     def hyper(self, name: str) -> List[Any]:
         """One hyper-parameter for every tensor of the bucket, in order."""

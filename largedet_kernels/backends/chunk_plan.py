@@ -1,12 +1,13 @@
-"""Host side shared by the fused backends (Triton and CUDA C++): the device tables.
+"""The device tables of the fused backends (fused.py), and which tensors they take.
 
-NOTE [pointer tables] (also in triton_kernels.py and csrc/multi_tensor_apply.cuh)
+NOTE [pointer tables]
     A fused step addresses a bucket's tensors through tables kept on the device:
     ``ptrs[6, n]`` (int64 addresses of x, g, m, v, step and the fp32 master of tensor i,
     0 for a bucket without masters: NOTE [master weights] in optimizer.py), ``numels[n]``
     (int64: tensors may exceed 2**31 elements), and one entry per chunk of CHUNK
     elements: ``chunk_tensor``/``chunk_index``; ``first_chunk``/``chunk_count``
-    per tensor let pass 2 find a tensor's partial norms. Each GPU program/block
+    per tensor let pass 2 find a tensor's partial norms (the four packed into one
+    tensor: NOTE [packed chunk tables] in tables.py). Each GPU program/block
     handles one chunk, so one launch covers any number of tensors, with no
     kernel-argument size limit and no launch batching; it tests its own tensor's
     addresses for the 128-bit path (NOTE [vector and scalar paths]).
@@ -20,16 +21,19 @@ NOTE [pointer tables] (also in triton_kernels.py and csrc/multi_tensor_apply.cuh
 import itertools
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Protocol, Tuple
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 import torch
 
-from . import Bucket, PendingStep, torch_foreach
-from .tables import HYPER_DTYPE, POINTER_ROWS, hyper_rows, hyper_table, math_dtype, to_device
+from . import Bucket
+from .tables import HYPER_DTYPE, POINTER_ROWS, TensorLrs, hyper_rows, hyper_table, math_dtype, to_device
+
+if TYPE_CHECKING:
+    from .fused import Kernels
 
 
 def chunk_layout(numels: List[int], chunk: int) -> Tuple[List[int], List[int], List[int], List[int]]:
-    """(chunk_tensor, chunk_index, first_chunk, chunk_count); an empty tensor still gets one chunk."""
+    """The parts of the chunk table, in CHUNK_TABLE_PARTS order; an empty tensor still gets one chunk."""
     counts = [max(1, math.ceil(n / chunk)) for n in numels]
     first = [0, *itertools.accumulate(counts[:-1])]
     chunk_tensor = [i for i, c in enumerate(counts) for _ in range(c)]
@@ -63,24 +67,26 @@ class ChunkPlan:
         chunk_tensor, chunk_index, first, counts = chunk_layout(list(self.numel_key), chunk)
         self.n_tensors, self.n_chunks = len(counts), len(chunk_tensor)
         self.numels = to_device(list(self.numel_key), torch.int64, device)
-        self.chunk_tensor = to_device(chunk_tensor, torch.int32, device)
-        self.chunk_index = to_device(chunk_index, torch.int32, device)
-        self.first_chunk = to_device(first, torch.int32, device)
-        self.chunk_count = to_device(counts, torch.int32, device)
-        self.partials = torch.empty(2 * self.n_chunks, dtype=math_dtype, device=device)
-        self.t_now = torch.empty(self.n_tensors, dtype=math_dtype, device=device)
+        # NOTE [packed chunk tables] in tables.py; the parts are views for the Triton kernels.
+        self.chunks = to_device(chunk_tensor + chunk_index + first + counts, torch.int32, device)
+        self.chunk_tensor, self.chunk_index, self.first_chunk, self.chunk_count = self.chunks.split(
+            [self.n_chunks, self.n_chunks, self.n_tensors, self.n_tensors])
+        self.workspace = torch.empty(2 * self.n_chunks + self.n_tensors, dtype=math_dtype, device=device)
+        self.partials, self.t_now = self.workspace.split([2 * self.n_chunks, self.n_tensors])
         self.one = torch.ones((), dtype=math_dtype, device=device)
         self.zero = torch.zeros((), dtype=torch.float32, device=device)
-        # NOTE [sharded norms]: each tensor's local Σx², Σu², and first_chunk/chunk_count
-        # tables under which pass 2 reads one reduced pair per tensor instead of partials.
+        # NOTE [sharded norms]: each tensor's local Σx², Σu², and the chunk table under which pass 2 reads
+        # one reduced pair per tensor instead of partials.
         self.sums = torch.empty(2 * self.n_tensors, dtype=math_dtype, device=device)
-        self.pair_first = torch.arange(self.n_tensors, dtype=torch.int32, device=device)
-        self.pair_count = torch.ones(self.n_tensors, dtype=torch.int32, device=device)
+        self.pair_chunks = to_device(chunk_tensor + chunk_index + list(range(self.n_tensors)) + [1] * self.n_tensors,
+                                     torch.int32, device)  # fmt: skip
+        self.pair_first, self.pair_count = self.pair_chunks[2 * self.n_chunks:].split(self.n_tensors)
         # NOTE [two passes]: a step then reduces each tensor into sums between its passes.
         self.sums_between_passes = max(counts) > self.MAX_CHUNKS_SUMMED_IN_PASS_2
         # What the pointer and hyper tables were built from (NOTE [step cache] in step_cache.py).
         self.address_key: Tuple[int, ...] = ()
         self.hyper_key: Tuple[float, ...] = ()
+        self.lrs: Optional[TensorLrs] = None
         self.address_version: Optional[int] = None
         self.hyper_version: Optional[int] = None
 
@@ -104,16 +110,16 @@ class ChunkPlan:
         return self.ptrs
 
     def hyper(self, bucket: Bucket) -> torch.Tensor:
-        if bucket.hyper_version is not None and bucket.hyper_version == self.hyper_version:
-            return self.table
-        self.hyper_version = bucket.hyper_version
-        rows, which = hyper_rows(bucket.groups)
-        key = (*(float(v) for row in rows for v in row), *which)
-        if key != self.hyper_key:
-            _refuse_during_capture("a hyper-parameter (lr?)")
-            self.hyper_key = key
-            self.table = hyper_table(rows, which, HYPER_DTYPE, bucket.device)
-        return self.table
+        if bucket.hyper_version is None or bucket.hyper_version != self.hyper_version:
+            self.hyper_version = bucket.hyper_version
+            rows, which = hyper_rows(bucket.groups)
+            self.lrs = TensorLrs.of(bucket.groups, bucket.device, HYPER_DTYPE)
+            key = (*(float(v) for row in rows for v in row), *which)
+            if key != self.hyper_key:
+                _refuse_during_capture("a hyper-parameter (lr?)")
+                self.hyper_key = key
+                self.table = hyper_table(rows, which, HYPER_DTYPE, bucket.device)
+        return self.table if self.lrs is None else self.lrs.applied(self.table)  # NOTE [tensor lr]
 
 
 def kernel_friendly(p: torch.Tensor, others: Tuple[torch.Tensor, ...]) -> bool:
@@ -183,87 +189,3 @@ def plan_for(bucket: Bucket, chunk: int) -> ChunkPlan:
         plan = bucket.kept.plan = ChunkPlan(bucket, chunk, dtype)
     bucket.plan = plan
     return plan
-
-
-class Kernels(Protocol):
-    """A fused backend's launches on the kernel part of a bucket and its plan."""
-
-    def takes(self, param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
-        """Whether the kernels step parameters of param_dtype with gradients of grad_dtype."""
-
-    def step(self, bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
-        """Both passes, with each tensor's sums between them when plan.sums_between_passes (NOTE [two passes])."""
-
-    def moments(self, bucket: Bucket, plan: ChunkPlan, grad_factor: torch.Tensor, found_inf: torch.Tensor) -> None:
-        """Pass 1, then each tensor's local Σx², Σu² into plan.sums (NOTE [sharded norms])."""
-
-    def update(self, bucket: Bucket, plan: ChunkPlan, found_inf: torch.Tensor, sums: torch.Tensor) -> None:
-        """Pass 2 reading the norms from sums through plan.pair_first/pair_count."""
-
-    def grad_sumsq(self, bucket: Bucket, plan: ChunkPlan) -> torch.Tensor:
-        """Σg² over the bucket."""
-
-
-def _scalars(plan: ChunkPlan, grad_factor, found_inf) -> Tuple[torch.Tensor, torch.Tensor]:
-    # The factor in the math dtype: a float64 bucket must not be scaled by a rounded one.
-    factor = plan.one if grad_factor is None else grad_factor.to(plan.math_dtype)
-    return factor, plan.zero if found_inf is None else found_inf
-
-
-def fused_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels: Kernels) -> None:
-    """A fused backend's step: its kernels on the kernel-friendly tensors, foreach on the rest."""
-    kernel_part, rest = split(bucket, kernels)
-    if rest is not None:
-        torch_foreach.step(rest, grad_factor, found_inf)
-    if kernel_part.params:
-        plan = plan_for(kernel_part, chunk)
-        kernels.step(kernel_part, plan, *_scalars(plan, grad_factor, found_inf))
-
-
-def fused_begin_step(bucket: Bucket, grad_factor, found_inf, chunk: int, kernels: Kernels) -> PendingStep:
-    """A fused backend's ``begin_step``: pass 1 and the per-tensor sums, pass 2 left to ``finish``."""
-    kernel_part, rest = split(bucket, kernels)
-    pending_rest = None if rest is None else torch_foreach.begin_step(rest, grad_factor, found_inf)
-    if not kernel_part.params:
-        return pending_rest
-    plan = plan_for(kernel_part, chunk)
-    factor, found_inf = _scalars(plan, grad_factor, found_inf)
-    kernels.moments(kernel_part, plan, factor, found_inf)
-    kernel_sums = plan.sums.view(-1, 2)
-
-    def finish_kernel_part(sums: torch.Tensor) -> None:
-        kernels.update(kernel_part, plan, found_inf, sums.to(plan.math_dtype).contiguous())
-
-    if pending_rest is None:
-        return PendingStep(kernel_sums, finish_kernel_part)
-    # Sums in bucket order whichever tensors the kernels took: ranks must agree on the layout.
-    order = _split_order(bucket)
-    n_kernel = len(kernel_part.params)
-
-    def finish(sums: torch.Tensor) -> None:
-        in_split_order = sums[order]
-        finish_kernel_part(in_split_order[:n_kernel])
-        pending_rest.finish(in_split_order[n_kernel:])
-
-    split_sums = torch.cat([kernel_sums, pending_rest.sums.to(kernel_sums.dtype)])
-    return PendingStep(torch.empty_like(split_sums).index_copy_(0, order, split_sums), finish)
-
-
-def _split_order(bucket: Bucket) -> torch.Tensor:
-    """Bucket positions of the kernel part's tensors, then of the rest's, as split() made them (a device
-    index, kept with the split)."""
-    parts = bucket.split
-    if parts.order is None:
-        parts.order = to_device(parts.kernel_idx + parts.rest_idx, torch.int64, bucket.device)
-    return parts.order
-
-
-def fused_grad_sumsq(bucket: Bucket, chunk: int, kernels: Kernels) -> torch.Tensor:
-    """Σg² of a bucket: the backend's kernel on the kernel-friendly tensors, foreach on the rest."""
-    kernel_part, rest = split(bucket, kernels)
-    total = torch.zeros((), dtype=math_dtype(bucket.grads[0].dtype), device=bucket.device)
-    if kernel_part.params:
-        total = kernels.grad_sumsq(kernel_part, plan_for(kernel_part, chunk))
-    if rest is not None:
-        total = total + torch_foreach.grad_sumsq(rest)
-    return total

@@ -1,9 +1,9 @@
-"""What the host shares with the kernels, stated once for Python: the rows of the pointer table, the columns
-of the hyper-parameter table and how a param group fills them, the math type, and the dtype pairs the C++
-kernels instantiate. csrc/tables.h states the same for C++ and the constants of triton_kernels.py for Triton;
-tests/test_chunk_plan.py checks that they agree.
+"""What the host shares with the kernels, stated once for Python: the rows of the pointer table, the parts of
+the packed chunk table and of the workspace, the columns of the hyper-parameter table and how a param group
+fills them, the math type, and the dtype pairs the C++ kernels instantiate. csrc/tables.h states the same
+for C++ and the constants of triton_kernels.py for Triton; tests/test_chunk_plan.py checks that they agree.
 
-NOTE [double coefficients] (also in triton_kernels.py, csrc/pmd_lamb_math.h, torch_foreach.py)
+NOTE [double coefficients]
     The per-tensor coefficients of the update (ξ, ξβ, 1−β, the bias corrections
     1−β^t) are formed in float64 and rounded to the math type once. Formed in
     float32 from a float32 β they miss float32 accuracy by far: β2 = 0.999 is off
@@ -16,7 +16,8 @@ NOTE [double coefficients] (also in triton_kernels.py, csrc/pmd_lamb_math.h, tor
     on MPS, which has no float64).
 """
 
-from typing import Any, Dict, List, Sequence, Tuple
+import math
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -24,11 +25,21 @@ import torch
 # count and the fp32 master of each tensor.
 POINTER_ROWS = ("x", "g", "m", "v", "step", "master")
 
+# NOTE [packed chunk tables]
+#     A plan's chunk tables are one int32 tensor, its parts in CHUNK_TABLE_PARTS order: each chunk's tensor
+#     and its index in that tensor (n_chunks each), then each tensor's first chunk and chunk count (n_tensors
+#     each), which tell pass 2 where the tensor's partial norms are; a kernel finds n_chunks from the
+#     tensor's size and n_tensors. Its workspace is one tensor of the math dtype: each chunk's partial Σx²,
+#     Σu² (2 · n_chunks), then each tensor's t, from pass 1 to pass 2 (n_tensors).
+CHUNK_TABLE_PARTS = ("chunk_tensor", "chunk_index", "first_chunk", "chunk_count")
+WORKSPACE_PARTS = ("partials", "t_now")
+
 # Columns of the per-tensor hyper-parameter table. weight_g and weight_g2 weigh g in m and g² in v: 1−β1 (or
 # 1 without grad averaging) and 1−β2. Flags are 0 or 1.
 HYPER_COLUMNS = (
     "lr_alpha", "beta1", "beta2", "weight_g", "weight_g2", "eps", "weight_decay", "cycle_length",
     "bias_correction", "eps_inside_sqrt", "adam_w_mode", "use_trust_ratio", "stochastic_rounding", "seed",
+    "maximize", "trust_ratio_min", "trust_ratio_max",
 )  # fmt: skip
 HYPER_DTYPE = torch.float64  # NOTE [double coefficients]
 COLUMN = {name: i for i, name in enumerate(HYPER_COLUMNS)}
@@ -53,18 +64,28 @@ def gradient_weights(group: Dict) -> Tuple[float, float]:
     return (1 - beta1) if group["grad_averaging"] else 1.0, 1 - beta2
 
 
+def adapts(group: Dict) -> bool:
+    """Whether the group's tensors take the trust ratio: its ``adapt``, or where that is None apex's rule
+    (``use_nvlamb=False``: none for tensors without weight decay)."""
+    adapt = group["adapt"]
+    return (group["use_nvlamb"] or group["weight_decay"] != 0) if adapt is None else adapt
+
+
 def hyper_row(group: Dict) -> List[Any]:
-    """One tensor's row of the hyper-parameter table, from its param group, in HYPER_COLUMNS order."""
+    """One tensor's row of the hyper-parameter table, from its param group, in HYPER_COLUMNS order. A tensor
+    lr is left out of the row's η·α (TensorLrs applies it on the device: NOTE [tensor lr])."""
     beta1, beta2 = group["betas"]
     weight_g, weight_g2 = gradient_weights(group)
+    lr = group["lr"]
+    bounds = group["trust_ratio_bounds"] or (0.0, math.inf)
     row = dict(
-        lr_alpha=group["lr"] * group["alpha"], beta1=beta1, beta2=beta2, weight_g=weight_g, weight_g2=weight_g2,
+        lr_alpha=(1.0 if isinstance(lr, torch.Tensor) else lr) * group["alpha"], beta1=beta1, beta2=beta2,
+        weight_g=weight_g, weight_g2=weight_g2,
         eps=group["eps"], weight_decay=group["weight_decay"], cycle_length=group["cycle_length"] or 0,
         bias_correction=group["bias_correction"], eps_inside_sqrt=group["eps_inside_sqrt"],
         adam_w_mode=group["adam_w_mode"],
-        # apex's use_nvlamb=False: no trust ratio for tensors without weight decay.
-        use_trust_ratio=group["use_nvlamb"] or group["weight_decay"] != 0,
-        stochastic_rounding=group["stochastic_rounding"], seed=group["seed"],
+        use_trust_ratio=adapts(group), stochastic_rounding=group["stochastic_rounding"], seed=group["seed"],
+        maximize=group["maximize"], trust_ratio_min=bounds[0], trust_ratio_max=bounds[1],
     )  # fmt: skip
     return [row[name] for name in HYPER_COLUMNS]
 
@@ -94,3 +115,46 @@ def hyper_table(rows: List[List[Any]], which: List[int], dtype: torch.dtype, dev
     gathered per tensor there."""
     table = to_device(rows, dtype, device)
     return table if len(rows) == len(which) else table[to_device(which, torch.int64, device)]
+
+
+class TensorLrs:
+    """NOTE [tensor lr]
+    A param group's lr may be a 0-d (or one-element) tensor, as torch's optimizers allow, so that an lr
+    schedule writing into it in place neither recompiles a compiled step nor invalidates a captured CUDA
+    graph. The tables then hold α alone in that group's η·α, and each step multiplies the column by the
+    tensors' current values on the device (a CPU tensor is copied without blocking the host): no host
+    sync and no rebuild of the step cache, whose hyper-parameter check sees the same tensor. An lr tensor
+    on another accelerator than its parameters is refused when the group is checked."""
+
+    def __init__(self, groups: Sequence[Dict], device: torch.device, dtype: torch.dtype) -> None:
+        slots: Dict[int, int] = {}
+        self.lrs: List[torch.Tensor] = []
+        index = []
+        for group in groups:
+            lr = group["lr"]
+            if isinstance(lr, torch.Tensor):
+                index.append(slots.setdefault(id(lr), len(self.lrs)))
+                if index[-1] == len(self.lrs):
+                    self.lrs.append(lr)
+            else:
+                index.append(-1)
+        self.dtype, self.device = dtype, device
+        # Each tensor's lr in the list of self.lrs, then 1 for a float lr, which the table holds already.
+        self.index = to_device([len(self.lrs) if i < 0 else i for i in index], torch.int64, device)
+        self.one = torch.ones(1, dtype=dtype, device=device)
+
+    def factors(self) -> torch.Tensor:
+        """Each tensor's lr factor, as of now."""
+        lrs = [lr.reshape(1).to(self.device, self.dtype, non_blocking=True) for lr in self.lrs]
+        return torch.cat([*lrs, self.one])[self.index]
+
+    @staticmethod
+    def of(groups: Sequence[Dict], device: torch.device, dtype: torch.dtype) -> Optional["TensorLrs"]:
+        """The bucket's tensor lrs, or None when every lr is a number."""
+        return TensorLrs(groups, device, dtype) if any(isinstance(g["lr"], torch.Tensor) for g in groups) else None
+
+    def applied(self, table: torch.Tensor) -> torch.Tensor:
+        """The hyper-parameter table with the lrs in its η·α column."""
+        out = table.clone()
+        out[:, COLUMN["lr_alpha"]] *= self.factors()
+        return out

@@ -19,7 +19,7 @@ import torch
 
 from .. import rounding
 from . import Bucket, PendingStep
-from .tables import COLUMN, hyper_rows, hyper_table, math_dtype
+from .tables import COLUMN, TensorLrs, hyper_rows, hyper_table, math_dtype
 
 NAME = "torch"
 TRACEABLE = True
@@ -40,22 +40,26 @@ def _coefficient_dtype(device: torch.device) -> torch.dtype:
 
 
 # The columns of the hyper-parameter table that the update reads on the device.
-_DEVICE_COLUMNS = ("beta1", "beta2", "cycle_length", "bias_correction", "use_trust_ratio", "lr_alpha")
+_DEVICE_COLUMNS = ("beta1", "beta2", "cycle_length", "bias_correction", "use_trust_ratio", "lr_alpha",
+                   "trust_ratio_min", "trust_ratio_max")  # fmt: skip
 
 
-def _constants(bucket: Bucket) -> Tuple[Dict[str, torch.Tensor], Dict[str, list]]:
+def _constants(bucket: Bucket) -> Tuple[Dict[str, torch.Tensor], Dict[str, list], Optional[TensorLrs]]:
     """What the update takes from the param groups, from the hyper-parameter table the fused kernels read
-    (tables.py): some of its columns on the device, and its values as host lists; kept while the
-    hyper-parameters last."""
+    (tables.py): some of its columns on the device, its values as host lists, and its tensor lrs; kept
+    while the hyper-parameters last."""
     cached = bucket.constants
     if cached is not None and bucket.hyper_version is not None and cached[0] == bucket.hyper_version:
-        return cached[1], cached[2]
+        return cached[1:]
     rows, which = hyper_rows(bucket.groups)
     table = hyper_table(rows, which, _coefficient_dtype(bucket.device), bucket.device)
     device = {name: table[:, COLUMN[name]] for name in _DEVICE_COLUMNS}
+    lrs = TensorLrs.of(bucket.groups, bucket.device, table.dtype)
     column = {name: [rows[w][i] for w in which] for name, i in COLUMN.items()}
     eps, inside, lam, adam_w = column["eps"], column["eps_inside_sqrt"], column["weight_decay"], column["adam_w_mode"]
     host = {
+        # Gradient ascent: g negated first (exactly), so that the ops that follow are those of −g.
+        "grad_sign": [-1.0 if maximize else 1.0 for maximize in column["maximize"]],
         "weight_g": column["weight_g"],
         "weight_g2": column["weight_g2"],
         "eps_in": [e if i else 0.0 for e, i in zip(eps, inside)],
@@ -70,15 +74,15 @@ def _constants(bucket: Bucket) -> Tuple[Dict[str, torch.Tensor], Dict[str, list]
         ],
         "seed": column["seed"],
     }
-    bucket.constants = (bucket.hyper_version, device, host)
-    return device, host
+    bucket.constants = (bucket.hyper_version, device, host, lrs)
+    return device, host, lrs
 
 
 def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tensor]) -> Dict[str, list]:
     """Per-tensor coefficients of the update, each a list over the bucket's tensors: those that
     depend on t formed on the device in _coefficient_dtype, then rounded to the math dtype once."""
-    device, host = _constants(bucket)
-    beta1_d, beta2_d, cycle, bias_correction, use_trust, lr_alpha = (device[name] for name in _DEVICE_COLUMNS)
+    device, host, lrs = _constants(bucket)
+    beta1_d, beta2_d, cycle, bias_correction, use_trust, lr_alpha, lo, hi = (device[name] for name in _DEVICE_COLUMNS)
     t = torch.stack(bucket.steps).to(beta1_d.dtype)
     xi = torch.where(cycle > 0, torch.cos(math.pi / 2 * torch.fmod(t, cycle) / cycle), 1.0)
     decay_m, decay_v = (xi * beta1_d).to(dtype), (xi * beta2_d).to(dtype)
@@ -92,7 +96,9 @@ def _coefficients(bucket: Bucket, dtype: torch.dtype, keep: Optional[torch.Tenso
         "correction_v": torch.where(bias_correction > 0, 1 - beta2_d**t, 1.0).to(dtype).unbind(),
         # device vectors
         "use_trust": use_trust > 0,
-        "lr_alpha": lr_alpha.to(dtype),
+        "trust_ratio_min": lo.to(dtype),
+        "trust_ratio_max": hi.to(dtype),
+        "lr_alpha": (lr_alpha if lrs is None else lr_alpha * lrs.factors()).to(dtype),  # NOTE [tensor lr] in tables.py
         # host floats
         **host,
     }
@@ -170,6 +176,8 @@ def _moments(bucket: Bucket, lo: int, hi: int, c, dtype, grad_factor, keep):
     g = [gi.to(dtype) for gi in grads] if grads[0].dtype != dtype else list(grads)
     if keep is not None:  # with found_inf set the factor is 0: make 0·g exactly 0
         g = [torch.nan_to_num(gi, nan=0.0, posinf=0.0, neginf=0.0) for gi in g]
+    if any(s < 0 for s in c["grad_sign"]):
+        g = torch._foreach_mul(g, c["grad_sign"])
     if grad_factor is not None:
         g = torch._foreach_mul(g, grad_factor)
     if any(c["decay_in_grad"]):  # L2 mode: g ← g + λx
@@ -221,7 +229,8 @@ def _apply(bucket: Bucket, lo: int, hi: int, x, u, sums: torch.Tensor, c, keep) 
     get x rounded, when x is a master or a working copy."""
     x_norm, u_norm = sums.sqrt().unbind(1)
     trusted = c["use_trust"] & (x_norm > 0) & (u_norm > 0)
-    ratio = torch.where(sums.isfinite().all(1), c["lr_alpha"] * torch.where(trusted, x_norm / u_norm, 1.0), math.nan)
+    bounded = torch.minimum(torch.maximum(x_norm / u_norm, c["trust_ratio_min"]), c["trust_ratio_max"])
+    ratio = torch.where(sums.isfinite().all(1), c["lr_alpha"] * torch.where(trusted, bounded, 1.0), math.nan)
     if keep is not None:
         ratio = torch.where(keep, ratio, 0.0)
     torch._foreach_addcmul_(x, u, ratio.unbind(), value=-1)

@@ -11,6 +11,7 @@ which is how CI tests them.
 
 import contextlib
 import os
+import sys
 from typing import Any, Dict, Optional
 
 import torch
@@ -18,7 +19,7 @@ import triton  # noqa: F401  (ImportError here tells the dispatcher Triton is mi
 import triton.language as tl
 
 from .. import triton_kernels as k
-from . import Bucket, PendingStep, chunk_plan
+from . import Bucket, fused
 from .chunk_plan import ChunkPlan
 
 NAME = "triton"
@@ -64,7 +65,7 @@ def _stored_dtypes(bucket: Bucket, plan: ChunkPlan) -> Dict[str, Any]:
 
 
 class _TritonKernels:
-    """chunk_plan.Kernels for the kernels of triton_kernels.py."""
+    """fused.Kernels for the kernels of triton_kernels.py."""
 
     @staticmethod
     def takes(param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
@@ -117,16 +118,5 @@ class _TritonKernels:
         return partials.sum()
 
 
-_KERNELS = _TritonKernels()
-
-
-def grad_sumsq(bucket: Bucket) -> torch.Tensor:
-    return chunk_plan.fused_grad_sumsq(bucket, CHUNK, _KERNELS)
-
-
-def step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> None:
-    chunk_plan.fused_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
-
-
-def begin_step(bucket: Bucket, grad_factor: Optional[torch.Tensor], found_inf: Optional[torch.Tensor]) -> PendingStep:
-    return chunk_plan.fused_begin_step(bucket, grad_factor, found_inf, CHUNK, _KERNELS)
+KERNELS = _TritonKernels()
+grad_sumsq, step, begin_step = fused.entry_points(sys.modules[__name__])

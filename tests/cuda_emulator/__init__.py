@@ -4,8 +4,9 @@
 loads an extension made of
 
 - a copy of ``csrc/pmd_lamb_launch.cu`` whose ``<<<>>>`` launches call the runtime instead,
-- a copy of ``csrc/binding.cpp`` registering the same ops for CPU tensors (its schemas are
-  defined by ``largedet_kernels._C`` when that is built, else by this copy),
+- a copy of ``csrc/binding.cpp`` implementing the op family for CPU tensors under the namespace
+  ``largedet_emulated`` (``largedet`` on CPU tensors is the real CPU kernels), whose schemas
+  ``largedet_kernels.backends.ops`` defines,
 - ``runtime.cpp`` (blocks, fibers or threads, barriers, checked accesses), ``ops.cpp`` (the
   ops that steer it) and ``selftest.cpp`` (kernels that break the rules on purpose),
 
@@ -41,13 +42,14 @@ COUNTERS = ("launches", "blocks", "vector_loads", "vector_stores")
 _LAUNCH = re.compile(r"(\b\w+_kernel(?:<[^;{}]*?>)?)\s*<<<([^;]*?)>>>\s*\(([^;]*?)\);", re.S)
 EXPECTED_LAUNCHES = 4  # moments, update, tensor sums, Σg²: a new launch must be seen here
 
+# The op family's namespace for the emulated kernels.
+NAMESPACE = "largedet_emulated"
 # csrc/binding.cpp on CPU tensors: (text, replacement, occurrences).
 _BINDING_REWRITES = (
     ("#include <ATen/cuda/CUDAContext.h>\n", '#include "torch_cuda_shim.h"\n', 1),
     ("#include <c10/cuda/CUDAGuard.h>\n", "", 1),
     ("device.is_cuda()", "device.is_cpu()", 1),
-    ("TORCH_LIBRARY(largedet, m) {", "void define_schemas(torch::Library& m) {", 1),
-    ("TORCH_LIBRARY_IMPL(largedet, CUDA, m)", "TORCH_LIBRARY_IMPL(largedet, CPU, m)", 1),
+    ("TORCH_LIBRARY_IMPL(largedet, CUDA, m)", f"TORCH_LIBRARY_IMPL({NAMESPACE}, CPU, m)", 1),
 )
 
 
@@ -135,12 +137,10 @@ def load() -> None:
         if _loaded != variant:
             raise RuntimeError(f"the {_loaded} emulator is loaded; one process takes one variant")
         return
-    from largedet_kernels.backends import cuda  # noqa: F401  (imports _C when built: its schemas then exist)
+    from largedet_kernels.backends import ops
 
-    library = build(SANITIZER)
-    torch.ops.load_library(str(library))
-    if not hasattr(torch.ops.largedet, "pmd_lamb_step_"):
-        torch.ops.largedet_emulator.define_schemas()
+    ops.define(NAMESPACE)
+    torch.ops.load_library(str(build(SANITIZER)))
     _loaded = variant
     configure(DEFAULT_SCHEDULE)
 

@@ -1,6 +1,5 @@
-// The emulator's torch side: the tracking CPU allocator of NOTE [checked accesses], the ops
-// with which Python steers and observes the runtime, and csrc/binding.cpp's op schemas for
-// when the real extension is not loaded to define them.
+// The emulator's torch side: the tracking CPU allocator of NOTE [checked accesses] and the ops
+// with which Python steers and observes the runtime.
 #include <ATen/ATen.h>
 #include <c10/core/CPUAllocator.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -11,11 +10,6 @@
 
 #include "cuda_shim.h"
 #include "runtime.h"
-
-namespace largedet {
-// The TORCH_LIBRARY block of csrc/binding.cpp, made a function in its generated copy.
-void define_schemas(torch::Library& m);
-}  // namespace largedet
 
 namespace largedet_emu {
 namespace {
@@ -71,12 +65,6 @@ std::vector<int64_t> counters_op() {
           static_cast<int64_t>(c.vector_stores)};
 }
 
-void define_schemas_op() {
-  static torch::Library library(torch::Library::DEF, "largedet", std::nullopt, __FILE__, __LINE__);
-  static const bool defined = (largedet::define_schemas(library), true);
-  (void)defined;
-}
-
 // The shim's 16-bit conversions, for tests against torch's: float32 → float16/bfloat16 and back.
 at::Tensor narrow_float(const at::Tensor& x, at::ScalarType dtype) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous(), "narrow_float takes contiguous float32");
@@ -110,7 +98,6 @@ TORCH_LIBRARY(largedet_emulator, m) {
   m.def("configure(str schedule, int seed) -> ()", &largedet_emu::configure_op);
   m.def("counters() -> int[]", &largedet_emu::counters_op);
   m.def("reset_counters() -> ()", &largedet_emu::reset_counters);
-  m.def("define_schemas() -> ()", &largedet_emu::define_schemas_op);
   m.def("narrow_float(Tensor x, ScalarType dtype) -> Tensor", &largedet_emu::narrow_float);
   m.def("widen_float(Tensor x) -> Tensor", &largedet_emu::widen_float);
 }

@@ -129,10 +129,9 @@ void set_error(cudaError_t error, std::string description) {
   error_description = std::move(description);
 }
 
-// NOTE [checked accesses]
-//   The live allocations, and on each host thread the last few that accesses fell in: a
-//   kernel streams through a handful of tensors, so most checks take no lock. A removal
-//   invalidates every thread's cache.
+// The live allocations of NOTE [checked accesses] (ops.cpp), and on each host thread the last
+// few that accesses fell in: a kernel streams through a handful of tensors, so most checks take
+// no lock. A removal invalidates every thread's cache.
 class Allocations {
  public:
   void add(const void* p, std::size_t bytes) {
