@@ -40,7 +40,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks.detection_task import Sample, build_detector, evaluate, make_dataset
-from benchmarks.step_time import RESULTS_DIR, _version, cpu_name
+from benchmarks.step_time import RUNS_DIR, _version, cpu_name, unused_stem
 from largedet_kernels import PMDLAMB
 from largedet_kernels.recipe import WarmupMultiStepLR, param_groups, scaled_lr
 
@@ -296,7 +296,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
+    parser.add_argument("--out", type=Path, default=RUNS_DIR, help="where the JSON and PNG go")
     parser.add_argument("--no-files", action="store_true", help="print the results only")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the fresh weights and the image order")
     parser.add_argument(
@@ -354,6 +354,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             f"convergence-{args.config}{''.join(f'-{k}{v}' for k, v in overrides.items())}"
             f"-seed{config.seed}-{meta['device_name']}-{meta['date']}",
         ).strip("-")
+        stem = unused_stem(args.out, stem)
         (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
         plot(doc, args.out / f"{stem}.png")
         print(f"wrote {args.out / stem}.json and .png")

@@ -37,7 +37,7 @@ import torch
 if not torch.cuda.is_available():  # the triton backend then runs on CPU tensors; read when Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from benchmarks.step_time import (RESULTS_DIR, SHAPES_DIR, save_results, host_times_ms, launches_per_step, load_shapes,
+from benchmarks.step_time import (RUNS_DIR, SHAPES_DIR, save_results, host_times_ms, launches_per_step, load_shapes,
                                   make_params, run_meta)  # fmt: skip
 from largedet_kernels import LAMB, PMDLAMB, dispatch
 
@@ -293,7 +293,7 @@ def main(argv=None) -> Dict:
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 7)")
     parser.add_argument("--quick", action="store_true", help="CI size: 189 tensors, 3 rounds of 3 steps")
     parser.add_argument("--no-emulator", action="store_true", help="without a GPU, leave the cuda rows out")
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON goes")
+    parser.add_argument("--out", type=Path, default=RUNS_DIR, help="where the JSON goes")
     parser.add_argument("--no-files", action="store_true", help="print the table only")
     args = parser.parse_args(argv)
     quick = args.quick

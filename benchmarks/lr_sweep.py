@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from benchmarks.step_time import RESULTS_DIR, save_results, run_meta
+from benchmarks.step_time import RUNS_DIR, save_results, run_meta
 from largedet_kernels import PMDLAMB
 
 LRS = (1e-3, 1e-2, 0.1, 0.5)
@@ -68,7 +68,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--backend", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--out", default=str(RUNS_DIR))
     parser.add_argument("--no-files", action="store_true")
     args = parser.parse_args(argv)
     meta = run_meta(torch.device("cpu"), "benchmarks.lr_sweep", argv)

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from benchmarks.step_time import (RESULTS_DIR, element_bytes, save_results, load_shapes, make_params, run_meta,
+from benchmarks.step_time import (RUNS_DIR, element_bytes, save_results, load_shapes, make_params, run_meta,
                                   time_ms)  # fmt: skip
 from largedet_kernels import PMDLAMB
 
@@ -148,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=2, help="timed steps per setting per round")
     parser.add_argument("--scenario-steps", type=int, nargs="+", default=list(SCENARIO_STEPS))
-    parser.add_argument("--out", default=str(RESULTS_DIR))
+    parser.add_argument("--out", default=str(RUNS_DIR))
     parser.add_argument("--no-files", action="store_true")
     parser.add_argument("--table", metavar="JSON", help="print the table of a results file, and stop")
     args = parser.parse_args(argv)

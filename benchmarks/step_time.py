@@ -19,6 +19,7 @@ writes a JSON of every number and a PNG chart to --out; --plot JSON redraws a ch
 
 import argparse
 import datetime
+import itertools
 import importlib.metadata
 import json
 import platform
@@ -35,7 +36,10 @@ from tqdm import tqdm
 from benchmarks.contenders import CONTENDERS, Contender
 
 SHAPES_DIR = Path(__file__).parent / "shapes"
+# The committed results, which the tables of README.md and docs/ are generated from: a run lands there only
+# when copied there (docs/benchmark.md). Runs write to RUNS_DIR, which git ignores, each under a name of its own.
 RESULTS_DIR = Path(__file__).parent / "results"
+RUNS_DIR = Path(__file__).resolve().parent.parent / "runs"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 GPU_SETS, CPU_SETS = ("faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn", "bert_large", "many_small"), (
@@ -106,11 +110,19 @@ def file_stem(meta: Dict, prefix: str = "") -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", f"{prefix}{meta['device_name']}-{meta['date']}").strip("-")
 
 
+def unused_stem(out: Path, stem: str) -> str:
+    """``stem``, or ``stem``-2, -3, ...: the first that names no file in ``out``, so that no run overwrites
+    another's results."""
+    taken = {p.stem for p in out.glob(f"{stem}*")}
+    candidates = itertools.chain([stem], (f"{stem}-{n}" for n in itertools.count(2)))
+    return next(s for s in candidates if s not in taken)
+
+
 def save_results(doc: Dict, out, prefix: str = "") -> Path:
-    """Writes ``doc`` to <out>/<file_stem>.json and says so."""
+    """Writes ``doc`` to <out>/<file_stem>[-N].json, a name no earlier run took, and says so."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{file_stem(doc['meta'], prefix)}.json"
+    path = out / f"{unused_stem(out, file_stem(doc['meta'], prefix))}.json"
     path.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {path}")
     return path
@@ -369,7 +381,7 @@ def main(argv=None) -> Dict:
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per contender")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per contender per round")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON and PNG go")
+    parser.add_argument("--out", type=Path, default=RUNS_DIR, help="where the JSON and PNG go (default: runs/)")
     parser.add_argument("--no-files", action="store_true", help="print the table only")
     parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
     parser.add_argument("--plot", type=Path, metavar="JSON", help="draw the PNG of a results file beside it, and stop")
@@ -406,11 +418,9 @@ def main(argv=None) -> Dict:
             results.append(result)
     doc = {"meta": meta, "results": results}
     if not args.no_files:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = file_stem(meta)
-        (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1) + "\n")
-        plot(results, meta, args.out / f"{stem}.png")
-        print(f"\nwrote {args.out / stem}.json and .png")
+        path = save_results(doc, args.out)
+        plot(results, meta, path.with_suffix(".png"))
+        print(f"and {path.with_suffix('.png')}; to commit them as the README's: docs/benchmark.md")
     return doc
 
 

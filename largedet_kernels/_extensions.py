@@ -16,7 +16,7 @@ which runs ninja and a compiler check each time.
 The CPU kernels are built per ISA because a binary with AVX2 in it dies of SIGILL on a CPU without.
 The process takes one (``cpu_isa()``): ``LARGEDET_CPU_ISA`` or, unset, torch's own detection
 (``torch.backends.cpu.get_cpu_capability()``). Only that variant is loaded: all of them register the
-same ``largedet_cpu`` ops.
+same CPU implementation of the op family (largedet_kernels/backends/ops.py).
 
 Environment: ``LARGEDET_CPU_ISA`` (generic, avx2, avx512); ``LARGEDET_JIT=0`` takes only the
 ahead-of-time extensions; ``LARGEDET_KERNELS_CACHE``, the cache directory (default

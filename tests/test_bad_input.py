@@ -12,8 +12,9 @@ from conftest import CPU_BACKENDS
 from largedet_kernels import LAMB, PMDLAMB, dispatch, optimizer
 
 NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
-# Every numeric hyper-parameter of a param group (optimizer.HYPER_KEYS), betas by element.
-NUMERIC = ["lr", "beta1", "beta2", "eps", "weight_decay", "alpha", "cycle_length", "max_grad_norm", "seed"]
+# Every numeric hyper-parameter of a param group (optimizer.HYPER_KEYS), betas and trust ratio bounds by element.
+NUMERIC = ["lr", "beta1", "beta2", "eps", "weight_decay", "alpha", "cycle_length", "max_grad_norm", "seed",
+           "trust_ratio_min", "trust_ratio_max"]  # fmt: skip
 # The constructor arguments of each optimizer among them; the others are set through param groups.
 ARGUMENTS = {PMDLAMB: set(NUMERIC), LAMB: set(NUMERIC) - {"alpha", "cycle_length"}}
 
@@ -29,11 +30,15 @@ def _with(settings, key, value):
         betas = list(settings.get("betas", (0.9, 0.999)))
         betas[key == "beta2"] = value
         return {**settings, "betas": tuple(betas)}
+    if key in ("trust_ratio_min", "trust_ratio_max"):
+        bounds = [0.01, 10.0]
+        bounds[key == "trust_ratio_max"] = value
+        return {**settings, "trust_ratio_bounds": tuple(bounds)}
     return {**settings, key: value}
 
 
 def _name(key):
-    return "betas" if key.startswith("beta") else key
+    return "betas" if key.startswith("beta") else "trust_ratio_bounds" if key.startswith("trust_ratio") else key
 
 
 def _grads(params, seed=1):

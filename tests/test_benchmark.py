@@ -3,6 +3,8 @@ every contender."""
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from benchmarks import host_overhead, mixed_precision, step_time
 from benchmarks.contenders import CONTENDERS
 from conftest import CPU_BACKENDS
 
+ROOT = Path(__file__).resolve().parent.parent
 ROW_KEYS = {"median_ms", "min_ms", "max_ms", "samples", "bytes_per_elem", "two_pass_roofline", "launches", "host_ms",
             "peak_extra_mib", "graph_replay_ms", "speedup_vs_apex"}  # fmt: skip
 
@@ -49,6 +52,18 @@ def test_benchmark_smoke(tmp_path, capsys):
     assert out.count(f"  {step_time.CPU_ROOFLINE}") == 2
     assert "launches" not in out and "vs apex" not in out
     assert "faster_rcnn_r50_fpn float32" in err and "many_small float32" in err and "torch fused AdamW" in err
+
+
+def test_runs_never_overwrite_each_other_and_land_where_git_ignores_them(tmp_path, capsys):
+    args = ["--device", "cpu", "--sets", "many_small", "--limit", "3", "--warmup", "0", "--steps", "1", "--rounds", "1",
+            "--contenders", "pmdlamb[torch]", "--quiet", "--out", str(tmp_path)]  # fmt: skip
+    first, second = step_time.main(args), step_time.main(args)
+    stem = step_time.file_stem(first["meta"])
+    assert {p.name for p in tmp_path.iterdir()} == {f"{stem}{n}.{ext}" for n in ("", "-2") for ext in ("json", "png")}
+    assert json.loads((tmp_path / f"{stem}-2.json").read_text()) == json.loads(json.dumps(second))
+    assert f"wrote {tmp_path / stem}-2.json" in capsys.readouterr().out
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(step_time.RUNS_DIR / f"{stem}.json")], cwd=ROOT)
+    assert ignored.returncode == 0 and step_time.RUNS_DIR != step_time.RESULTS_DIR
 
 
 def _result(rows, device):

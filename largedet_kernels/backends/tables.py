@@ -123,8 +123,9 @@ class TensorLrs:
     schedule writing into it in place neither recompiles a compiled step nor invalidates a captured CUDA
     graph. The tables then hold α alone in that group's η·α, and each step multiplies the column by the
     tensors' current values on the device (a CPU tensor is copied without blocking the host): no host
-    sync and no rebuild of the step cache, whose hyper-parameter check sees the same tensor. An lr tensor
-    on another accelerator than its parameters is refused when the group is checked."""
+    sync and no rebuild of the step cache, whose hyper-parameter check sees the same tensor. A CUDA graph
+    replays the read of an lr on the parameters' device; one on the CPU is a copy a capture cannot hold.
+    An lr tensor on another accelerator than its parameters is refused when the group is checked."""
 
     def __init__(self, groups: Sequence[Dict], device: torch.device, dtype: torch.dtype) -> None:
         slots: Dict[int, int] = {}
