@@ -217,9 +217,12 @@ class _LambFamily(Optimizer):
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
         index = len(self.param_groups)
         for key in param_group:
-            if key in CONSTRUCTOR_ONLY:
-                raise ValueError(f"{key} is a setting of the whole optimizer's constructor, not of a param group "
-                                 f"(param group {index})")  # fmt: skip
+            if key in self._SETTINGS:
+                # ZeroRedundancyOptimizer hands its constructor's arguments to every group: the same are taken.
+                if param_group[key] != getattr(self, key):
+                    raise ValueError(f"{key} is a setting of the whole optimizer's constructor ({getattr(self, key)!r} "
+                                     f"here), not of a param group (param group {index}: {param_group[key]!r})")  # fmt: skip
+                continue
             if key not in self.defaults and key not in GROUP_EXTRAS:
                 raise ValueError(f"unknown key {key!r} in param group {index}: the keys are "
                                  f"{', '.join(sorted(self.defaults))} and {', '.join(GROUP_EXTRAS)}")  # fmt: skip

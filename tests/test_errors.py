@@ -114,6 +114,15 @@ def test_a_param_group_key_that_would_be_ignored_is_refused(cls, key, value, mes
     assert len(opt.param_groups) == 1
 
 
+def test_a_constructor_setting_in_a_group_is_taken_when_it_agrees():
+    # ZeroRedundancyOptimizer puts its constructor's arguments into every group it builds.
+    opt = LAMB([{"params": _p(), "backend": "torch", "moment_dtype": torch.float32, "set_grad_none": False}],
+               backend="torch", set_grad_none=False)  # fmt: skip
+    assert opt.backends == {torch.device("cpu"): "torch"}
+    with pytest.raises(ValueError, match=re.escape("set_grad_none is a setting of the whole optimizer's constructor")):
+        opt.add_param_group({"params": _p(), "set_grad_none": True})
+
+
 def test_the_keys_of_torch_and_of_lr_schedulers_are_taken():
     named = [("w", torch.nn.Parameter(torch.randn(3)))]
     opt = PMDLAMB([{"params": [p for _, p in named], "param_names": ["w"], "initial_lr": 0.1, "lr_scale": 0.5}])
