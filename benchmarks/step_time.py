@@ -47,8 +47,9 @@ GPU_SETS, CPU_SETS = ("faster_rcnn_r50_fpn", "mask_rcnn_r50_fpn", "bert_large", 
 
 
 def element_bytes(x: torch.dtype, g: torch.dtype, masters: bool, moments: torch.dtype) -> Tuple[int, int]:
-    """Bytes per element of a step (NOTE [two passes] in largedet_kernels/triton_kernels.py): one pass reads x (its fp32 master,
-    when kept), g, m, v and writes x, the master, m, v; two passes read x or the master, m and v once more.
+    """Bytes per element of a step (NOTE [two passes] in largedet_kernels/triton_kernels.py): one pass reads x
+    (its fp32 master, when kept), g, m, v and writes x, the master, m, v; two passes read x or the master, m and
+    v once more.
     fp32: 28 and 40; bf16 with fp32 gradients and masters: 30 and 42."""
     size = {d: torch.empty((), dtype=d).element_size() for d in (x, g, moments, torch.float32)}
     source = size[torch.float32] if masters else size[x]
@@ -149,6 +150,27 @@ def time_ms(fn: Callable[[], None], device: torch.device, n: int) -> List[float]
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+# A contender's rounds disagree beyond these when the machine was busy while it ran: its median then says less.
+NOISY_MEDIAN_OVER_MIN, NOISY_MAX_OVER_MIN = 1.25, 2.0
+# The copy bandwidth measured before and after the rounds disagreeing by more than this: the machine was busy.
+BUSY_BANDWIDTH_CHANGE = 0.2
+
+
+def noisy(row: Dict) -> bool:
+    """Whether a row's step times spread beyond NOISY_MEDIAN_OVER_MIN (median/min) or NOISY_MAX_OVER_MIN (max/min)."""
+    low = row["min_ms"]
+    return row["median_ms"] > NOISY_MEDIAN_OVER_MIN * low or row["max_ms"] > NOISY_MAX_OVER_MIN * low
+
+
+def busy_line(meta: Dict) -> Optional[str]:
+    """One line when the copy bandwidth before and after the rounds disagree, else None."""
+    before, after = meta["copy_bandwidth_GBps"], meta.get("copy_bandwidth_after_GBps")
+    if after is None or abs(after - before) <= BUSY_BANDWIDTH_CHANGE * before:
+        return None
+    return (f"the machine looked busy: copy bandwidth {before:.1f} GB/s before the rounds, {after:.1f} after; "
+            "rerun on a quiet machine before comparing with another run")  # fmt: skip
 
 
 def copy_bandwidth(device: torch.device, numel: int, repeats: int = 10) -> float:
@@ -259,6 +281,7 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
             "launches": launches_per_step(step, device), "host_ms": host_ms(step, device, args.steps),
             "peak_extra_mib": None, "graph_replay_ms": None,
         }  # fmt: skip
+        row["noisy"] = noisy(row)
         extra = peak_extra_bytes(step, device)
         row["peak_extra_mib"] = None if extra is None else extra / 2**20
         if device.type == "cuda" and by_name[n].capturable:
@@ -326,9 +349,12 @@ def print_table(result: Dict, meta: Dict, out=None) -> None:
     print(f"{'contender':<21}" + "".join(f"{head:>10}" for head, _, _ in cols), file=out)
     for name, r in result["rows"].items():
         cells = ["-" if r[key] is None else format(r[key], spec) for _, key, spec in cols]
-        print(f"{name:<21}" + "".join(f"{c:>10}" for c in cells), file=out)
+        print(f"{name + (' ~' if r.get('noisy') else ''):<21}" + "".join(f"{c:>10}" for c in cells), file=out)
     for line in legend(result, meta):
         print(f"  {line}", file=out)
+    if any(r.get("noisy") for r in result["rows"].values()):
+        print(f"  ~: noisy, its rounds disagree (median/min above {NOISY_MEDIAN_OVER_MIN} or max/min above "
+              f"{NOISY_MAX_OVER_MIN}): the machine was busy while it ran", file=out)  # fmt: skip
     for name, reason in result["skipped"].items():
         print(f"{name:<21}skipped: {reason}", file=out)
 
@@ -346,16 +372,23 @@ def plot(results: List[Dict], meta: Dict, path: Path) -> None:
         ms = [res["rows"][n]["median_ms"] for n in names]
         bpe = [res["rows"][n]["bytes_per_elem"] for n in names]
         colors = ["tab:green" if n.startswith("pmdlamb") else "tab:gray" for n in names]
-        ax_t.bar_label(ax_t.barh(names, ms, color=colors), fmt="%.1f", padding=3, fontsize=8)
-        ax_t.set_xlabel("median step time, ms (lower is better)")
-        ax_t.set_title(f"{res['set']}, {res['dtype']}: {res['tensors']} tensors, {res['params'] / 1e6:.1f}M params")
-        ax_b.bar_label(ax_b.barh(names, bpe, color=colors), fmt="%.1f", padding=3, fontsize=8)
+        spread = [[m - res["rows"][n]["min_ms"] for n, m in zip(names, ms)],
+                  [res["rows"][n]["max_ms"] - m for n, m in zip(names, ms)]]  # fmt: skip
+        labels = [n + (" ~" if res["rows"][n].get("noisy") else "") for n in names]
+        bars = ax_t.barh(labels, ms, color=colors, xerr=spread, error_kw=dict(ecolor="k", lw=0.8, capsize=2))
+        ax_t.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
+        ax_t.set_xlabel("median step time, ms, whiskers min to max (lower is better; ~: noisy)")
+        skipped = f"\nskipped (table: why): {', '.join(res['skipped'])}" if res["skipped"] else ""
+        ax_t.set_title(f"{res['set']}, {res['dtype']}: {res['tensors']} tensors, {res['params'] / 1e6:.1f}M params"
+                       + skipped, fontsize=9)  # fmt: skip
+        ax_b.bar_label(ax_b.barh(labels, bpe, color=colors), fmt="%.1f", padding=3, fontsize=8)
         floor_bytes, two_pass_bytes = res["floor_bytes"], res["two_pass_bytes"]
         ax_b.axvline(floor_bytes, ls=":", color="k", lw=1, label=f"{floor_bytes} B/elem: one-pass floor")
         ax_b.axvline(two_pass_bytes, ls="--", color="k", lw=1, label=f"{two_pass_bytes} B/elem: two-pass design")
         ax_b.legend(loc="lower right", fontsize=7, framealpha=0.9)
         ax_b.set_xlabel("effective bytes per element (time × copy bandwidth / N)")
-        for ax, values in ((ax_t, ms), (ax_b, bpe + [floor_bytes, two_pass_bytes])):
+        whiskers = [res["rows"][n][key] for n in names for key in ("min_ms", "max_ms")]
+        for ax, values in ((ax_t, whiskers), (ax_b, bpe + [floor_bytes, two_pass_bytes])):
             ax.invert_yaxis()
             ax.set_xscale("log")
             # Room right of the longest bar for its label; plain tick labels at 1, 2 and 5 of each decade.
@@ -363,7 +396,9 @@ def plot(results: List[Dict], meta: Dict, path: Path) -> None:
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())
-    fig.suptitle(f"PMD-LAMB step on {meta['device_name']} ({meta['date']}, torch {meta['torch']})")
+    title = (f"PMD-LAMB step on {meta['device_name']}, {meta.get('threads', '?')} threads, copy bandwidth "
+             f"{meta['copy_bandwidth_GBps']:.1f} GB/s ({meta['date']}, torch {meta['torch']})")
+    fig.suptitle(title + ("\n" + busy_line(meta) if busy_line(meta) else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -416,6 +451,9 @@ def main(argv=None) -> Dict:
             result["skipped"].update(skip)
             print_table(result, meta)
             results.append(result)
+    meta["copy_bandwidth_after_GBps"] = copy_bandwidth(device, max(numel, 1 << 20)) / 1e9
+    if busy_line(meta):
+        print(f"\n{busy_line(meta)}")
     doc = {"meta": meta, "results": results}
     if not args.no_files:
         path = save_results(doc, args.out)

@@ -1,9 +1,11 @@
 """The main job and the host-overhead benchmark run end to end on CPU and report a number, or a reason, for
 every contender."""
 
+import itertools
 import json
 import math
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +66,34 @@ def test_runs_never_overwrite_each_other_and_land_where_git_ignores_them(tmp_pat
     assert f"wrote {tmp_path / stem}-2.json" in capsys.readouterr().out
     ignored = subprocess.run(["git", "check-ignore", "-q", str(step_time.RUNS_DIR / f"{stem}.json")], cwd=ROOT)
     assert ignored.returncode == 0 and step_time.RUNS_DIR != step_time.RESULTS_DIR
+
+
+def test_a_contender_whose_rounds_vary_is_flagged_and_a_quiet_one_is_not(tmp_path, capsys, monkeypatch):
+    calls = itertools.count()
+    step = torch.optim.AdamW.step
+
+    def every_third_sleeps(self, *args, **kwargs):  # a busy machine, for one contender
+        if next(calls) % 3 == 2:
+            time.sleep(0.05)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", every_third_sleeps)
+    doc = step_time.main(["--device", "cpu", "--sets", "many_small", "--limit", "3", "--warmup", "0", "--steps", "3",
+                          "--rounds", "2", "--contenders", "torch fused AdamW", "--quiet", "--no-files"])  # fmt: skip
+    (row,) = doc["results"][0]["rows"].values()
+    assert row["noisy"] and row["max_ms"] > step_time.NOISY_MAX_OVER_MIN * row["min_ms"]
+    out = capsys.readouterr().out
+    assert "torch fused AdamW ~" in out and "~: noisy, its rounds disagree" in out
+    quiet = dict(median_ms=1.1, min_ms=1.0, max_ms=1.9)  # within both bounds
+    assert not step_time.noisy(quiet)
+    assert step_time.noisy(dict(quiet, median_ms=1.3)) and step_time.noisy(dict(quiet, max_ms=2.1))
+
+
+def test_a_busy_machine_is_said_once(capsys):
+    meta = dict(copy_bandwidth_GBps=19.5, copy_bandwidth_after_GBps=10.0)
+    line = step_time.busy_line(meta)
+    assert "the machine looked busy: copy bandwidth 19.5 GB/s before the rounds, 10.0 after" in line
+    assert step_time.busy_line(dict(meta, copy_bandwidth_after_GBps=18.0)) is None
 
 
 def _result(rows, device):
