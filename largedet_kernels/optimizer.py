@@ -219,9 +219,10 @@ class _LambFamily(Optimizer):
         for key in param_group:
             if key in self._SETTINGS:
                 # ZeroRedundancyOptimizer hands its constructor's arguments to every group: the same are taken.
-                if param_group[key] != getattr(self, key):
-                    raise ValueError(f"{key} is a setting of the whole optimizer's constructor ({getattr(self, key)!r} "
-                                     f"here), not of a param group (param group {index}: {param_group[key]!r})")  # fmt: skip
+                mine, theirs = getattr(self, key), param_group[key]
+                if theirs != mine:
+                    raise ValueError(f"{key} is a setting of the whole optimizer's constructor ({mine!r} here), not "
+                                     f"of a param group (param group {index}: {theirs!r})")  # fmt: skip
                 continue
             if key not in self.defaults and key not in GROUP_EXTRAS:
                 raise ValueError(f"unknown key {key!r} in param group {index}: the keys are "
