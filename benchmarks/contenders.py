@@ -77,11 +77,28 @@ def _importable(module: str, how: str) -> Callable[[torch.device], Optional[str]
     return check
 
 
+def no_gpu_here(device: torch.device) -> Optional[str]:
+    """Why a contender of CUDA devices skips a run on ``device``, as a reader of the table needs it."""
+    if device.type == "cuda":
+        return None
+    return "no GPU here" if not torch.cuda.is_available() else f"the run is on {device}, not on a GPU"
+
+
 def _cuda_only(check: Callable[[torch.device], Optional[str]], who: str) -> Callable[[torch.device], Optional[str]]:
     def unavailable(device: torch.device) -> Optional[str]:
         if device.type != "cuda":
-            return f"{who} runs on CUDA devices only"
+            return f"{no_gpu_here(device)}: {who} runs on CUDA devices only"
         return check(device)
+
+    return unavailable
+
+
+def _pmdlamb_unavailable(backend: str) -> Callable[[torch.device], Optional[str]]:
+    def unavailable(device: torch.device) -> Optional[str]:
+        reason = dispatch.unavailable_reason(backend, device)
+        if reason is not None and backend in ("cuda", "triton") and device.type != "cuda":
+            return f"{no_gpu_here(device)}: the {backend} backend runs on CUDA devices"
+        return reason
 
     return unavailable
 
@@ -91,7 +108,7 @@ def _pmdlamb(backend: str) -> Contender:
         f"pmdlamb[{backend}]",
         lambda ps: PMDLAMB(ps, lr=LR, betas=BETAS, eps=EPS, weight_decay=WEIGHT_DECAY, alpha=ALPHA,
                            cycle_length=CYCLE, backend=backend).step,  # fmt: skip
-        lambda device: dispatch.unavailable_reason(backend, device),
+        _pmdlamb_unavailable(backend),
         capturable=backend in ("cuda", "triton"),
     )
 

@@ -36,6 +36,9 @@ def test_benchmark_smoke(tmp_path, capsys):
         assert set(result["rows"]) | set(result["skipped"]) == {c.name for c in CONTENDERS}
         assert not set(result["rows"]) & set(result["skipped"])
         assert all(isinstance(reason, str) and reason for reason in result["skipped"].values())
+        if not torch.cuda.is_available():  # said as a reader needs it, not as the dispatcher does
+            assert result["skipped"]["pmdlamb[cuda]"] == "no GPU here: the cuda backend runs on CUDA devices"
+            assert result["skipped"]["apex FusedLAMB"] == "no GPU here: apex FusedLAMB runs on CUDA devices only"
         assert {"pmdlamb[torch]", "reference loop", "torch fused AdamW"} <= set(result["rows"])
         for name, row in result["rows"].items():
             assert set(row) >= ROW_KEYS, name
