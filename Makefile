@@ -10,7 +10,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.step_time $(ARGS)
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests $(ARGS)
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests $(ARGS)
 
 $(VENV)/.installed: setup.py requirements-dev.txt $(wildcard csrc/*.h csrc/*.cuh csrc/*.cu csrc/*.cpp csrc/cpu/*.cpp csrc/step_cache/*.cpp)
 	$(PYTHON) -m venv $(VENV)

@@ -9,6 +9,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (make test) each worker takes its share of the cores, so that the workers' thread pools
+# do not fight over them.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 from largedet_kernels import dispatch  # noqa: E402  (after TRITON_INTERPRET)
 
 CPU_BACKENDS = ["torch"]
