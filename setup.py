@@ -106,8 +106,11 @@ def cpu_extension():
         return []
     flags = build_flags()
     openmp = flags.openmp_flags()
-    # Every ISA, not the building machine's: the process picks the one its CPU runs.
+    # Every ISA, not the building machine's: the process picks the one its CPU runs. LARGEDET_CPU_ISAS=native
+    # builds this machine's alone (make bench).
     isas = flags.CPU_ISAS if flags.x86() else ("generic",)
+    if os.environ.get("LARGEDET_CPU_ISAS") == "native":
+        isas = (flags.cpu_isa(),)
     return [
         CppExtension(
             flags.aot_cpu_module(isa),
