@@ -35,7 +35,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -139,16 +139,22 @@ def ablation_bars(config: Dict, runs: Iterable[Dict]) -> List[Tuple[str, Dict]]:
     return [(f"T = {r['cycle_length'] or '∞'}", r) for r in by_t] + [(f"α = {r['alpha']}", r) for r in by_a]
 
 
-def make_optimizer(model: torch.nn.Module, run: Dict, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, run: Dict, lr: float, telemetry: bool = False) -> torch.optim.Optimizer:
     if run["optimizer"] == "sgd":  # maskrcnn-benchmark's defaults, as the paper's SGD baseline
         return torch.optim.SGD(param_groups(model, weight_decay=1e-4), lr=lr, momentum=0.9)
-    return PMDLAMB(param_groups(model, weight_decay=5e-4), lr=lr, alpha=run["alpha"], cycle_length=run["cycle_length"])
+    return PMDLAMB(param_groups(model, weight_decay=5e-4), lr=lr, alpha=run["alpha"], cycle_length=run["cycle_length"],
+                   telemetry=telemetry)  # fmt: skip
 
 
-def train(config: Config, run: Dict, train_data, val_data, device: torch.device) -> Dict:
+# Called after each optimizer step with the step's number (from 1), the model and the optimizer.
+OnStep = Callable[[int, torch.nn.Module, torch.optim.Optimizer], None]
+
+
+def train(config: Config, run: Dict, train_data, val_data, device: torch.device, telemetry: bool = False,
+          on_step: Optional[OnStep] = None) -> Dict:  # fmt: skip
     """One run: fixed epochs, LSR lr with linear warm-up and the paper's ×0.1 steps at 2/3
     and 8/9 of training; stops at the first non-finite loss (reported as diverged, ``loss``
-    holds the finite ones before it)."""
+    holds the finite ones before it). ``telemetry`` and ``on_step`` are for benchmarks/trust_ratios.py."""
     batch, micro = run["batch"], min(run["batch"], config.micro_batch)  # Config checked that micro divides batch
     accumulation = batch // micro
     base = config.sgd_lr if run["optimizer"] == "sgd" else config.lamb_lr
@@ -158,7 +164,7 @@ def train(config: Config, run: Dict, train_data, val_data, device: torch.device)
         raise ValueError(f"batch {batch} is larger than the {len(train_data)} training images")
     steps = config.epochs * steps_per_epoch
     model = build_detector(config.image_size, config.seed).to(device)
-    optimizer = make_optimizer(model, run, lr)
+    optimizer = make_optimizer(model, run, lr, telemetry)
     scheduler = WarmupMultiStepLR(optimizer, [steps * 2 // 3, steps * 8 // 9], warmup_factor=0.1,
                                   warmup_iters=round(config.warmup_epochs * steps_per_epoch))  # fmt: skip
     order = torch.Generator().manual_seed(config.seed)  # every run sees the images in the same order
@@ -181,6 +187,8 @@ def train(config: Config, run: Dict, train_data, val_data, device: torch.device)
                 break
             losses.append(float(total))
             optimizer.step()
+            if on_step is not None:
+                on_step(len(losses), model, optimizer)
             scheduler.step()
         if diverged:
             break

@@ -15,7 +15,8 @@ N = 189 is Faster R-CNN R50-FPN's tensor count, 398 BERT-large's, 2,000 the many
 
 Variants of every backend: plain PMDLAMB; clip (max_grad_norm); amp (GradScaler's grad_scale and
 found_inf attributes); lamb (apex-style LAMB, clipping on); sharded (DTensor parameters on a
-one-rank gloo mesh, each all-reduce counted and made a no-op: exact on one rank, its wait left out).
+one-rank gloo mesh, each all-reduce counted and made a no-op: exact on one rank, its wait left out);
+telemetry (plain with telemetry=True: trust-ratio records written).
 Yardsticks: torch.optim.AdamW with fused=True and with foreach=True. Reported: median (min, max) µs
 per step, µs per tensor and its ratio to fused AdamW's, launches and all-reduces per step, and the
 goals (at most 0.15× fused AdamW at 2,000 tensors, 150 µs per step at 189), marked pass or fail
@@ -43,7 +44,7 @@ from largedet_kernels import LAMB, PMDLAMB, dispatch
 
 TENSORS = (189, 398, 2000)
 BACKENDS = ("torch", "cpu", "triton", "cuda")
-VARIANTS = ("plain", "clip", "amp", "lamb", "sharded")
+VARIANTS = ("plain", "clip", "amp", "lamb", "sharded", "telemetry")
 ADAMW = ("adamw", ("fused", "foreach"))  # the yardsticks, as (backend, variants)
 FUSED_ADAMW = "adamw/fused"
 GOALS = {2000: ("ratio", 0.15), 189: ("us_per_step", 150.0)}  # N: (what, at most)
@@ -202,7 +203,8 @@ def make_step(backend: str, variant: str, params: List[torch.nn.Parameter]) -> C
     if variant == "lamb":
         opt = LAMB(params, backend=backend)  # apex FusedLAMB's defaults: max_grad_norm=1.0
     else:
-        opt = PMDLAMB(params, max_grad_norm=1.0 if variant == "clip" else None, backend=backend)
+        opt = PMDLAMB(params, max_grad_norm=1.0 if variant == "clip" else None, backend=backend,
+                      telemetry=variant == "telemetry")  # fmt: skip
     if variant == "amp":  # what torch.amp.GradScaler.step sets on an optimizer with _step_supports_amp_scaling
         device = params[0].device
         opt.grad_scale = torch.full((), 2.0**16, device=device)

@@ -126,7 +126,7 @@ struct StepLaunch {
 StepLaunch checked_step(const Tensor& ptrs, const Tensor& numels, const Tensor& chunks, const Tensor& workspace,
                         int64_t chunk_size, at::ScalarType x_type, at::ScalarType g_type, at::ScalarType m_type,
                         bool has_masters, const Tensor& hyper, const Tensor* grad_factor, const Tensor& found_inf,
-                        const Tensor* sums) {
+                        const Tensor* sums, const c10::optional<Tensor>& records = c10::nullopt) {
   const ChunkTable table = chunk_table(ptrs, numels, chunks, chunk_size);
   const int64_t n = table.n_tensors, n_chunks = chunks_in(chunks, n);
   const at::Device device = ptrs.device();
@@ -136,6 +136,7 @@ StepLaunch checked_step(const Tensor& ptrs, const Tensor& numels, const Tensor& 
   check_table(found_inf, "found_inf", at::kFloat, 1, device);
   check_table(workspace, "workspace", math, 2 * n_chunks + n, device);
   if (sums != nullptr) check_table(*sums, "sums", math, 2 * n, device);
+  if (records) check_table(*records, "records", math, kRecordFields * n, device);  // NOTE [trust-ratio records]
   const Dtype x_dtype = to_dtype(x_type, "params"), g_dtype = to_dtype(g_type, "grads");
   const Dtype m_dtype = to_dtype(m_type, "exp_avgs");
   TORCH_CHECK(supported_dtypes(x_dtype, g_dtype), "largedet: no kernel for ", x_type, " parameters with ", g_type,
@@ -149,7 +150,7 @@ StepLaunch checked_step(const Tensor& ptrs, const Tensor& numels, const Tensor& 
   const StepScalars scalars{hyper.data_ptr<double>(), grad_factor ? grad_factor->data_ptr() : nullptr,
                             found_inf.data_ptr<float>(),
                             w + part_offset(kPartials, n_chunks) * math_bytes,
-                            w + part_offset(kTNow, n_chunks) * math_bytes};
+                            w + part_offset(kTNow, n_chunks) * math_bytes, records ? records->data_ptr() : nullptr};
   const LaunchConfig config{x_dtype, g_dtype, m_dtype, has_masters, n_chunks,
                             at::cuda::getCurrentCUDAStream(device.index())};
   return StepLaunch{table, scalars, config, device};
@@ -162,10 +163,10 @@ void check_launch(cudaError_t err, const char* op) {
 // Both passes (NOTE [two passes] in largedet_kernels/triton_kernels.py): two launches.
 void table_step_(const Tensor& ptrs, const Tensor& numels, const Tensor& chunks, const Tensor& workspace,
                  int64_t chunk_size, at::ScalarType x, at::ScalarType g, at::ScalarType m, bool has_masters,
-                 const Tensor& hyper, const Tensor& grad_factor, const Tensor& found_inf) {
-  const StepLaunch l =
-      checked_step(ptrs, numels, chunks, workspace, chunk_size, x, g, m, has_masters, hyper, &grad_factor, found_inf,
-                   nullptr);
+                 const Tensor& hyper, const Tensor& grad_factor, const Tensor& found_inf,
+                 const c10::optional<Tensor>& records) {
+  const StepLaunch l = checked_step(ptrs, numels, chunks, workspace, chunk_size, x, g, m, has_masters, hyper,
+                                    &grad_factor, found_inf, nullptr, records);
   const c10::cuda::CUDAGuard guard(l.device);
   check_launch(launch_pmd_lamb_step(l.table, l.scalars, l.config), "step_");
 }
@@ -185,10 +186,11 @@ void table_moments_(const Tensor& ptrs, const Tensor& numels, const Tensor& chun
 // NOTE [sharded norms] point at one all-reduced pair per tensor: one launch.
 void table_update_(const Tensor& ptrs, const Tensor& numels, const Tensor& chunks, const Tensor& workspace,
                    int64_t chunk_size, at::ScalarType x, at::ScalarType g, at::ScalarType m, bool has_masters,
-                   const Tensor& hyper, const Tensor& found_inf, const Tensor& sums) {
+                   const Tensor& hyper, const Tensor& found_inf, const Tensor& sums,
+                   const c10::optional<Tensor>& records) {
   // Pass 2 does not read the factor.
   StepLaunch l = checked_step(ptrs, numels, chunks, workspace, chunk_size, x, g, m, has_masters, hyper, nullptr,
-                              found_inf, &sums);
+                              found_inf, &sums, records);
   l.scalars.partials = sums.data_ptr();
   const c10::cuda::CUDAGuard guard(l.device);
   check_launch(launch_pmd_lamb_update(l.table, l.scalars, l.config), "update_");
@@ -212,10 +214,10 @@ Tensor table_grad_sumsq(const Tensor& ptrs, const Tensor& numels, const Tensor& 
 // The tensor-list form: the same work on tables made from the lists.
 void step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
            TensorList masters, const Tensor& chunks, const Tensor& workspace, int64_t chunk_size, const Tensor& hyper,
-           const Tensor& grad_factor, const Tensor& found_inf) {
+           const Tensor& grad_factor, const Tensor& found_inf, const c10::optional<Tensor>& records) {
   const ListTables t(params, grads, exp_avgs, exp_avg_sqs, steps, masters, chunks, {kX, kG, kM, kV, kStep});
   table_step_(t.ptrs, t.numels, chunks, workspace, chunk_size, t.x_dtype, t.g_dtype, t.m_dtype, t.has_masters, hyper,
-              grad_factor, found_inf);
+              grad_factor, found_inf, records);
 }
 
 void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
@@ -228,10 +230,10 @@ void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
 
 void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps, TensorList masters,
              const Tensor& chunks, const Tensor& workspace, int64_t chunk_size, const Tensor& hyper,
-             const Tensor& found_inf, const Tensor& sums) {
+             const Tensor& found_inf, const Tensor& sums, const c10::optional<Tensor>& records) {
   const ListTables t(params, {}, exp_avgs, exp_avg_sqs, steps, masters, chunks, {kX, kM, kV, kStep});
   table_update_(t.ptrs, t.numels, chunks, workspace, chunk_size, t.x_dtype, t.g_dtype, t.m_dtype, t.has_masters,
-                hyper, found_inf, sums);
+                hyper, found_inf, sums, records);
 }
 
 Tensor grad_sumsq(TensorList grads, const Tensor& chunks, const Tensor& workspace, int64_t chunk_size) {

@@ -168,7 +168,13 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable 
   M sum_x, sum_u;
   tensor_sums(table, static_cast<const M*>(s.partials), chunk.tensor, shared, sum_x, sum_u);
   __shared__ M ratio_shared;
-  if (threadIdx.x == 0) ratio_shared = trust_ratio(row, sum_x, sum_u);
+  if (threadIdx.x == 0) {
+    ratio_shared = trust_ratio(row, sum_x, sum_u);
+    // NOTE [trust-ratio records]: null when telemetry is off, so nothing more is read or written.
+    if (s.records != nullptr && keep && chunk.start == 0) {
+      write_record(static_cast<M*>(s.records), chunk.tensor, t, row, sum_x, sum_u);
+    }
+  }
   __syncthreads();
   const M ratio = ratio_shared;
   if (!keep) return;  // NOTE [skipped steps]: no store, to the master neither

@@ -83,17 +83,32 @@ LARGEDET_HOST_DEVICE V direction(V m, V v, V x, const StepCoefficients<V>& c) {
   return m / c.correction_m / denom + c.decay_in_update * x;
 }
 
-// η·α·‖x‖/‖u‖ from the squared norms, the ratio clamped to the row's bounds; 1 in place of the
-// ratio when a norm is 0 (zero-initialised biases still train) or the tensor takes no trust ratio;
-// NaN when a norm is not finite, so that the whole tensor shows it (NOTE [non-finite gradients] in
-// largedet_kernels/reference.py).
+// ‖x‖/‖u‖ from the squared norms, clamped to the row's bounds; 1 when a norm is 0 (zero-initialised
+// biases still train) or the tensor takes no trust ratio; NaN when a norm is not finite, so that the
+// whole tensor shows it (NOTE [non-finite gradients] in largedet_kernels/reference.py).
 template <typename M>
-LARGEDET_HOST_DEVICE M trust_ratio(const double* row, M sum_x, M sum_u) {
+LARGEDET_HOST_DEVICE M applied_ratio(const double* row, M sum_x, M sum_u) {
   const M x_norm = Ops<M>::sqrt(sum_x), u_norm = Ops<M>::sqrt(sum_u);
   if (!::isfinite(x_norm) || !::isfinite(u_norm)) return M(::nan(""));
   const bool trusted = row[kUseTrustRatio] != 0 && x_norm > M(0) && u_norm > M(0);
   const M lo = M(row[kTrustRatioMin]), hi = M(row[kTrustRatioMax]), ratio = x_norm / u_norm;
-  return M(row[kLrAlpha]) * (trusted ? (ratio < lo ? lo : (ratio > hi ? hi : ratio)) : M(1));
+  return trusted ? (ratio < lo ? lo : (ratio > hi ? hi : ratio)) : M(1);
+}
+
+// η·α times the applied ratio: what u is scaled by.
+template <typename M>
+LARGEDET_HOST_DEVICE M trust_ratio(const double* row, M sum_x, M sum_u) {
+  return M(row[kLrAlpha]) * applied_ratio(row, sum_x, sum_u);
+}
+
+// The tensor's record of this step (NOTE [trust-ratio records] in largedet_kernels/backends/tables.py).
+template <typename M>
+LARGEDET_HOST_DEVICE void write_record(M* records, int64_t tensor, M t, const double* row, M sum_x, M sum_u) {
+  M* record = records + tensor * kRecordFields;
+  record[kRecordStep] = t;
+  record[kRecordXNorm] = Ops<M>::sqrt(sum_x);
+  record[kRecordUNorm] = Ops<M>::sqrt(sum_u);
+  record[kRecordRatio] = applied_ratio(row, sum_x, sum_u);
 }
 
 }  // namespace largedet

@@ -50,6 +50,10 @@ enum HyperColumn : int {
   kHyperColumns = 17,
 };
 
+// The fields of a tensor's trust-ratio record, in the math type (NOTE [trust-ratio records] in
+// largedet_kernels/backends/tables.py): tables.py's RECORD_FIELDS, in order.
+enum RecordField : int { kRecordStep = 0, kRecordXNorm = 1, kRecordUNorm = 2, kRecordRatio = 3, kRecordFields = 4 };
+
 // The math type of parameters (or gradients) of type X: float64 stays, the others compute in float32.
 // ATen's at::opmath_type, which csrc/cpu/pmd_lamb_cpu.cpp checks this against, for torch-free code.
 template <typename X>
@@ -94,6 +98,7 @@ struct StepScalars {
   const float* found_inf;
   void* partials;            // [2 · n_chunks] of M: Σx², Σu² per chunk
   void* t_now;               // [n_tensors] of M: t of this step, from pass 1 to pass 2
+  void* records;             // [n_tensors, kRecordFields] of M, or null: NOTE [trust-ratio records]
 };
 
 }  // namespace largedet

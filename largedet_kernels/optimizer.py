@@ -34,9 +34,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 import torch
 from torch.optim import Optimizer
 
-from . import dispatch, rounding
+from . import dispatch, rounding, telemetry
 from .sharding import local, reduce_per_key, state_like
 from .step_cache import Entry, StepCache
+from .telemetry import TrustRatios
 
 # What step() reads from a param group: a change of any re-validates them and refreshes the hyper tables.
 HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", "cycle_length", "bias_correction", "eps_inside_sqrt",
@@ -45,7 +46,7 @@ HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", "cycle_length", "bi
 # Hyper-parameters of the whole optimizer: a param group may not differ from the defaults in them.
 OPTIMIZER_WIDE = ("max_grad_norm", "stochastic_rounding", "seed")
 # Settings of the constructor only, kept as attributes (and by pickling), never in a param group.
-CONSTRUCTOR_ONLY = ("backend", "master_weights", "moment_dtype")
+CONSTRUCTOR_ONLY = ("backend", "master_weights", "moment_dtype", "telemetry")
 # Keys a param group may hold beside its hyper-parameters: torch.optim's parameter names, and what lr
 # schedulers read (torch's initial_lr, timm's lr_scale).
 GROUP_EXTRAS = ("params", "param_names", "initial_lr", "lr_scale")
@@ -145,8 +146,10 @@ class _LambFamily(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable, defaults: Dict[str, Any], backend: str, master_weights: Any,
-                 moment_dtype: torch.dtype) -> None:  # fmt: skip
+                 moment_dtype: torch.dtype, telemetry: bool) -> None:  # fmt: skip
         dispatch.check_backend_name(backend)
+        if not isinstance(telemetry, bool):
+            raise ValueError(f"Invalid telemetry: {telemetry!r} (must be True or False)")
         _check_hyper(defaults)
         if not any(master_weights is choice for choice in MASTER_WEIGHTS):
             raise ValueError(f"Invalid master_weights: {master_weights!r} (must be 'auto', True or False)")
@@ -161,6 +164,9 @@ class _LambFamily(Optimizer):
         self.backend = backend
         self.master_weights = master_weights
         self.moment_dtype = moment_dtype
+        self.telemetry = telemetry
+        # What trust_ratios() reports beside the records: the last step's found_inf and ‖g‖ (telemetry on).
+        self._last_step: Tuple[Optional[torch.Tensor], Optional[torch.Tensor]] = (None, None)
         self._backend_of_device: Dict[torch.device, Tuple[str, ModuleType]] = {}
         self._step_cache = StepCache()
         super().__init__(params, defaults)
@@ -178,6 +184,8 @@ class _LambFamily(Optimizer):
         for group in self.param_groups:
             for key in FORMAT_HISTORY:
                 group.setdefault(key, self.defaults[key])
+        self.__dict__.setdefault("telemetry", False)  # pickled before telemetry existed
+        self._last_step = (None, None)
         self._backend_of_device = {}
         if "_step_cache" in self.__dict__:
             self._step_cache.invalidate()
@@ -283,6 +291,14 @@ class _LambFamily(Optimizer):
                     )
             self.state[p] = state
 
+    def trust_ratios(self) -> TrustRatios:
+        """The trust-ratio records of the last step (``telemetry=True``): per tensor ‖x‖, ‖u‖ and the ratio
+        applied, keyed by name where the param groups carry ``param_names`` (docs/telemetry.md). It waits for
+        the step to finish, which step() never does: call it when logging, not every step."""
+        if not self.telemetry:
+            raise RuntimeError(f"{type(self).__name__} records trust ratios only when constructed with telemetry=True")
+        return telemetry.collect(self, self._step_cache.recorded(), *self._last_step)
+
     @property
     def backends(self) -> Dict[torch.device, str]:
         """The backend that steps each device's parameters: {device: backend name} over the devices of this
@@ -346,13 +362,14 @@ class _LambFamily(Optimizer):
                 group["trust_ratio_bounds"] = tuple(group["trust_ratio_bounds"])
         return self._hypers()
 
-    def _grad_factor(self, entries: List[Entry]) -> Optional[torch.Tensor]:
-        """What every gradient is multiplied by: GradScaler's 1/scale × the clip factor."""
+    def _grad_factor(self, entries: List[Entry]) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """What every gradient is multiplied by: GradScaler's 1/scale × the clip factor; and the global ‖g‖
+        (unscaled) where clipping needs it."""
         grad_scale: Optional[torch.Tensor] = getattr(self, "grad_scale", None)
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         max_norm = self.defaults["max_grad_norm"]
         if max_norm is None:
-            return inv_scale
+            return inv_scale, None
         device = entries[0].bucket.device
         # NOTE [sharded norms] in sharding.py
         sumsq = reduce_per_key([(e.shard_key, e.backend.grad_sumsq(e.bucket)) for e in entries])
@@ -364,7 +381,7 @@ class _LambFamily(Optimizer):
         # An inf ‖g‖ as NaN, so that the factor is NaN, not max/∞ = 0 (NOTE [non-finite gradients] in reference.py).
         norm = torch.nan_to_num(norm, nan=math.nan, posinf=math.nan)
         clip = torch.where(norm <= max_norm, 1.0, max_norm / norm)
-        return clip if inv_scale is None else clip * inv_scale.to(device)
+        return (clip if inv_scale is None else clip * inv_scale.to(device)), norm
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
@@ -375,8 +392,10 @@ class _LambFamily(Optimizer):
         entries = self._step_cache.entries(self)
         if not entries:
             return loss
-        factor = self._grad_factor(entries)
+        factor, grad_norm = self._grad_factor(entries)
         found_inf: Optional[torch.Tensor] = getattr(self, "found_inf", None)
+        if self.telemetry:
+            self._last_step = (found_inf, grad_norm)
         pending = []
         for e in entries:
             device = e.bucket.device
@@ -409,7 +428,7 @@ class PMDLAMB(_LambFamily):
     Args:
         params: parameters or param groups. Every hyper-parameter below can be set per group except
             the optimizer-wide ``max_grad_norm``, ``stochastic_rounding`` and ``seed`` and the
-            constructor's ``backend``, ``master_weights`` and ``moment_dtype``; any other key in a group
+            constructor's ``backend``, ``master_weights``, ``moment_dtype`` and ``telemetry``; any other key in a group
             is a ValueError.
         lr: η. betas: (β1, β2). eps: ε. weight_decay: λ (decoupled: it acts at g = 0 too, where
             u = λx and a step scales x by 1 − η·α).
@@ -437,6 +456,9 @@ class PMDLAMB(_LambFamily):
             ratio for tensors without weight decay, unless ``use_nvlamb``).
         trust_ratio_bounds: (lo, hi): ‖x‖/‖u‖ clamped to [lo, hi] before η·α scales it (DeepSpeed's
             (0.01, 10), say); None: unbounded. A zero norm still gives 1, a non-finite one NaN.
+        telemetry: record each tensor's ‖x‖, ‖u‖ and applied ratio at every step, on its device, in the
+            kernels the step launches anyway; ``trust_ratios()`` reads them (docs/telemetry.md). Off: nothing
+            is written.
         lr may be a float or a 0-d (or one-element) tensor, on the CPU or the parameters' device,
         which an lr schedule may write in place (NOTE [tensor lr] in backends/tables.py); the
         other hyper-parameters take numbers.
@@ -463,6 +485,7 @@ class PMDLAMB(_LambFamily):
         maximize: bool = False,
         adapt: Optional[bool] = True,
         trust_ratio_bounds: Optional[Tuple[float, float]] = None,
+        telemetry: bool = False,
         **kwargs: Any,
     ) -> None:
         refuse_torch_keywords("PMDLAMB", kwargs)
@@ -474,7 +497,7 @@ class PMDLAMB(_LambFamily):
             stochastic_rounding=stochastic_rounding, seed=seed, maximize=maximize, adapt=adapt,
             trust_ratio_bounds=trust_ratio_bounds,
         )  # fmt: skip
-        super().__init__(params, defaults, backend, master_weights, moment_dtype)
+        super().__init__(params, defaults, backend, master_weights, moment_dtype, telemetry)
 
 
 class LAMB(_LambFamily):
@@ -488,7 +511,8 @@ class LAMB(_LambFamily):
     gradients are never overwritten (apex writes its update into them), and
     ``max_grad_norm`` cannot differ per param group (apex reads only the default).
     ``backend`` (``"auto" | "cuda" | "triton" | "cpu" | "torch"``), ``master_weights``, ``moment_dtype``,
-    ``stochastic_rounding``, ``seed``, ``maximize``, ``trust_ratio_bounds`` and a tensor ``lr`` are PMDLAMB's;
+    ``stochastic_rounding``, ``seed``, ``maximize``, ``trust_ratio_bounds``, ``telemetry`` and a tensor ``lr`` are
+    PMDLAMB's;
     ``adapt`` too, whose default None keeps apex's rule (``use_nvlamb``).
     """
 
@@ -514,6 +538,7 @@ class LAMB(_LambFamily):
         maximize: bool = False,
         adapt: Optional[bool] = None,
         trust_ratio_bounds: Optional[Tuple[float, float]] = None,
+        telemetry: bool = False,
         **kwargs: Any,
     ) -> None:
         refuse_torch_keywords("LAMB", kwargs)
@@ -528,7 +553,7 @@ class LAMB(_LambFamily):
             stochastic_rounding=stochastic_rounding, seed=seed, maximize=maximize, adapt=adapt,
             trust_ratio_bounds=trust_ratio_bounds,
         )  # fmt: skip
-        super().__init__(params, defaults, backend, master_weights, moment_dtype)
+        super().__init__(params, defaults, backend, master_weights, moment_dtype, telemetry)
 
     _SETTINGS = (*CONSTRUCTOR_ONLY, "set_grad_none")
 

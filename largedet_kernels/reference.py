@@ -96,8 +96,9 @@ def pmd_lamb_step(
     adapt: Optional[bool] = None,
     trust_ratio_bounds: Optional[Tuple[float, float]] = None,
     moment_dtype: Optional[torch.dtype] = None,
-) -> None:
-    """One PMD-LAMB step of Algorithm 1 for one tensor; updates x, m and v in place.
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One PMD-LAMB step of Algorithm 1 for one tensor; updates x, m and v in place, and returns the step's
+    (‖x‖, ‖u‖, applied ratio), as :func:`update_parameter` does.
 
     ``g`` is the (already unscaled and clipped) gradient; it is not modified.
     ``t`` may be a 0-d tensor, so that ``torch.compile`` does not specialise on it.
@@ -109,9 +110,9 @@ def pmd_lamb_step(
     update_moments(x, -g if maximize else g, m, v, t, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                    cycle_length=cycle_length, grad_averaging=grad_averaging, adam_w_mode=adam_w_mode,
                    moment_dtype=moment_dtype)  # fmt: skip
-    update_parameter(x, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, alpha=alpha,
+    return update_parameter(x, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, alpha=alpha,
                      bias_correction=bias_correction, eps_inside_sqrt=eps_inside_sqrt, adam_w_mode=adam_w_mode,
-                     use_nvlamb=use_nvlamb, adapt=adapt, trust_ratio_bounds=trust_ratio_bounds)  # fmt: skip
+                            use_nvlamb=use_nvlamb, adapt=adapt, trust_ratio_bounds=trust_ratio_bounds)  # fmt: skip
 
 
 @torch.no_grad()
@@ -132,10 +133,12 @@ def update_moments(x, g, m, v, t, *, beta1: float, beta2: float, weight_decay: f
 def update_parameter(x, m, v, t, *, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                      alpha: float, bias_correction: bool, eps_inside_sqrt: bool, adam_w_mode: bool,
                      use_nvlamb: bool, adapt: Optional[bool] = None,
-                     trust_ratio_bounds: Optional[Tuple[float, float]] = None) -> None:  # fmt: skip
+                     trust_ratio_bounds: Optional[Tuple[float, float]] = None,
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """Lines 8–10 of Algorithm 1: x in place from the updated m and v. ``adapt`` says whether the trust
     ratio applies (None: apex's rule, unless ``use_nvlamb`` none when λ = 0); ``trust_ratio_bounds``
-    clamps ‖x‖/‖u‖ where both norms are non-zero."""
+    clamps ‖x‖/‖u‖ where both norms are non-zero. Returns what the step's record holds (NOTE [trust-ratio
+    records] in backends/tables.py): ‖x‖ before the step, ‖u‖, and the ratio applied, without η·α."""
     lam = weight_decay
     # Line 8: the update step r.
     m_hat, v_hat = m, v
@@ -158,6 +161,7 @@ def update_parameter(x, m, v, t, *, lr: float, beta1: float, beta2: float, eps: 
         trust_ratio = torch.where((x_norm > 0) & (u_norm > 0), ratio, 1.0)
     trust_ratio = torch.where(x_norm.isfinite() & u_norm.isfinite(), trust_ratio, math.nan)
     x.sub_(lr * alpha * trust_ratio * u)
+    return x_norm, u_norm, trust_ratio
 
 
 def store_parameter(

@@ -25,7 +25,9 @@ import torch
 
 from . import _extensions
 from .backends import Bucket, KeptTables
+from .backends.tables import RECORD_FIELDS, math_dtype
 from .sharding import ShardKey, check_grad, local, shard_key
+from .telemetry import bucket_records
 
 if TYPE_CHECKING:
     from .optimizer import _LambFamily
@@ -202,6 +204,9 @@ class StepCache:
         """This step's entries, each bucket's ``grads`` set: from the cache when nothing they were built from
         changed. Under torch.compile, built afresh as the graph is traced."""
         if torch.compiler.is_compiling():
+            if optimizer.telemetry:
+                raise RuntimeError("telemetry=True records the steps of eager mode: step eagerly, or construct the "
+                                   "optimizer without telemetry to compile its step")  # fmt: skip
             entries = self._build(optimizer, compiling=True)[0]
             untraceable = sorted({e.backend.NAME for e in entries if not e.backend.TRACEABLE})
             if untraceable:
@@ -235,6 +240,15 @@ class StepCache:
         for e, positions in zip(built.entries, built.positions):
             e.bucket.grads = grads if positions is None else [grads[i] for i in positions]
         return built.entries
+
+    def recorded(self) -> List[Tuple[List[torch.Tensor], torch.Tensor]]:
+        """Each bucket's parameters and trust-ratio records, in its order (telemetry on; none before a step)."""
+        built = self._built
+        if built is None:
+            return []
+        stepped = [built.params[i] for i in built.with_grad]
+        return [(stepped if positions is None else [stepped[n] for n in positions], bucket_records(e.bucket))
+                for e, positions in zip(built.entries, built.positions)]  # fmt: skip
 
     def after_step(self) -> None:
         """What the next step's check needs from this one."""
@@ -293,6 +307,10 @@ class StepCache:
             b.groups.append(group_of[i])
             if "master" in s:
                 b.masters.append(local(s["master"]))
+        if optimizer.telemetry:  # NOTE [trust-ratio records] in backends/tables.py
+            for b in buckets.values():
+                b.records = torch.zeros(len(b.params), len(RECORD_FIELDS), dtype=math_dtype(b.params[0].dtype),
+                                        device=b.device)  # fmt: skip
         entries = [Entry(b, optimizer._backend(b.device)[1], key[3]) for key, b in buckets.items()]
         in_order = len(buckets) == 1
         return entries, [None if in_order else positions[key] for key in buckets], params, with_grad, xs, grads

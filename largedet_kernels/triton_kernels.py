@@ -98,6 +98,13 @@ N_HYPER = tl.constexpr(17)
 
 HALF_PI = tl.constexpr(1.5707963267948966)
 
+# Fields of a trust-ratio record, as tables.py's RECORD_FIELDS (NOTE [trust-ratio records] there).
+RECORD_STEP = tl.constexpr(0)
+RECORD_X_NORM = tl.constexpr(1)
+RECORD_U_NORM = tl.constexpr(2)
+RECORD_RATIO = tl.constexpr(3)
+N_RECORD = tl.constexpr(4)
+
 # Rows of the pointer table (NOTE [pointer tables]).
 X = tl.constexpr(0)
 G = tl.constexpr(1)
@@ -433,11 +440,12 @@ def _update_chunk(x_addr, param_addr, m_addr, v_addr, start, length, keep, ratio
 @triton.jit
 def pmd_lamb_update_kernel(
     ptrs, numels, chunk_tensor, chunk_index, first_chunk, chunk_count, hyper, found_inf, partials, t_now,
-    n_tensors,
+    records, n_tensors,
     X_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, MATH: tl.constexpr, HAS_MASTER: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK: tl.constexpr, REDUCE_BLOCK: tl.constexpr, RECORD: tl.constexpr,
 ):  # fmt: skip
-    """Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u."""
+    """Pass 2 (NOTE [two passes]): trust ratio from the partials, then x ← x − η·α·ratio·u. With RECORD, the first
+    program of each tensor writes its record (NOTE [trust-ratio records] in backends/tables.py)."""
     chunk = tl.program_id(0)
     tensor, start, length = _chunk(chunk, chunk_tensor, chunk_index, numels, CHUNK)
     param, x, _, m, v, step_ptr = _tensor_addresses(ptrs, n_tensors, tensor, HAS_MASTER)
@@ -458,10 +466,18 @@ def pmd_lamb_update_kernel(
     lr_alpha = tl.load(hyper + tensor * N_HYPER + LR_ALPHA).to(MATH)
     lo = tl.load(hyper + tensor * N_HYPER + TRUST_RATIO_MIN).to(MATH)
     hi = tl.load(hyper + tensor * N_HYPER + TRUST_RATIO_MAX).to(MATH)
-    ratio = lr_alpha * tl.where(trusted, tl.minimum(tl.maximum(_div(x_norm, u_norm, MATH), lo), hi), 1.0)
+    applied = tl.where(trusted, tl.minimum(tl.maximum(_div(x_norm, u_norm, MATH), lo), hi), 1.0)
     # NOTE [non-finite gradients] (in largedet_kernels/reference.py): a norm that is not finite makes all of x NaN.
     finite = (x_norm < float("inf")) & (u_norm < float("inf"))
-    ratio = tl.where(finite, ratio, float("nan"))
+    applied = tl.where(finite, applied, float("nan"))
+    ratio = lr_alpha * applied
+    if RECORD:
+        record = records + tensor * N_RECORD
+        first = (start == 0) & keep
+        tl.store(record + RECORD_STEP, t, mask=first)
+        tl.store(record + RECORD_X_NORM, x_norm, mask=first)
+        tl.store(record + RECORD_U_NORM, u_norm, mask=first)
+        tl.store(record + RECORD_RATIO, applied, mask=first)
 
     aligned = _aligned(x) & _aligned(m) & _aligned(v)  # NOTE [vector and scalar paths]
     if HAS_MASTER:  # the parameter is a stream of its own

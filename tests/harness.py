@@ -74,6 +74,8 @@ class ReferenceRun:
         self.m = [torch.zeros_like(x) for x in self.x]
         self.v = [torch.zeros_like(x) for x in self.x]
         self.t = [0] * len(self.params)
+        # Each tensor's (t, ‖x‖, ‖u‖, applied ratio) of its last step (NOTE [trust-ratio records]).
+        self.records: List[Optional[Tuple[int, float, float, float]]] = [None] * len(self.params)
         self.resync()  # an optimizer that has stepped before hands over its state
         for i, p in enumerate(self.params):
             if optimizer.state[p]:
@@ -109,13 +111,14 @@ class ReferenceRun:
                     self.t[i] += 1
                     x, m, v, t = self.x[i], self.m[i], self.v[i], self.t[i]
                     if not bf16_moments(self.opt, p):
-                        reference.pmd_lamb_step(x, g64[i] * factor, m, v, t, **kwargs)
+                        record = reference.pmd_lamb_step(x, g64[i] * factor, m, v, t, **kwargs)
                     else:
                         reference.update_moments(x, sign * g64[i] * factor, m, v, t, moment_dtype=torch.bfloat16,
                                                  **moment_kwargs)  # fmt: skip
                         # The moments are judged against the reference's by assert_close_to_reference.
                         stored = [self.opt.state[p][k].double() for k in ("exp_avg", "exp_avg_sq")]
-                        reference.update_parameter(x, *stored, t, **update_kwargs)
+                        record = reference.update_parameter(x, *stored, t, **update_kwargs)
+                    self.records[i] = (t, *(float(r) for r in record))
                     if "master" in self.opt.state[p]:
                         x.copy_(x.float())  # what the master stores
                     else:

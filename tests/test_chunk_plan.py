@@ -1,5 +1,6 @@
 """Host side of the fused backends, on CPU: chunk tables, table layouts, kernel routing."""
 
+import dataclasses
 import itertools
 import math
 import re
@@ -83,6 +84,19 @@ def test_packed_chunk_tables_agree_across_languages():
     assert plan.pair_chunks[2 * n_chunks :].tolist() == list(range(n)) + [1] * n
     assert plan.workspace.numel() == 2 * n_chunks + n and plan.partials.numel() == 2 * n_chunks
     assert plan.t_now.data_ptr() == plan.workspace.data_ptr() + 2 * n_chunks * plan.workspace.element_size()
+
+
+def test_record_fields_agree_across_languages():
+    from largedet_kernels import telemetry, triton_kernels
+
+    body = re.search(r"enum RecordField : int \{([^}]*)\}", (ROOT / "csrc/tables.h").read_text()).group(1)
+    cuda = {_snake(name).removeprefix("record_"): int(v) for name, v in re.findall(r"k(\w+) = (\d+)", body)}
+    assert cuda.pop("fields") == len(tables.RECORD_FIELDS)
+    assert sorted(cuda, key=cuda.get) == ["step", "x_norm", "u_norm", "ratio"] == list(tables.RECORD_FIELDS)
+    names = {field: getattr(triton_kernels, "RECORD_" + field.upper()).value for field in tables.RECORD_FIELDS}
+    assert names == cuda and triton_kernels.N_RECORD.value == len(tables.RECORD_FIELDS)
+    # The host reads a record by the same names.
+    assert [f.name for f in dataclasses.fields(telemetry.Record)] == list(tables.RECORD_FIELDS)
 
 
 def test_pointer_rows_agree_across_languages():

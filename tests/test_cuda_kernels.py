@@ -137,12 +137,14 @@ assert cuda.unavailable_reason(torch.device("cuda")) is None, cuda.unavailable_r
 def written(op):
     return {a.name for a in op.default._schema.arguments if a.alias_info is not None and a.alias_info.is_write}
 
-assert written(torch.ops.largedet.step_) == {"params", "exp_avgs", "exp_avg_sqs", "steps", "masters", "workspace"}
+assert written(torch.ops.largedet.step_) == {"params", "exp_avgs", "exp_avg_sqs", "steps", "masters", "workspace",
+                                             "records"}
 assert written(torch.ops.largedet.moments_) == {"exp_avgs", "exp_avg_sqs", "steps", "workspace", "sums"}
-assert written(torch.ops.largedet.update_) == {"params", "steps", "masters"}
+assert written(torch.ops.largedet.update_) == {"params", "steps", "masters", "records"}
 assert written(torch.ops.largedet.grad_sumsq) == {"workspace"}
-assert all(written(getattr(torch.ops.largedet, name)) == set() for name in
-           ("table_step_", "table_moments_", "table_update_", "table_grad_sumsq"))
+# The table forms declare only the trust-ratio records (NOTE [tensor lists or tables]).
+assert all(written(getattr(torch.ops.largedet, name)) == set() for name in ("table_moments_", "table_grad_sumsq"))
+assert written(torch.ops.largedet.table_step_) == written(torch.ops.largedet.table_update_) == {"records"}
 
 with FakeTensorMode():
     grads = [torch.empty(5, device="cuda"), torch.empty(3, 3, device="cuda")]

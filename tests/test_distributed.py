@@ -49,9 +49,11 @@ def _batch(step: int) -> torch.Tensor:
 
 # PMDLAMB as the paper runs it, and LAMB with bias correction and clipping that bites.
 OPTIMIZERS = {
-    "PMDLAMB": lambda params, backend: PMDLAMB(params, lr=0.05, weight_decay=0.01, cycle_length=3, backend=backend),
-    "LAMB": lambda params, backend: LAMB(params, lr=0.05, weight_decay=0.01, max_grad_norm=1e-3, backend=backend),
-}
+    "PMDLAMB": lambda params, backend, **kw: PMDLAMB(params, lr=0.05, weight_decay=0.01, cycle_length=3,
+                                                     backend=backend, **kw),
+    "LAMB": lambda params, backend, **kw: LAMB(params, lr=0.05, weight_decay=0.01, max_grad_norm=1e-3,
+                                               backend=backend, **kw),
+}  # fmt: skip
 
 
 class _CountAllReduce:
@@ -80,7 +82,9 @@ def _fsdp_worker(rank, world, backend, offload=False):
         fully_shard(
             sharded, mesh=mesh, offload_policy=CPUOffloadPolicy(pin_memory=False) if offload else OffloadPolicy()
         )
-        opt, ref = make(sharded.parameters(), backend), make(whole.parameters(), backend)
+        # Telemetry on (NOTE [trust-ratio records]): the records of shards are those of the whole tensors.
+        opt = make(sharded.named_parameters(), backend, telemetry=True)
+        ref = make(whole.named_parameters(), backend, telemetry=True)
         worst_x = worst_g = 0.0
         collectives = []
         for step in range(STEPS):
@@ -98,10 +102,15 @@ def _fsdp_worker(rank, world, backend, offload=False):
             for p, q in zip(sharded.parameters(), whole.parameters()):
                 scale = q.detach().abs().max().item() or 1.0
                 worst_x = max(worst_x, (p.full_tensor() - q.detach()).abs().max().item() / scale)
+        got, want = opt.trust_ratios(), ref.trust_ratios()
+        worst_record = max(abs(getattr(got.records[n], f) - getattr(r, f)) / (abs(getattr(r, f)) or 1.0)
+                           for n, r in want.records.items() for f in ("x_norm", "u_norm", "ratio"))  # fmt: skip
+        records_ok = set(got.records) == set(want.records) and {r.step for r in got.records.values()} == {STEPS}
         locals_ = [tuple(p.to_local().shape) for p in sharded.parameters()]
         state = opt.state[next(sharded.parameters())]
         results[name] = dict(
             worst_x=worst_x, worst_g=worst_g, collectives=collectives, local_shapes=locals_,
+            worst_record=worst_record, records_ok=records_ok, grad_norms=(got.grad_norm, want.grad_norm),
             state_is_dtensor=isinstance(state["exp_avg"], DTensor) and isinstance(state["exp_avg_sq"], DTensor),
             moved=max((p.full_tensor() - q).abs().max().item() for p, q in zip(sharded.parameters(),
                                                                                 _model().parameters())),
@@ -121,6 +130,9 @@ def test_fsdp2_shards_step_like_one_process(backend, world, offload):
             assert r["moved"] > 1e-3, name  # the parameters did train
             assert r["worst_g"] < 1e-6, (name, r)
             assert r["worst_x"] < 1e-5, (name, r)
+            assert r["records_ok"] and r["worst_record"] < 1e-5, (name, r)
+            if name == "LAMB":
+                assert r["grad_norms"][0] == pytest.approx(r["grad_norms"][1], rel=1e-5), r["grad_norms"]
             assert r["state_is_dtensor"], name
             # One all-reduce per step for the trust-ratio norms; LAMB clips: one more for ‖g‖.
             assert r["collectives"] == [1 if name == "PMDLAMB" else 2] * STEPS, (name, r["collectives"])

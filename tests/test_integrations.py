@@ -48,6 +48,7 @@ def test_every_doc_block_is_run_here():
         "Lightning": ["text", "python", "text"],
         "Hugging Face transformers": ["python"],
         "timm": ["python"],
+        "Logging trust ratios": ["python", "python", "python"],
     }
 
 
@@ -223,15 +224,15 @@ def _plain_loop(net, x, y, steps, dtype, max_grad_norm, clip_in_torch=None):
     return _flat(net)
 
 
-def _lightning_snippet(tmp_path, monkeypatch, net, x, y):
-    """Runs the Lightning snippet in tmp_path (its logs and checkpoint go to the working directory)."""
+def _lightning_snippet(tmp_path, monkeypatch, net, x, y, block=("Lightning", 1)):
+    """Runs a Lightning snippet in tmp_path (its logs and checkpoint go to the working directory)."""
     monkeypatch.chdir(tmp_path)
     # The snippet's Trainer takes a GPU where there is one; the loops it is compared with run on the CPU.
     monkeypatch.setattr("lightning.pytorch.trainer.connectors.accelerator_connector._select_auto_accelerator",
                         lambda: "cpu")  # fmt: skip
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=len(x))
     scope = dict(net=copy.deepcopy(net), train_loader=loader)
-    exec(doc_block("Lightning", 1), scope)
+    exec(doc_block(*block), scope)
     return scope, loader
 
 
@@ -408,3 +409,84 @@ def test_integrations_package_imports_no_framework():
     code = f"import sys, largedet_kernels.integrations; print([m for m in {frameworks} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# Logging trust ratios (docs/telemetry.md)
+
+
+def _logged_statistics(optimizer, names, module):
+    """by_module's statistics of the optimizer's records, named from ``names``, for one module."""
+    return optimizer.trust_ratios().with_names(names).by_module()[module]
+
+
+def test_mmengine_trust_ratio_hook_logs_each_module(tmp_path, mmengine_unregistered, mmengine_batch):
+    from mmengine.config import Config
+    from mmengine.runner import Runner
+
+    config = tmp_path / "telemetry_config.py"
+    config.write_text(doc_block("Logging trust ratios", 0))
+    cfg = Config.fromfile(str(config))
+    cfg.custom_hooks[0]["interval"] = 4  # the docs' 50, over a run of 8 iterations
+    x, y = mmengine_batch
+    runner = Runner(
+        model=_toy_detector(), work_dir=str(tmp_path / "work_dir"),
+        train_dataloader=dict(dataset=[dict(inputs=a, targets=b) for a, b in zip(x, y)],
+                              sampler=dict(type="InfiniteSampler", shuffle=False), batch_size=len(x),
+                              collate_fn=dict(type="default_collate")),
+        train_cfg=dict(by_epoch=False, max_iters=8), optim_wrapper=cfg.optim_wrapper, custom_hooks=cfg.custom_hooks,
+    )  # fmt: skip
+    runner.train()
+    hub, optimizer = runner.message_hub, runner.optim_wrapper.optimizer
+    assert optimizer.telemetry
+    for module in ("conv", "bn", "head"):
+        logged = {stat: hub.get_scalar(f"train/trust_ratio/{module}/{stat}").data[0] for stat in
+                  ("min", "median", "max")}  # fmt: skip
+        assert all(len(values) == 2 for values in logged.values()), logged  # iterations 4 and 8
+        want = _logged_statistics(optimizer, runner.model.named_parameters(), module)
+        assert {stat: values[-1] for stat, values in logged.items()} == pytest.approx(want)
+        assert logged["min"][-1] <= logged["median"][-1] <= logged["max"][-1]
+
+
+def test_mmengine_trust_ratio_hook_needs_telemetry(tmp_path, mmengine_unregistered, mmengine_batch):
+    from largedet_kernels.integrations.mmengine import TrustRatioHook
+
+    class Runner:
+        iter = 3
+        optim_wrapper = type("Wrapper", (), {"optimizer": PMDLAMB([torch.nn.Parameter(torch.ones(2))])})()
+
+    with pytest.raises(RuntimeError, match="add telemetry=True"):
+        TrustRatioHook(interval=4).after_train_iter(Runner(), 0)
+    with pytest.raises(ValueError, match="interval"):
+        TrustRatioHook(interval=0)
+
+
+def test_lightning_logs_trust_ratios_with_log_dict(tmp_path, monkeypatch, regression):
+    net, x, y = regression
+    scope, _ = _lightning_snippet(tmp_path, monkeypatch, net, x, y, ("Logging trust ratios", 1))
+    trainer, model = scope["trainer"], scope["model"]
+    assert trainer.global_step == 20
+    optimizer = trainer.optimizers[0]
+    want = optimizer.trust_ratios().scalars()  # the last step's, logged at step 20
+    assert set(want) == {f"trust_ratio/net/{stat}" for stat in ("min", "median", "max")}
+    logged = {k: v.item() for k, v in trainer.logged_metrics.items() if k.startswith("trust_ratio/")}
+    assert logged == pytest.approx(want, rel=1e-6)
+    assert {r.step for r in optimizer.trust_ratios().records.values()} == {20}
+    assert set(optimizer.trust_ratios().records) == {n for n, _ in model.named_parameters()}
+
+
+def test_tensorboard_summary_writer_gets_the_scalars(tmp_path, regression):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    net, x, y = regression
+    loader = [(x, y)] * 20
+    scope = dict(net=copy.deepcopy(net), train_loader=loader, log_dir=str(tmp_path / "runs"))
+    exec(doc_block("Logging trust ratios", 2), scope)
+    events = EventAccumulator(str(tmp_path / "runs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert tags == {f"trust_ratio/{name}/{stat}" for name in ("0", "2") for stat in ("min", "median", "max")}
+    want = scope["optimizer"].trust_ratios().scalars()  # the last step's: iteration 20
+    for tag in tags:
+        written = events.Scalars(tag)
+        assert [e.step for e in written] == [10, 20]
+        assert written[-1].value == pytest.approx(want[tag], rel=1e-6)

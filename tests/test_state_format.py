@@ -60,10 +60,12 @@ def test_a_checkpoint_of_every_release_loads_and_resumes(path, name, every_backe
         opt.step()
     for p, before, then in zip(params, saved["params"], saved["params_after"]):
         moved, moved_then = (p.detach() - before).double(), (then - before).double()
+        steps = len(saved["grads_after"])
         if backend == "torch" and release["release"] in SAME_UPDATE:
-            assert torch.equal(p.detach(), then)
+            # The same update as the release's: torch's CPU ops may round apart on another CPU than the one that
+            # wrote the checkpoint (LAMB's differ by an ulp on an Intel Xeon from the checkpoints' own): an ulp per step.
+            assert ((p.detach().double() - then.double()).abs() <= steps * ulp(then.double(), p.dtype)).all()
         elif p.dtype == torch.bfloat16:
-            steps = len(saved["grads_after"])
             assert ((moved - moved_then).abs() <= steps * ulp(then.double(), torch.bfloat16)).all()
         else:
             torch.testing.assert_close(moved, moved_then, rtol=1e-4, atol=1e-6 * before.abs().max().item())

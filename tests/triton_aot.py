@@ -54,10 +54,10 @@ def variants():
         math_ = "fp64" if x == "fp64" else "fp32"
         common = dict(ptrs="*i64", numels="*i64", chunk_tensor="*i32", chunk_index="*i32", first_chunk="*i32",
                       chunk_count="*i32", hyper="*fp64", grad_factor="*fp32", found_inf="*fp32",
-                      partials=f"*{math_}", t_now=f"*{math_}", sums=f"*{math_}")  # fmt: skip
+                      partials=f"*{math_}", t_now=f"*{math_}", sums=f"*{math_}", records=f"*{math_}")  # fmt: skip
         consts = dict(X_DTYPE=DTYPES[x], G_DTYPE=DTYPES[g], M_DTYPE=DTYPES[moments], MATH=DTYPES[math_],
                       HAS_MASTER=masters, CHUNK=backend.CHUNK, BLOCK=backend.BLOCK,
-                      REDUCE_BLOCK=backend.REDUCE_BLOCK)  # fmt: skip
+                      REDUCE_BLOCK=backend.REDUCE_BLOCK, RECORD=False)  # fmt: skip
         kernels = [k.pmd_lamb_moments_kernel, k.pmd_lamb_update_kernel]
         if variant in DTYPES:
             kernels.append(k.grad_sumsq_kernel)

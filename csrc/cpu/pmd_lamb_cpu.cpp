@@ -204,14 +204,6 @@ void update_range(const TensorStep<X, G, S>& s, MathOf<X> ratio, int64_t begin, 
   }
 }
 
-// The trust ratio of csrc/pmd_lamb_math.h from a tensor's sums: NaN for a non-finite norm (NOTE
-// [non-finite gradients] in largedet_kernels/reference.py).
-template <typename X, typename G, typename S>
-MathOf<X> ratio_of(const TensorStep<X, G, S>& s, const Sums& sums) {
-  using M = MathOf<X>;
-  return trust_ratio<M>(s.row, static_cast<M>(sums.x), static_cast<M>(sums.u));
-}
-
 struct Item {
   int64_t tensor, begin, end;
 };
@@ -300,10 +292,12 @@ struct BucketStep {
   std::vector<TensorStep<X, G, S>> tensors;
   const std::vector<int64_t>& numels;
   M factor = 1;
+  M* records;  // NOTE [trust-ratio records], or null
 
   // Advances (or, when `advance` is false, only reads) every step count.
-  BucketStep(const Table& table, const Tensor& hyper, const c10::optional<Tensor>& grad_factor, bool advance)
-      : numels(table.numels) {
+  BucketStep(const Table& table, const Tensor& hyper, const c10::optional<Tensor>& grad_factor, bool advance,
+             const c10::optional<Tensor>& records_ = c10::nullopt)
+      : numels(table.numels), records(records_ ? records_->data_ptr<M>() : nullptr) {
     const double* rows = hyper.data_ptr<double>();
     if (grad_factor) factor = static_cast<M>(grad_factor->item<double>());
     tensors.reserve(table.n);
@@ -334,9 +328,21 @@ struct BucketStep {
     });
   }
 
-  std::vector<M> ratios(const std::vector<Sums>& sums) const {
+  // The trust ratio of csrc/pmd_lamb_math.h from tensor i's sums (NaN for a non-finite norm: NOTE
+  // [non-finite gradients] in largedet_kernels/reference.py), recorded when records are kept.
+  M ratio(int64_t i, const Sums& sums) const {
+    const M sum_x = static_cast<M>(sums.x), sum_u = static_cast<M>(sums.u);
+    const TensorStep<X, G, S>& s = tensors[i];
+    if (records != nullptr) write_record(records, i, static_cast<M>(s.t), s.row, sum_x, sum_u);
+    return trust_ratio<M>(s.row, sum_x, sum_u);
+  }
+
+  // The ratios of the tensors that `items` cover, from their sums (a tensor's first item begins at 0).
+  std::vector<M> ratios(const std::vector<Item>& items, const std::vector<Sums>& sums) const {
     std::vector<M> out(tensors.size());
-    for (size_t i = 0; i < tensors.size(); ++i) out[i] = ratio_of(tensors[i], sums[i]);
+    for (const Item& item : items) {
+      if (item.begin == 0) out[item.tensor] = ratio(item.tensor, sums[item.tensor]);
+    }
     return out;
   }
 };
@@ -413,6 +419,14 @@ void check_hyper(const Tensor& hyper, int64_t n) {
               " values, got ", hyper.scalar_type(), " ", hyper.sizes());
 }
 
+// NOTE [trust-ratio records] in largedet_kernels/backends/tables.py.
+void check_records(const c10::optional<Tensor>& records, at::ScalarType x, int64_t n) {
+  TORCH_CHECK(!records || (records->device().is_cpu() && records->scalar_type() == at::toOpMathType(x) &&
+                           records->is_contiguous() && records->numel() == kRecordFields * n),
+              "largedet: records must be a contiguous CPU tensor of the math dtype with ", kRecordFields,
+              " values per tensor");
+}
+
 void check_sums(const Tensor& sums, at::ScalarType x, int64_t n) {
   TORCH_CHECK(sums.device().is_cpu() && sums.scalar_type() == at::toOpMathType(x) &&
                   sums.is_contiguous() && sums.numel() == 2 * n,
@@ -421,22 +435,23 @@ void check_sums(const Tensor& sums, at::ScalarType x, int64_t n) {
 
 // Both passes (NOTE [cpu passes]).
 void step(const Table& table, at::ScalarType x, at::ScalarType g, at::ScalarType m, const Tensor& hyper,
-          const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf) {
+          const c10::optional<Tensor>& grad_factor, const c10::optional<Tensor>& found_inf,
+          const c10::optional<Tensor>& records) {
   check_hyper(hyper, table.n);
+  check_records(records, x, table.n);
   if (skipped(found_inf)) return;  // NOTE [skipped steps]: nothing changes
   dispatch(x, g, m, [&](auto x_tag, auto g_tag, auto s_tag) {
-    const BucketStep<decltype(x_tag), decltype(g_tag), decltype(s_tag)> b(table, hyper, grad_factor, true);
+    const BucketStep<decltype(x_tag), decltype(g_tag), decltype(s_tag)> b(table, hyper, grad_factor, true, records);
     // Tensors of one chunk: both passes in one work item, while the tensor is in cache.
     const std::vector<Item> small = chunks_of(b.numels, false);
     at::parallel_for(0, static_cast<int64_t>(small.size()), 1, [&](int64_t lo, int64_t hi) {
       for (int64_t k = lo; k < hi; ++k) {
         const auto& s = b.tensors[small[k].tensor];
-        const Sums sums = moments_range(s, b.factor, 0, s.numel);
-        update_range(s, ratio_of(s, sums), 0, s.numel);
+        update_range(s, b.ratio(small[k].tensor, moments_range(s, b.factor, 0, s.numel)), 0, s.numel);
       }
     });
     const std::vector<Item> large = chunks_of(b.numels, true);
-    b.update(large, b.ratios(per_tensor(large, b.moments(large), b.tensors.size())));
+    b.update(large, b.ratios(large, per_tensor(large, b.moments(large), b.tensors.size())));
   });
 }
 
@@ -464,8 +479,9 @@ void moments(const Table& table, at::ScalarType x, at::ScalarType g, at::ScalarT
 
 // Pass 2 with the norms of sums [n, 2] (summed over the shards of each tensor).
 void update(const Table& table, at::ScalarType x, at::ScalarType m, const Tensor& hyper,
-            const c10::optional<Tensor>& found_inf, const Tensor& sums) {
+            const c10::optional<Tensor>& found_inf, const Tensor& sums, const c10::optional<Tensor>& records) {
   check_hyper(hyper, table.n);
+  check_records(records, x, table.n);
   TORCH_CHECK(sums.device().is_cpu() && sums.numel() == 2 * table.n,
               "largedet: sums must hold 2 values per tensor");
   if (skipped(found_inf)) return;
@@ -475,11 +491,9 @@ void update(const Table& table, at::ScalarType x, at::ScalarType m, const Tensor
     using X = decltype(x_tag);
     using M = MathOf<X>;
     // The gradient type does not matter to pass 2.
-    const BucketStep<X, X, decltype(s_tag)> b(table, hyper, c10::nullopt, false);
+    const BucketStep<X, X, decltype(s_tag)> b(table, hyper, c10::nullopt, false, records);
     std::vector<M> ratios(table.n);
-    for (int64_t i = 0; i < table.n; ++i) {
-      ratios[i] = trust_ratio<M>(b.tensors[i].row, static_cast<M>(s[2 * i]), static_cast<M>(s[2 * i + 1]));
-    }
+    for (int64_t i = 0; i < table.n; ++i) ratios[i] = b.ratio(i, Sums{s[2 * i], s[2 * i + 1]});
     std::vector<Item> items = chunks_of(b.numels, false), large = chunks_of(b.numels, true);
     items.insert(items.end(), large.begin(), large.end());
     b.update(items, ratios);
@@ -523,9 +537,9 @@ void check_chunk_size(int64_t chunk_size) {
 // The table form.
 void table_step_(const Tensor& ptrs, const Tensor& numels, const Tensor&, const Tensor&, int64_t chunk_size,
                  at::ScalarType x, at::ScalarType g, at::ScalarType m, bool has_masters, const Tensor& hyper,
-                 const Tensor& grad_factor, const Tensor& found_inf) {
+                 const Tensor& grad_factor, const Tensor& found_inf, const c10::optional<Tensor>& records) {
   check_chunk_size(chunk_size);
-  step(Table(ptrs, numels, has_masters), x, g, m, hyper, grad_factor, found_inf);
+  step(Table(ptrs, numels, has_masters), x, g, m, hyper, grad_factor, found_inf, records);
 }
 
 void table_moments_(const Tensor& ptrs, const Tensor& numels, const Tensor&, const Tensor&, int64_t chunk_size,
@@ -537,9 +551,9 @@ void table_moments_(const Tensor& ptrs, const Tensor& numels, const Tensor&, con
 
 void table_update_(const Tensor& ptrs, const Tensor& numels, const Tensor&, const Tensor&, int64_t chunk_size,
                    at::ScalarType x, at::ScalarType, at::ScalarType m, bool has_masters, const Tensor& hyper,
-                   const Tensor& found_inf, const Tensor& sums) {
+                   const Tensor& found_inf, const Tensor& sums, const c10::optional<Tensor>& records) {
   check_chunk_size(chunk_size);
-  update(Table(ptrs, numels, has_masters), x, m, hyper, found_inf, sums);
+  update(Table(ptrs, numels, has_masters), x, m, hyper, found_inf, sums, records);
 }
 
 Tensor table_grad_sumsq(const Tensor& ptrs, const Tensor& numels, const Tensor&, const Tensor&, int64_t chunk_size,
@@ -551,11 +565,11 @@ Tensor table_grad_sumsq(const Tensor& ptrs, const Tensor& numels, const Tensor&,
 // The tensor-list form: every tensor checked, then the same work.
 void step_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
            TensorList masters, const Tensor&, const Tensor&, int64_t chunk_size, const Tensor& hyper,
-           const Tensor& grad_factor, const Tensor& found_inf) {
+           const Tensor& grad_factor, const Tensor& found_inf, const c10::optional<Tensor>& records) {
   check_chunk_size(chunk_size);
   check_bucket(params, grads, exp_avgs, exp_avg_sqs, steps, masters);
   step(Table(params, grads, exp_avgs, exp_avg_sqs, steps, masters), params[0].scalar_type(), grads[0].scalar_type(),
-       exp_avgs[0].scalar_type(), hyper, grad_factor, found_inf);
+       exp_avgs[0].scalar_type(), hyper, grad_factor, found_inf, records);
 }
 
 void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps,
@@ -569,11 +583,11 @@ void moments_(TensorList params, TensorList grads, TensorList exp_avgs, TensorLi
 
 void update_(TensorList params, TensorList exp_avgs, TensorList exp_avg_sqs, TensorList steps, TensorList masters,
              const Tensor&, const Tensor&, int64_t chunk_size, const Tensor& hyper, const Tensor& found_inf,
-             const Tensor& sums) {
+             const Tensor& sums, const c10::optional<Tensor>& records) {
   check_chunk_size(chunk_size);
   check_bucket(params, {}, exp_avgs, exp_avg_sqs, steps, masters);
   update(Table(params, {}, exp_avgs, exp_avg_sqs, steps, masters), params[0].scalar_type(),
-         exp_avgs[0].scalar_type(), hyper, found_inf, sums);
+         exp_avgs[0].scalar_type(), hyper, found_inf, sums, records);
 }
 
 Tensor grad_sumsq_(TensorList grads, const Tensor&, const Tensor&, int64_t chunk_size) {

@@ -26,6 +26,9 @@ per tensor). A backend module provides:
     moments) now, and each tensor's local Σx², Σu²; ``finish(sums)`` later runs
     pass 2 with those sums taken over every shard.
 
+    Where ``bucket.records`` is not None, ``step`` and ``finish`` write each tensor's record of a step that is
+    not skipped into it (NOTE [trust-ratio records] in largedet_kernels/backends/tables.py).
+
     No call may synchronise with the host.
 
 A bucket built by the optimizer lives as long as its parameter set (NOTE [step cache] in
@@ -69,6 +72,9 @@ class Bucket:
     masters: List[torch.Tensor] = field(default_factory=list)
     # groups[i] is the param group of params[i]: per-tensor hyper-parameters.
     groups: List[Dict[str, Any]] = field(default_factory=list)
+    # [n_tensors, len(RECORD_FIELDS)] in the math dtype where the optimizer keeps telemetry, else None: the step
+    # writes each tensor's trust-ratio record there (NOTE [trust-ratio records] in tables.py).
+    records: Optional[torch.Tensor] = None
     # Lives as long as the optimizer: device tables worth keeping when the bucket is rebuilt.
     kept: KeptTables = field(default_factory=KeptTables)
     # Bumped by the optimizer when an address of the bucket's tensors, or a hyper-parameter

@@ -168,6 +168,8 @@ def split(bucket: Bucket, kernels: "Kernels") -> Tuple[Bucket, Optional[Bucket]]
             for part, idx in ((kernel_part, kernel_idx), (rest, rest_idx)):
                 for name in ("params", "exp_avgs", "exp_avg_sqs", "steps", "groups", "masters"):
                     setattr(part, name, [getattr(bucket, name)[i] for i in idx] if getattr(bucket, name) else [])
+                if bucket.records is not None:  # each part records its own; telemetry.py puts them in bucket order
+                    part.records = bucket.records.new_zeros(len(idx), bucket.records.shape[1])
             parts = Split(kernel_part, rest, kernel_idx, rest_idx)
         bucket.split = parts
     if parts.rest is None:

@@ -16,7 +16,8 @@ from .tables import math_dtype, to_device
 
 
 class Kernels(Protocol):
-    """A fused backend's launches on the kernel part of a bucket and its plan."""
+    """A fused backend's launches on the kernel part of a bucket and its plan. step and update write each tensor's
+    record into bucket.records where it is not None (NOTE [trust-ratio records] in tables.py)."""
 
     def takes(self, param_dtype: torch.dtype, grad_dtype: torch.dtype) -> bool:
         """Whether the kernels step parameters of param_dtype with gradients of grad_dtype."""
@@ -61,9 +62,10 @@ class OpKernels:
         elif self._lists():
             self.ops.step_(bucket.params, bucket.grads, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps,
                            bucket.masters, plan.chunks, plan.workspace, plan.chunk, plan.hyper(bucket), grad_factor,
-                           found_inf)  # fmt: skip
+                           found_inf, bucket.records)  # fmt: skip
         else:
-            self.ops.table_step_(*self._tables(bucket, plan, plan.chunks), plan.hyper(bucket), grad_factor, found_inf)
+            self.ops.table_step_(*self._tables(bucket, plan, plan.chunks), plan.hyper(bucket), grad_factor, found_inf,
+                                 bucket.records)  # fmt: skip
 
     def moments(self, bucket, plan, grad_factor, found_inf) -> None:
         if self._lists():
@@ -77,10 +79,11 @@ class OpKernels:
     def update(self, bucket, plan, found_inf, sums) -> None:
         if self._lists():
             self.ops.update_(bucket.params, bucket.exp_avgs, bucket.exp_avg_sqs, bucket.steps, bucket.masters,
-                             plan.pair_chunks, plan.workspace, plan.chunk, plan.hyper(bucket), found_inf,
-                             sums)  # fmt: skip
+                             plan.pair_chunks, plan.workspace, plan.chunk, plan.hyper(bucket), found_inf, sums,
+                             bucket.records)  # fmt: skip
         else:
-            self.ops.table_update_(*self._tables(bucket, plan, plan.pair_chunks), plan.hyper(bucket), found_inf, sums)
+            self.ops.table_update_(*self._tables(bucket, plan, plan.pair_chunks), plan.hyper(bucket), found_inf, sums,
+                                   bucket.records)  # fmt: skip
 
     def grad_sumsq(self, bucket, plan) -> torch.Tensor:
         if self._lists():

@@ -29,24 +29,30 @@ _LISTS = "Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)
 _PLAN = "Tensor chunks, Tensor(w!) workspace, int chunk_size"
 _TABLES = "Tensor ptrs, Tensor numels, Tensor chunks, Tensor workspace, int chunk_size"
 _DTYPES = "ScalarType x_dtype, ScalarType g_dtype, ScalarType m_dtype, bool has_masters"
+# Pass 2's trust-ratio records, None with telemetry off (NOTE [trust-ratio records] in tables.py).
+_RECORDS = "Tensor(r!)? records=None"
 
 # name -> schema, in the argument order that csrc/binding.cpp and csrc/cpu/pmd_lamb_cpu.cpp implement. A list
 # form declares what either implementation writes: the CPU advances the steps in pass 1, the GPU in pass 2.
 SCHEMAS: Dict[str, str] = {
-    "step_": f"({_LISTS}, Tensor(e!)[] masters, {_PLAN}, Tensor hyper, Tensor grad_factor, Tensor found_inf) -> ()",
+    "step_": (
+        f"({_LISTS}, Tensor(e!)[] masters, {_PLAN}, Tensor hyper, Tensor grad_factor, Tensor found_inf, "
+        f"{_RECORDS}) -> ()"
+    ),
     "moments_": (
         "(Tensor[] params, Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, Tensor(c!)[] steps, "
         f"Tensor[] masters, {_PLAN}, Tensor hyper, Tensor grad_factor, Tensor found_inf, Tensor(s!) sums) -> ()"
     ),
     "update_": (
         "(Tensor(a!)[] params, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, Tensor(b!)[] steps, Tensor(c!)[] masters, "
-        "Tensor chunks, Tensor workspace, int chunk_size, Tensor hyper, Tensor found_inf, Tensor sums) -> ()"
+        "Tensor chunks, Tensor workspace, int chunk_size, Tensor hyper, Tensor found_inf, Tensor sums, "
+        f"{_RECORDS}) -> ()"
     ),
     "grad_sumsq": f"(Tensor[] grads, {_PLAN}) -> Tensor",
     # NOTE [tensor lists or tables]: what these write is addressed by ptrs, not declared.
-    "table_step_": f"({_TABLES}, {_DTYPES}, Tensor hyper, Tensor grad_factor, Tensor found_inf) -> ()",
+    "table_step_": f"({_TABLES}, {_DTYPES}, Tensor hyper, Tensor grad_factor, Tensor found_inf, {_RECORDS}) -> ()",
     "table_moments_": f"({_TABLES}, {_DTYPES}, Tensor hyper, Tensor grad_factor, Tensor found_inf, Tensor sums) -> ()",
-    "table_update_": f"({_TABLES}, {_DTYPES}, Tensor hyper, Tensor found_inf, Tensor sums) -> ()",
+    "table_update_": f"({_TABLES}, {_DTYPES}, Tensor hyper, Tensor found_inf, Tensor sums, {_RECORDS}) -> ()",
     "table_grad_sumsq": f"({_TABLES}, ScalarType g_dtype) -> Tensor",
 }
 

@@ -42,6 +42,15 @@ HYPER_COLUMNS = (
     "maximize", "trust_ratio_min", "trust_ratio_max",
 )  # fmt: skip
 HYPER_DTYPE = torch.float64  # NOTE [double coefficients]
+
+# NOTE [trust-ratio records]
+#     With telemetry on, pass 2 writes each tensor's record, in RECORD_FIELDS order, in the math dtype: the step
+#     t it was taken at, ‖x‖, ‖u‖ and the ratio applied, ‖x‖/‖u‖ after the bounds (1 where a norm is 0 or the
+#     tensor takes no trust ratio, NaN where a norm is not finite), without η·α. The norms are those the ratio
+#     is formed from: the whole tensor's under NOTE [sharded norms]. It is written once per tensor, beside the
+#     ratio it records (the CUDA and Triton kernels: by the first block of the tensor), and not on a skipped step
+#     (NOTE [skipped steps]), which leaves the record of the step before. Off, nothing is written.
+RECORD_FIELDS = ("step", "x_norm", "u_norm", "ratio")
 COLUMN = {name: i for i, name in enumerate(HYPER_COLUMNS)}
 
 

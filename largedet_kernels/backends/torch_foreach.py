@@ -230,7 +230,12 @@ def _apply(bucket: Bucket, lo: int, hi: int, x, u, sums: torch.Tensor, c, keep) 
     x_norm, u_norm = sums.sqrt().unbind(1)
     trusted = c["use_trust"] & (x_norm > 0) & (u_norm > 0)
     bounded = torch.minimum(torch.maximum(x_norm / u_norm, c["trust_ratio_min"]), c["trust_ratio_max"])
-    ratio = torch.where(sums.isfinite().all(1), c["lr_alpha"] * torch.where(trusted, bounded, 1.0), math.nan)
+    applied = torch.where(sums.isfinite().all(1), torch.where(trusted, bounded, 1.0), math.nan)
+    ratio = c["lr_alpha"] * applied
+    if bucket.records is not None:  # NOTE [trust-ratio records] in tables.py
+        t = torch.stack(bucket.steps[lo:hi]).to(applied.dtype)
+        record = torch.stack([t, x_norm, u_norm, applied], 1)
+        bucket.records[lo:hi] = record if keep is None else torch.where(keep, record, bucket.records[lo:hi])
     if keep is not None:
         ratio = torch.where(keep, ratio, 0.0)
     torch._foreach_addcmul_(x, u, ratio.unbind(), value=-1)

@@ -81,8 +81,9 @@ class _TritonKernels:
     def _update(self, bucket, plan, found_inf, partials, first_chunk, chunk_count) -> None:
         k.pmd_lamb_update_kernel[(plan.n_chunks,)](
             plan.pointers(bucket), plan.numels, plan.chunk_tensor, plan.chunk_index, first_chunk, chunk_count,
-            plan.hyper(bucket), found_inf, partials, plan.t_now, plan.n_tensors, CHUNK=plan.chunk, BLOCK=BLOCK,
-            REDUCE_BLOCK=REDUCE_BLOCK, num_warps=NUM_WARPS, **_stored_dtypes(bucket, plan),
+            plan.hyper(bucket), found_inf, partials, plan.t_now, bucket.records, plan.n_tensors, CHUNK=plan.chunk,
+            BLOCK=BLOCK, REDUCE_BLOCK=REDUCE_BLOCK, RECORD=bucket.records is not None, num_warps=NUM_WARPS,
+            **_stored_dtypes(bucket, plan),
         )  # fmt: skip
 
     def step(self, bucket, plan, grad_factor, found_inf) -> None:
