@@ -25,12 +25,9 @@ batch size, the ablation and the loss curves of LAMB against PMD-LAMB (the paper
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import multiprocessing
-import platform
-import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -40,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks.detection_task import Sample, build_detector, evaluate, make_dataset
-from benchmarks.step_time import RUNS_DIR, _version, cpu_name, unused_stem
+from benchmarks.step_time import RUNS_DIR, _version, file_stem, run_meta, unused_stem
 from largedet_kernels import PMDLAMB
 from largedet_kernels.recipe import WarmupMultiStepLR, param_groups, scaled_lr
 
@@ -300,13 +297,38 @@ def plot(doc: Dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of every study of one config: this one's and benchmarks.trust_ratios'."""
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
     parser.add_argument("--out", type=Path, default=RUNS_DIR, help="where the JSON and PNG go")
-    parser.add_argument("--no-files", action="store_true", help="print the results only")
     parser.add_argument("--seed", type=int, default=0, help="seeds the data, the fresh weights and the image order")
+
+
+def study_device(args: argparse.Namespace) -> torch.device:
+    return torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def study_meta(module: str, argv: Optional[Sequence[str]], args: argparse.Namespace, device: torch.device) -> Dict:
+    """What a study's JSON says of its run: the benchmark's run_meta, the config and torchvision's version."""
+    return dict(run_meta(device, module, argv), config=args.config, torchvision=_version("torchvision"))
+
+
+def write_study(doc: Dict, out: Path, prefix: str, plot: Callable[[Dict, Path], None]) -> Path:
+    """Writes ``doc`` to <out>/<prefix><device name>-<date>[-N].json, a name no earlier run took, and its plot
+    beside it as .png, and says so."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{unused_stem(out, file_stem(doc['meta'], prefix))}.json"
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    plot(doc, path.with_suffix(".png"))
+    print(f"wrote {path} and its .png")
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_study_arguments(parser)
+    parser.add_argument("--no-files", action="store_true", help="print the results only")
     parser.add_argument(
         "--lamb-lr", type=float, help="LAMB's and PMD-LAMB's η at the smallest batch (default: the config's lamb_lr)"
     )
@@ -317,22 +339,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = study_device(args)
     # Overrides are named in the file names, so two studies of one config never overwrite each other.
     overrides = {k: v for k, v in (("lamb_lr", args.lamb_lr), ("ablation_batch", args.ablation_batch)) if v is not None}
     try:
         config = dataclasses.replace(CONFIGS[args.config], seed=args.seed, **overrides)
     except ValueError as error:
         parser.error(str(error))
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python -m benchmarks.convergence " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": args.config, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__, "torchvision": _version("torchvision"), "pycocotools": _version("pycocotools"),
-        "python": platform.python_version(), "jobs": args.jobs,
-        "threads": max(1, torch.get_num_threads() // args.jobs),  # per run
-    }  # fmt: skip
+    meta = dict(study_meta("benchmarks.convergence", argv, args, device), pycocotools=_version("pycocotools"),
+                jobs=args.jobs, threads=max(1, torch.get_num_threads() // args.jobs))  # threads: per run
     start = time.perf_counter()
     runs = []
     with contextlib.ExitStack() as stack:
@@ -355,17 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     print(f"{len(runs)} runs in {meta['seconds']:.0f} s")
     doc = {"meta": meta, "config": dataclasses.asdict(config), "runs": runs}
     if not args.no_files:
-        args.out.mkdir(parents=True, exist_ok=True)
-        stem = re.sub(
-            r"[^A-Za-z0-9._-]+",
-            "-",
-            f"convergence-{args.config}{''.join(f'-{k}{v}' for k, v in overrides.items())}"
-            f"-seed{config.seed}-{meta['device_name']}-{meta['date']}",
-        ).strip("-")
-        stem = unused_stem(args.out, stem)
-        (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-        plot(doc, args.out / f"{stem}.png")
-        print(f"wrote {args.out / stem}.json and .png")
+        prefix = f"convergence-{args.config}{''.join(f'-{k}{v}' for k, v in overrides.items())}-seed{config.seed}-"
+        write_study(doc, args.out, prefix, plot)
     return doc
 
 

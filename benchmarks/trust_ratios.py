@@ -12,10 +12,6 @@ the applied ratio from the optimizer's records (docs/telemetry.md) and ‖g‖ f
 
 import argparse
 import dataclasses
-import datetime
-import json
-import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -23,8 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from benchmarks.convergence import CONFIGS, datasets, train
-from benchmarks.step_time import RUNS_DIR, _version, cpu_name, unused_stem
+from benchmarks.convergence import CONFIGS, add_study_arguments, datasets, study_device, study_meta, train, write_study
 
 # A tensor's module in the figure: its name's first components, as torchvision's Faster R-CNN names them.
 MODULES = ("backbone.body", "backbone.fpn", "rpn", "roi_heads")
@@ -37,7 +32,8 @@ def module_of(name: str) -> str:
 def spread(values: List[float]) -> Dict[str, float]:
     """min, median, max and max/min of positive finite values."""
     t = torch.tensor([v for v in values if v > 0 and v < float("inf")], dtype=torch.float64)
-    return dict(min=t.min().item(), median=t.median().item(), max=t.max().item(), max_over_min=(t.max() / t.min()).item())
+    low, high = t.min().item(), t.max().item()
+    return dict(min=low, median=t.median().item(), max=high, max_over_min=high / low)
 
 
 def capture(at: int, layers: List[Dict]):
@@ -93,15 +89,12 @@ def plot(doc: Dict, path: Path) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, ...")
-    parser.add_argument("--out", type=Path, default=RUNS_DIR, help="where the JSON and PNG go")
-    parser.add_argument("--seed", type=int, default=0, help="seeds the data, the fresh weights and the image order")
+    add_study_arguments(parser)
     parser.add_argument("--batch", type=int, help="the run's batch (default: the config's ablation batch)")
     parser.add_argument("--lamb-lr", type=float, help="η at the config's smallest batch (default: its lamb_lr)")
     parser.add_argument("--at", type=int, help="the step to record (default: the last before the first lr drop)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = study_device(args)
     overrides = {} if args.lamb_lr is None else {"lamb_lr": args.lamb_lr}
     config = dataclasses.replace(CONFIGS[args.config], seed=args.seed, **overrides)
     batch = args.batch or config.ablation_batch
@@ -110,13 +103,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if not 1 <= at <= steps:
         parser.error(f"--at must be a step of the run's {steps}, got {at}")
     run = dict(optimizer="pmd-lamb", batch=batch, alpha=config.alpha, cycle_length=config.cycle_length)
-    meta = {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "command": "python -m benchmarks.trust_ratios " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "config": args.config, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
-        "torch": torch.__version__, "torchvision": _version("torchvision"), "python": platform.python_version(),
-    }  # fmt: skip
+    meta = study_meta("benchmarks.trust_ratios", argv, args, device)
     layers: List[Dict] = []
     start = time.perf_counter()
     result = train(config, run, *datasets(config, device), device, telemetry=True, on_step=capture(at, layers))
@@ -130,13 +117,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     for key, s in summary.items():
         print(f"{key}: {s['min']:.3g} .. {s['max']:.3g} ({s['max_over_min']:.0f}x), median {s['median']:.3g}")
     print(f"mAP {100 * result['mAP']:.1f} after {result['steps']} steps, {meta['seconds']:.0f} s")
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", f"trust-ratios-{args.config}-seed{config.seed}-{meta['device_name']}-"
-                                            f"{meta['date']}").strip("-")  # fmt: skip
-    stem = unused_stem(args.out, stem)
-    (args.out / f"{stem}.json").write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
-    plot(doc, args.out / f"{stem}.png")
-    print(f"wrote {args.out / stem}.json and .png")
+    write_study(doc, args.out, f"trust-ratios-{args.config}-seed{config.seed}-", plot)
     return doc
 
 

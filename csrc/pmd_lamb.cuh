@@ -169,10 +169,11 @@ __global__ void __launch_bounds__(kBlockSize) pmd_lamb_update_kernel(ChunkTable 
   tensor_sums(table, static_cast<const M*>(s.partials), chunk.tensor, shared, sum_x, sum_u);
   __shared__ M ratio_shared;
   if (threadIdx.x == 0) {
-    ratio_shared = trust_ratio(row, sum_x, sum_u);
+    const M applied = applied_ratio(row, sum_x, sum_u);
+    ratio_shared = trust_ratio(row, applied);
     // NOTE [trust-ratio records]: null when telemetry is off, so nothing more is read or written.
     if (s.records != nullptr && keep && chunk.start == 0) {
-      write_record(static_cast<M*>(s.records), chunk.tensor, t, row, sum_x, sum_u);
+      write_record(static_cast<M*>(s.records), chunk.tensor, t, sum_x, sum_u, applied);
     }
   }
   __syncthreads();

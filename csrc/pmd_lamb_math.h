@@ -97,18 +97,18 @@ LARGEDET_HOST_DEVICE M applied_ratio(const double* row, M sum_x, M sum_u) {
 
 // η·α times the applied ratio: what u is scaled by.
 template <typename M>
-LARGEDET_HOST_DEVICE M trust_ratio(const double* row, M sum_x, M sum_u) {
-  return M(row[kLrAlpha]) * applied_ratio(row, sum_x, sum_u);
+LARGEDET_HOST_DEVICE M trust_ratio(const double* row, M applied) {
+  return M(row[kLrAlpha]) * applied;
 }
 
 // The tensor's record of this step (NOTE [trust-ratio records] in largedet_kernels/backends/tables.py).
 template <typename M>
-LARGEDET_HOST_DEVICE void write_record(M* records, int64_t tensor, M t, const double* row, M sum_x, M sum_u) {
+LARGEDET_HOST_DEVICE void write_record(M* records, int64_t tensor, M t, M sum_x, M sum_u, M applied) {
   M* record = records + tensor * kRecordFields;
   record[kRecordStep] = t;
   record[kRecordXNorm] = Ops<M>::sqrt(sum_x);
   record[kRecordUNorm] = Ops<M>::sqrt(sum_u);
-  record[kRecordRatio] = applied_ratio(row, sum_x, sum_u);
+  record[kRecordRatio] = applied;
 }
 
 }  // namespace largedet

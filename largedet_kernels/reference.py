@@ -110,9 +110,10 @@ def pmd_lamb_step(
     update_moments(x, -g if maximize else g, m, v, t, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
                    cycle_length=cycle_length, grad_averaging=grad_averaging, adam_w_mode=adam_w_mode,
                    moment_dtype=moment_dtype)  # fmt: skip
-    return update_parameter(x, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, alpha=alpha,
-                     bias_correction=bias_correction, eps_inside_sqrt=eps_inside_sqrt, adam_w_mode=adam_w_mode,
-                            use_nvlamb=use_nvlamb, adapt=adapt, trust_ratio_bounds=trust_ratio_bounds)  # fmt: skip
+    return update_parameter(x, m, v, t, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                            alpha=alpha, bias_correction=bias_correction, eps_inside_sqrt=eps_inside_sqrt,
+                            adam_w_mode=adam_w_mode, use_nvlamb=use_nvlamb, adapt=adapt,
+                            trust_ratio_bounds=trust_ratio_bounds)  # fmt: skip
 
 
 @torch.no_grad()

@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from benchmarks import convergence, convergence_summary
-from benchmarks.detection_task import CLASSES, coco_map, evaluate, make_dataset
+from benchmarks import convergence, convergence_summary, trust_ratios
+from benchmarks.detection_task import CLASSES, build_detector, coco_map, evaluate, make_dataset
 from largedet_kernels.recipe import scaled_lr
 
 
@@ -336,3 +336,36 @@ def test_summary_of_real_runs(tmp_path, capsys):
     cell = row.split(" | ")[-1]  # batch 4: "seed 0 / seed 1 (**mean**) |"
     assert cell.startswith(f"{100 * lamb[0]:.1f}") and f" / {100 * lamb[1]:.1f}" in cell
     assert float(cell.split("**")[1]) == pytest.approx(50 * (lamb[0] + lamb[1]), abs=0.051)
+
+
+def test_trust_ratio_figure_end_to_end(tmp_path, capsys):
+    # The smoke run's 2 steps at its ablation batch 4; the records of the last, beside ‖g‖ from the gradients.
+    docs = [trust_ratios.main(["--config", "smoke", "--device", "cpu", "--out", str(tmp_path), "--at", "2"])
+            for _ in range(2)]  # fmt: skip
+    assert "x_over_g: " in capsys.readouterr().out
+    first, second = sorted(tmp_path.glob("*.json"), key=lambda f: len(f.name))  # the second run took a name of its own
+    assert first.name.startswith("trust-ratios-smoke-seed0-") and second.stem == first.stem + "-2"
+    assert {first.with_suffix(".png"), second.with_suffix(".png")} == set(tmp_path.glob("*.png"))
+    assert [json.loads(f.read_text()) for f in (first, second)] == json.loads(json.dumps(docs))
+    doc = docs[0]
+    assert doc["step"] == 2 and doc["run"]["steps"] == 2 and doc["meta"]["torchvision"]
+    assert doc["meta"]["command"].startswith("python -m benchmarks.trust_ratios --config smoke")
+    weights = [n for n, p in build_detector(48, 0).named_parameters() if p.dim() > 1]
+    assert [layer["name"] for layer in doc["layers"]] == weights
+    for layer in doc["layers"]:
+        assert layer["step"] == 2 and layer["module"] == trust_ratios.module_of(layer["name"])
+        assert layer["x_over_g"] == pytest.approx(layer["x_norm"] / layer["g_norm"], rel=1e-12)
+        # PMD-LAMB's ratio is unbounded: the kernel's applied ratio is ‖x‖/‖u‖ of the norms it recorded.
+        assert layer["ratio"] == pytest.approx(layer["x_over_u"], rel=1e-5)
+    for key in ("x_over_g", "x_over_u"):
+        values = [layer[key] for layer in doc["layers"]]
+        s = doc["summary"][key]
+        assert (s["min"], s["max"]) == (min(values), max(values)) and s["min"] > 0
+        assert s["max_over_min"] == pytest.approx(s["max"] / s["min"])
+    assert docs[1]["layers"] == doc["layers"]  # one seed, one run
+
+
+def test_trust_ratio_figure_refuses_a_step_outside_the_run(capsys):
+    with pytest.raises(SystemExit):
+        trust_ratios.main(["--config", "smoke", "--at", "3"])
+    assert "--at must be a step of the run's 2, got 3" in capsys.readouterr().err

@@ -63,7 +63,8 @@ def test_a_checkpoint_of_every_release_loads_and_resumes(path, name, every_backe
         steps = len(saved["grads_after"])
         if backend == "torch" and release["release"] in SAME_UPDATE:
             # The same update as the release's: torch's CPU ops may round apart on another CPU than the one that
-            # wrote the checkpoint (LAMB's differ by an ulp on an Intel Xeon from the checkpoints' own): an ulp per step.
+            # wrote the checkpoint (LAMB's differ by an ulp on an Intel Xeon from the checkpoints' own): an ulp per
+            # step.
             assert ((p.detach().double() - then.double()).abs() <= steps * ulp(then.double(), p.dtype)).all()
         elif p.dtype == torch.bfloat16:
             assert ((moved - moved_then).abs() <= steps * ulp(then.double(), torch.bfloat16)).all()

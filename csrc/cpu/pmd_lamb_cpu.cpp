@@ -333,8 +333,9 @@ struct BucketStep {
   M ratio(int64_t i, const Sums& sums) const {
     const M sum_x = static_cast<M>(sums.x), sum_u = static_cast<M>(sums.u);
     const TensorStep<X, G, S>& s = tensors[i];
-    if (records != nullptr) write_record(records, i, static_cast<M>(s.t), s.row, sum_x, sum_u);
-    return trust_ratio<M>(s.row, sum_x, sum_u);
+    const M applied = applied_ratio<M>(s.row, sum_x, sum_u);
+    if (records != nullptr) write_record(records, i, static_cast<M>(s.t), sum_x, sum_u, applied);
+    return trust_ratio<M>(s.row, applied);
   }
 
   // The ratios of the tensors that `items` cover, from their sums (a tensor's first item begins at 0).
