@@ -300,21 +300,23 @@ def bench_set(name: str, dtype_name: str, device: torch.device, contenders: List
             "skipped": skipped, "floor_bytes": floor_bytes, "two_pass_bytes": two_pass_bytes}  # fmt: skip
 
 
-# heading, row key, format, shown off the GPU. A column shows where it applies to the device and a row has a value.
+# Heading (two lines, each read without the legend), row key, format, shown off the GPU. A column shows where it
+# applies to the device and a row has a value.
 COLUMNS = (
-    ("median ms", "median_ms", ".3f", True), ("min", "min_ms", ".3f", True), ("max", "max_ms", ".3f", True),
-    ("B/elem", "bytes_per_elem", ".1f", True), ("of {two_pass_bytes}B", "two_pass_roofline", ".0%", True),
-    ("launches", "launches", "d", False), ("host ms", "host_ms", ".3f", False),
-    ("extra MiB", "peak_extra_mib", ".1f", False), ("graph ms", "graph_replay_ms", ".3f", False),
-    ("vs apex", "speedup_vs_apex", ".2f", False),
+    (("median", "ms"), "median_ms", ".3f", True), (("min", ""), "min_ms", ".3f", True),
+    (("max", ""), "max_ms", ".3f", True), (("bytes per", "element"), "bytes_per_elem", ".1f", True),
+    (("% of {two_pass_bytes}B", "roofline"), "two_pass_roofline", ".0%", True),
+    (("launches", ""), "launches", "d", False), (("host", "ms"), "host_ms", ".3f", False),
+    (("extra", "MiB"), "peak_extra_mib", ".1f", False), (("graph", "ms"), "graph_replay_ms", ".3f", False),
+    (("vs", "apex"), "speedup_vs_apex", ".2f", False),
 )  # fmt: skip
 CPU_ROOFLINE = ("above 100% on CPU: a copy's stores first read their lines (12 B moved per 8 counted), the step's "
                 "do not, and one-chunk tensors take pass 2 from cache")
 
 
-def columns(result: Dict, device_type: str) -> List[Tuple[str, str, str]]:
-    """The table's columns (heading, key, format) for a device type: those that apply and have a value."""
-    return [(head.format(**result), key, spec) for head, key, spec, off_gpu in COLUMNS
+def columns(result: Dict, device_type: str) -> List[Tuple[Tuple[str, str], str, str]]:
+    """The table's columns (heading lines, key, format) for a device type: those that apply and have a value."""
+    return [(tuple(line.format(**result) for line in head), key, spec) for head, key, spec, off_gpu in COLUMNS
             if (off_gpu or device_type == "cuda") and any(r[key] is not None for r in result["rows"].values())]
 
 
@@ -325,9 +327,9 @@ def legend(result: Dict, meta: Dict) -> List[str]:
     two, one = result["two_pass_bytes"], result["floor_bytes"]
     text = {
         "median_ms": f"median ms, min, max: step time ({clock}), over every timed step of every round",
-        "bytes_per_elem": f"B/elem: median × copy bandwidth ({meta['copy_bandwidth_GBps']:.0f} GB/s) / parameters; "
-                          f"{one} is the one-pass floor, {two} the two-pass design",
-        "two_pass_roofline": f"of {two}B: the time {two} B/elem takes at copy bandwidth / median "
+        "bytes_per_elem": f"bytes per element: median × copy bandwidth ({meta['copy_bandwidth_GBps']:.0f} GB/s) / "
+                          f"parameters; {one} is the one-pass floor, {two} the two-pass design",
+        "two_pass_roofline": f"% of {two}B roofline: the time {two} B/elem takes at copy bandwidth / median "
                              "(100%: on that roofline)",
         "launches": "launches: kernels, memsets and copies one step enqueues (torch.profiler)",
         "host_ms": "host ms: time for step() to return, the GPU idle at each call",
@@ -346,10 +348,12 @@ def print_table(result: Dict, meta: Dict, out=None) -> None:
     cols = columns(result, "cuda" if meta["device"].startswith("cuda") else "cpu")
     print(f"\n{result['set']} ({result['tensors']} tensors, {result['params'] / 1e6:.1f}M params, {result['dtype']}) "
           f"on {meta['device_name']}; copy bandwidth {meta['copy_bandwidth_GBps']:.0f} GB/s", file=out)  # fmt: skip
-    print(f"{'contender':<21}" + "".join(f"{head:>10}" for head, _, _ in cols), file=out)
+    for line in range(2):
+        print(f"{'contender' if line == 0 else '':<21}" + "".join(f"{head[line]:>11}" for head, _, _ in cols),
+              file=out)  # fmt: skip
     for name, r in result["rows"].items():
         cells = ["-" if r[key] is None else format(r[key], spec) for _, key, spec in cols]
-        print(f"{name + (' ~' if r.get('noisy') else ''):<21}" + "".join(f"{c:>10}" for c in cells), file=out)
+        print(f"{name + (' ~' if r.get('noisy') else ''):<21}" + "".join(f"{c:>11}" for c in cells), file=out)
     for line in legend(result, meta):
         print(f"  {line}", file=out)
     if any(r.get("noisy") for r in result["rows"].values()):
@@ -381,18 +385,25 @@ def plot(results: List[Dict], meta: Dict, path: Path) -> None:
         skipped = f"\nskipped (table: why): {', '.join(res['skipped'])}" if res["skipped"] else ""
         ax_t.set_title(f"{res['set']}, {res['dtype']}: {res['tensors']} tensors, {res['params'] / 1e6:.1f}M params"
                        + skipped, fontsize=9)  # fmt: skip
-        ax_b.bar_label(ax_b.barh(labels, bpe, color=colors), fmt="%.1f", padding=3, fontsize=8)
         floor_bytes, two_pass_bytes = res["floor_bytes"], res["two_pass_bytes"]
-        ax_b.axvline(floor_bytes, ls=":", color="k", lw=1, label=f"{floor_bytes} B/elem: one-pass floor")
-        ax_b.axvline(two_pass_bytes, ls="--", color="k", lw=1, label=f"{two_pass_bytes} B/elem: two-pass design")
-        ax_b.legend(loc="lower right", fontsize=7, framealpha=0.9)
-        ax_b.set_xlabel("effective bytes per element (time × copy bandwidth / N)")
+        # Each bar and line says what it is: no legend to look up.
+        roofline = [res["rows"][n]["two_pass_roofline"] for n in names]
+        bars = ax_b.barh(labels, bpe, color=colors)
+        ax_b.bar_label(bars, labels=[f"{b:.1f} ({r:.0%})" for b, r in zip(bpe, roofline)], padding=3, fontsize=8)
+        for at, style, what, side in ((floor_bytes, ":", "one-pass floor ", "right"),
+                                      (two_pass_bytes, "--", " two-pass design", "left")):  # fmt: skip
+            ax_b.axvline(at, ls=style, color="k", lw=1)
+            label = f"{what}{at} B" if side == "right" else f"{at} B{what}"
+            ax_b.text(at, 1.01, label, transform=ax_b.get_xaxis_transform(), ha=side, va="bottom", fontsize=7)
+        ax_b.set_title(f"bytes per element (in brackets: speed as % of the {two_pass_bytes} B roofline)", fontsize=9,
+                       pad=14)  # fmt: skip
+        ax_b.set_xlabel("bytes per element: median × copy bandwidth / parameters (lower is better)")
         whiskers = [res["rows"][n][key] for n in names for key in ("min_ms", "max_ms")]
-        for ax, values in ((ax_t, whiskers), (ax_b, bpe + [floor_bytes, two_pass_bytes])):
+        for ax, values, room in ((ax_t, whiskers, 2), (ax_b, bpe + [floor_bytes, two_pass_bytes], 3)):
             ax.invert_yaxis()
             ax.set_xscale("log")
             # Room right of the longest bar for its label; plain tick labels at 1, 2 and 5 of each decade.
-            ax.set_xlim(min(values) / 1.5, max(values) * 2)
+            ax.set_xlim(min(values) / 1.5, max(values) * room)
             ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.xaxis.set_minor_formatter(NullFormatter())

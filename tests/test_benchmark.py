@@ -51,9 +51,11 @@ def test_benchmark_smoke(tmp_path, capsys):
             assert row["bytes_per_elem"] == pytest.approx(expected)
     out, err = capsys.readouterr()
     # Only the columns that apply off the GPU, each explained under its table; progress goes to stderr.
-    heads = [line.split() for line in out.splitlines() if line.startswith("contender")]
-    assert heads == [["contender", "median", "ms", "min", "max", "B/elem", "of", "40B"]] * 2
-    assert out.count("  of 40B: the time 40 B/elem takes at copy bandwidth") == 2
+    lines = out.splitlines()
+    heads = [(line.split(), lines[i + 1].split()) for i, line in enumerate(lines) if line.startswith("contender")]
+    assert heads == [(["contender", "median", "min", "max", "bytes", "per", "%", "of", "40B"],
+                      ["ms", "element", "roofline"])] * 2  # fmt: skip
+    assert out.count("  % of 40B roofline: the time 40 B/elem takes at copy bandwidth") == 2
     assert out.count(f"  {step_time.CPU_ROOFLINE}") == 2
     assert "launches" not in out and "vs apex" not in out
     assert "faster_rcnn_r50_fpn float32" in err and "many_small float32" in err and "torch fused AdamW" in err
@@ -112,26 +114,27 @@ def test_the_table_shows_the_columns_of_its_device_and_explains_each(capsys):
     result, meta = _result({"pmdlamb[cuda]": dict(gpu, speedup_vs_apex=1.5), "apex FusedLAMB": gpu}, "cuda")
     step_time.print_table(result, meta)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].split() == ["contender", "median", "ms", "min", "max", "B/elem", "of", "40B", "launches", "host",
-                                "ms", "extra", "MiB", "graph", "ms", "vs", "apex"]  # fmt: skip
-    assert lines[3].split() == ["pmdlamb[cuda]", "1.000", "0.500", "2.000", "40.0", "100%", "2", "0.100", "0.0",
+    assert lines[2].split() == ["contender", "median", "min", "max", "bytes", "per", "%", "of", "40B", "launches",
+                                "host", "extra", "graph", "vs"]  # fmt: skip
+    assert lines[3].split() == ["ms", "element", "roofline", "ms", "MiB", "ms", "apex"]
+    assert lines[4].split() == ["pmdlamb[cuda]", "1.000", "0.500", "2.000", "40.0", "100%", "2", "0.100", "0.0",
                                 "0.900", "1.50"]  # fmt: skip
-    legend = [line.split(":")[0].strip() for line in lines[5:-1]]
-    assert legend == ["median ms, min, max", "B/elem", "of 40B", "launches", "host ms", "extra MiB", "graph ms",
-                      "vs apex"]  # fmt: skip
-    assert "4000 GB/s" in lines[6] and "28 is the one-pass floor" in lines[6]
+    legend = [line.split(":")[0].strip() for line in lines[6:-1]]
+    assert legend == ["median ms, min, max", "bytes per element", "% of 40B roofline", "launches", "host ms",
+                      "extra MiB", "graph ms", "vs apex"]  # fmt: skip
+    assert "4000 GB/s" in lines[7] and "28 is the one-pass floor" in lines[7]
     assert lines[-1].split() == ["x", "skipped:", "why"]
 
     # Without apex there is no "vs apex"; off the GPU, neither launches, host time, memory nor graph replays.
     result, meta = _result({"pmdlamb[cuda]": gpu}, "cuda")
-    assert [c[0] for c in step_time.columns(result, "cuda")][-1] == "graph ms"
+    assert [c[0] for c in step_time.columns(result, "cuda")][-1] == ("graph", "ms")
     result, meta = _result({"pmdlamb[cpu]": {}}, "cpu")
     step_time.print_table(result, meta)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[2].split() == ["contender", "median", "ms", "min", "max", "B/elem", "of", "40B"]
-    assert lines[3].split() == ["pmdlamb[cpu]", "1.000", "0.500", "2.000", "40.0", "100%"]
-    assert [line.split(":")[0].strip() for line in lines[4:-1]] == ["median ms, min, max", "B/elem", "of 40B",
-                                                                    "above 100% on CPU"]  # fmt: skip
+    assert lines[2].split() == ["contender", "median", "min", "max", "bytes", "per", "%", "of", "40B"]
+    assert lines[4].split() == ["pmdlamb[cpu]", "1.000", "0.500", "2.000", "40.0", "100%"]
+    legend = [line.split(":")[0].strip() for line in lines[5:-1]]
+    assert legend == ["median ms, min, max", "bytes per element", "% of 40B roofline", "above 100% on CPU"]
 
 
 def test_parameter_sets_match_the_models():
