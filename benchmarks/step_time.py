@@ -397,7 +397,7 @@ def plot(results: List[Dict], meta: Dict, path: Path) -> None:
             ax_b.text(at, 1.01, label, transform=ax_b.get_xaxis_transform(), ha=side, va="bottom", fontsize=7)
         ax_b.set_title(f"bytes per element (in brackets: speed as % of the {two_pass_bytes} B roofline)", fontsize=9,
                        pad=14)  # fmt: skip
-        ax_b.set_xlabel("bytes per element: median × copy bandwidth / parameters (lower is better)")
+        ax_b.set_xlabel("median × copy bandwidth / parameters, B (lower is better)")
         whiskers = [res["rows"][n][key] for n in names for key in ("min_ms", "max_ms")]
         for ax, values, room in ((ax_t, whiskers, 2), (ax_b, bpe + [floor_bytes, two_pass_bytes], 3)):
             ax.invert_yaxis()
