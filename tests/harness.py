@@ -7,6 +7,7 @@ shares nothing with the code under test but the inputs.
 import io
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import pytest
 import torch
 
 from largedet_kernels import PMDLAMB, dispatch, reference
@@ -298,3 +299,16 @@ def roundtrip(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return torch.load(buf, weights_only=True)
+
+
+def assert_records(opt: torch.optim.Optimizer, ref: ReferenceRun, names: Sequence[str], rtol: float) -> None:
+    """The optimizer's trust-ratio records of its last step are the reference's, by parameter name."""
+    got = opt.trust_ratios()
+    assert not got.skipped
+    assert list(got.records) == [n for n, r in zip(names, ref.records) if r is not None]
+    for name, want in zip(names, ref.records):
+        record = got.records[name]
+        assert record.step == want[0], name
+        for field, w in zip(("x_norm", "u_norm", "ratio"), want[1:]):
+            value = getattr(record, field)
+            assert value == pytest.approx(w, rel=rtol, abs=1e-300), (name, field, value, w)

@@ -12,7 +12,8 @@ import torch
 
 from cuda_emulator import TEST_SCHEDULES
 from harness import (
-    FP32_MATH_RTOL, SHAPES, check_halves_equal_step, check_sharded_halves, make_params, run_against_reference,
+    FP32_MATH_RTOL, SHAPES, assert_records, check_halves_equal_step, check_sharded_halves, make_params,
+    run_against_reference,
 )
 
 from largedet_kernels import LAMB, PMDLAMB, dispatch
@@ -90,6 +91,25 @@ def test_bf16_moments_and_stochastic_rounding(target, options):
                   backend=target.backend, **options)  # fmt: skip
     run_against_reference(opt, steps=4, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
     assert all(("master" in opt.state[p]) != bool(options.get("stochastic_rounding")) for p in params)
+
+
+def test_trust_ratio_records(target):
+    # NOTE [trust-ratio records]: pass 2 writes each tensor's t, ‖x‖, ‖u‖ and applied ratio. The first group's
+    # bounds bind (‖x‖/‖u‖ is about 1 here), but not on its zero tensor's first step, whose ratio is 1.
+    params = make_params(_shapes(target), torch.float32, zero=(2,), device=target.device)
+    names = [f"p{i}" for i in range(len(params))]
+    half = len(params) // 2
+    groups = [{"params": params[:half], "param_names": names[:half], "trust_ratio_bounds": (0.1, 0.5)},
+              {"params": params[half:], "param_names": names[half:]}]  # fmt: skip
+    opt = PMDLAMB(groups, lr=0.05, weight_decay=0.01, cycle_length=3, backend=target.backend, telemetry=True)
+    for step in range(2):
+        ref = run_against_reference(opt, steps=1, rtol=FP32_MATH_RTOL, ulps=1, seed=step)
+        assert_records(opt, ref, names, 1e-5)
+        if step == 0:
+            assert opt.trust_ratios().records["p2"].ratio == 1.0  # ‖x‖ = 0
+    records = opt.trust_ratios().records
+    bounded = [r.x_norm / r.u_norm for r in map(records.get, names[:half]) if r and r.x_norm > 0 and r.u_norm > 0]
+    assert min(bounded) < 0.1 or max(bounded) > 0.5  # a bound binds
 
 
 def test_lamb(target):
@@ -201,10 +221,10 @@ def test_the_detector_set_takes_two_launches_and_a_huge_tensor_three():
     assert plan([(3, 3), (1 << 31,)]).sums_between_passes
 
 
-def _stepped_once(target: Target):
+def _stepped_once(target: Target, telemetry: bool = False):
     """fp32 params and an optimizer that has taken one step (tables built)."""
     params = make_params(_shapes(target), torch.float32, device=target.device)
-    opt = PMDLAMB(params, backend=target.backend, max_grad_norm=1.0)
+    opt = PMDLAMB(params, backend=target.backend, max_grad_norm=1.0, telemetry=telemetry)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
@@ -229,9 +249,10 @@ def test_grad_scaler_skip(target):
     assert scaler.get_scale() == 4.0  # the scaler saw the inf
 
 
+@pytest.mark.parametrize("telemetry", [False, True], ids=["plain", "telemetry"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_step_never_synchronises(backend):
-    _, opt = _stepped_once(Target(backend, "cuda"))  # the first step builds tables; later ones must not wait
+def test_step_never_synchronises(backend, telemetry):
+    _, opt = _stepped_once(Target(backend, "cuda"), telemetry)  # the first step builds tables; later ones must not wait
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from harness import FP32_MATH_RTOL, SHAPES, ReferenceRun, make_params, random_grads, run_against_reference
+from harness import FP32_MATH_RTOL, SHAPES, assert_records, make_params, random_grads, run_against_reference
 
 from largedet_kernels import LAMB, PMDLAMB
 from largedet_kernels.telemetry import Record
@@ -26,18 +26,6 @@ def _named_groups(params):
     ], names
 
 
-def _assert_records(opt, ref: ReferenceRun, names, rtol: float) -> None:
-    got = opt.trust_ratios()
-    assert not got.skipped
-    assert list(got.records) == [n for n, r in zip(names, ref.records) if r is not None]
-    for name, want in zip(names, ref.records):
-        record = got.records[name]
-        assert record.step == want[0], name
-        for field, w in zip(("x_norm", "u_norm", "ratio"), want[1:]):
-            value = getattr(record, field)
-            assert value == pytest.approx(w, rel=rtol, abs=1e-300), (name, field, value, w)
-
-
 @pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-12), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
 def test_records_are_the_references(every_backend, dtype, rtol):
     params = make_params(SHAPES, dtype, zero=(2,))  # param 2 is zero: ratio 1; param 5 is empty
@@ -46,7 +34,7 @@ def test_records_are_the_references(every_backend, dtype, rtol):
     fp64 = dtype == torch.float64
     for step in range(3):  # each step's records, the reference's taken over from the optimizer's state
         ref = run_against_reference(opt, steps=1, rtol=1e-10 if fp64 else FP32_MATH_RTOL, ulps=1, seed=step)
-        _assert_records(opt, ref, names, rtol)
+        assert_records(opt, ref, names, rtol)
         if step == 0:
             assert opt.trust_ratios().records["backbone.2"].ratio == 1.0  # ‖x‖ = 0
     records = opt.trust_ratios().records
@@ -67,7 +55,7 @@ def test_records_of_a_split_bucket_are_in_bucket_order(backend):
     groups, names = _named_groups(params)
     opt = PMDLAMB(groups, lr=0.1, weight_decay=0.01, backend=backend, telemetry=True)
     ref = run_against_reference(opt, steps=2, rtol=FP32_MATH_RTOL, ulps=1, resync=True)
-    _assert_records(opt, ref, names, 1e-5)
+    assert_records(opt, ref, names, 1e-5)
 
 
 def test_lamb_records_with_the_global_gradient_norm(every_backend):
