@@ -15,44 +15,9 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from largedet_kernels import dispatch  # noqa: E402  (after TRITON_INTERPRET)
+from triton_interpreter import patch_the_language_once_per_launch  # noqa: E402
 
-
-def _patch_the_language_once_per_launch() -> None:
-    """Triton's interpreter patches triton.language for a kernel's launch and restores it after; it patches it
-    again, never to restore, at every call of a @triton.jit helper inside the kernel, which changes nothing (the
-    language is patched already) and costs about half of an interpreted step (inspect.getmembers of the language,
-    thousands of times). Here a helper's call within a launch skips that: the kernels run as before, in half the
-    time."""
-    from triton.runtime import interpreter
-
-    patch_lang = getattr(interpreter, "_patch_lang", None)
-    if patch_lang is None:  # another Triton: as it comes
-        return
-    launch = {"globals": None}
-
-    class _Patched:
-        @staticmethod
-        def restore() -> None:
-            pass
-
-    def patch_once(fn):
-        if launch["globals"] is fn.__globals__:  # a helper of the kernel being launched, whose language is patched
-            return _Patched
-        scope = patch_lang(fn)
-        outer, restore = launch["globals"], scope.restore
-
-        def restore_and_end() -> None:
-            launch["globals"] = outer
-            restore()
-
-        launch["globals"], scope.restore = fn.__globals__, restore_and_end
-        return scope
-
-    interpreter._patch_lang = patch_once
-
-
-if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton") is not None:
-    _patch_the_language_once_per_launch()
+patch_the_language_once_per_launch()
 
 CPU_BACKENDS = ["torch"]
 # The CPU extension as the package loads it: built ahead of time, or on first use (then once, into the cache).

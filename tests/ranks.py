@@ -8,6 +8,8 @@ from typing import Any, Callable, List
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from triton_interpreter import patch_the_language_once_per_launch
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -17,6 +19,7 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    patch_the_language_once_per_launch()  # a spawned rank does not run conftest.py
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         out[rank] = ("ok", fn(rank, world, *args))
