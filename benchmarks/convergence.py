@@ -37,7 +37,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from benchmarks.detection_task import Sample, build_detector, evaluate, make_dataset
-from benchmarks.step_time import RUNS_DIR, _version, file_stem, run_meta, unused_stem
+from benchmarks.step_time import RUNS_DIR, _version, run_meta, save_results
 from largedet_kernels import PMDLAMB
 from largedet_kernels.recipe import WarmupMultiStepLR, param_groups, scaled_lr
 
@@ -315,13 +315,11 @@ def study_meta(module: str, argv: Optional[Sequence[str]], args: argparse.Namesp
 
 
 def write_study(doc: Dict, out: Path, prefix: str, plot: Callable[[Dict, Path], None]) -> Path:
-    """Writes ``doc`` to <out>/<prefix><device name>-<date>[-N].json, a name no earlier run took, and its plot
-    beside it as .png, and says so."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{unused_stem(out, file_stem(doc['meta'], prefix))}.json"
-    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    """Writes ``doc`` as step_time.save_results does (NaN refused: a diverged run is recorded as such), and its
+    plot beside it as .png, and says so."""
+    path = save_results(doc, out, prefix, allow_nan=False)
     plot(doc, path.with_suffix(".png"))
-    print(f"wrote {path} and its .png")
+    print(f"wrote {path.with_suffix('.png')}")
     return path
 
 

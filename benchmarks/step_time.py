@@ -119,12 +119,12 @@ def unused_stem(out: Path, stem: str) -> str:
     return next(s for s in candidates if s not in taken)
 
 
-def save_results(doc: Dict, out, prefix: str = "") -> Path:
+def save_results(doc: Dict, out, prefix: str = "", allow_nan: bool = True) -> Path:
     """Writes ``doc`` to <out>/<file_stem>[-N].json, a name no earlier run took, and says so."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{unused_stem(out, file_stem(doc['meta'], prefix))}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    path.write_text(json.dumps(doc, indent=1, allow_nan=allow_nan) + "\n")
     print(f"wrote {path}")
     return path
 
