@@ -1,4 +1,3 @@
-import importlib.util
 import os
 
 import pytest
@@ -15,7 +14,7 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 from largedet_kernels import dispatch  # noqa: E402  (after TRITON_INTERPRET)
-from triton_interpreter import patch_the_language_once_per_launch  # noqa: E402
+from triton_interpreter import interpreted, patch_the_language_once_per_launch  # noqa: E402
 
 patch_the_language_once_per_launch()
 
@@ -23,7 +22,7 @@ CPU_BACKENDS = ["torch"]
 # The CPU extension as the package loads it: built ahead of time, or on first use (then once, into the cache).
 if dispatch.unavailable_reason("cpu", torch.device("cpu")) is None:
     CPU_BACKENDS.append("cpu")
-if importlib.util.find_spec("triton") is not None and os.environ.get("TRITON_INTERPRET") == "1":
+if interpreted():
     CPU_BACKENDS.append("triton")
 
 # Small enough that the tests' tensors cross chunk and tile boundaries everywhere.

@@ -99,6 +99,36 @@ def test_three_launches_for_shards(triton_backend, monkeypatch):
     assert launches[2:] == ["pmd_lamb_update_kernel"]
 
 
+def test_the_tests_interpreter_patches_the_language_once_per_launch(triton_backend, monkeypatch):
+    # tests/triton_interpreter.py is in effect: a launch patches triton.language as often whatever its grid,
+    # where without it every program of the grid patches it again at each helper call.
+    from triton.runtime import interpreter
+
+    assert hasattr(interpreter._patch_lang, "__wrapped__"), "tests/triton_interpreter.py is not in effect"
+    patched = []
+    patch_core = interpreter._patch_lang_core
+
+    def counting(lang, scope):
+        patched.append(lang)
+        return patch_core(lang, scope)
+
+    monkeypatch.setattr(interpreter, "_patch_lang_core", counting)
+
+    def patches_per_step(chunks: int) -> int:
+        params = make_params([(CHUNK * chunks - 5,), (9,)], torch.float32)
+        opt = PMDLAMB(params, backend="triton")
+        for p in params:
+            p.grad = torch.randn_like(p)
+        patched.clear()
+        opt.step()
+        return len(patched)
+
+    patches_per_step(1)  # the first step of the process also patches what its first launches build once
+    assert patches_per_step(1) == patches_per_step(6) > 0
+    monkeypatch.setattr(interpreter, "_patch_lang", interpreter._patch_lang.__wrapped__)
+    assert patches_per_step(6) > patches_per_step(1)
+
+
 class _Counting:
     def __init__(self, kernel, name, log):
         self.kernel, self.name, self.log = kernel, name, log
