@@ -19,7 +19,7 @@ def _free_port() -> int:
 
 def _worker(rank: int, world: int, port: int, fn: Callable, args: tuple, out) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    patch_the_language_once_per_launch()  # a spawned rank does not run conftest.py
+    patch_the_language_once_per_launch()  # in every rank, whether its test module imports conftest.py or not
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         out[rank] = ("ok", fn(rank, world, *args))

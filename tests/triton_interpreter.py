@@ -26,7 +26,7 @@ def patch_the_language_once_per_launch() -> None:
     from triton.runtime import interpreter
 
     patch_lang = getattr(interpreter, "_patch_lang", None)
-    if patch_lang is None:  # another Triton: as it comes
+    if patch_lang is None or hasattr(patch_lang, "__wrapped__"):  # another Triton: as it comes; or done already
         return
     launch = {"patched": None}  # the modules patched in the launch under way, or None between launches
     seen = {}  # id of a function's globals: the language modules among them, which _patch_lang patches
