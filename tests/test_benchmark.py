@@ -73,22 +73,33 @@ def test_runs_never_overwrite_each_other_and_land_where_git_ignores_them(tmp_pat
     assert ignored.returncode == 0 and step_time.RUNS_DIR != step_time.RESULTS_DIR
 
 
-def test_a_contender_whose_rounds_vary_is_flagged_and_a_quiet_one_is_not(tmp_path, capsys, monkeypatch):
+def _fused_adamw_row(monkeypatch, sleeps):
+    """The table row of torch's fused AdamW, raced alone with a 50 ms sleep in the steps that sleeps(i) picks."""
     calls = itertools.count()
     step = torch.optim.AdamW.step
 
-    def every_third_sleeps(self, *args, **kwargs):  # a busy machine, for one contender
-        if next(calls) % 3 == 2:
+    def sleepy(self, *args, **kwargs):
+        if sleeps(next(calls)):
             time.sleep(0.05)
         return step(self, *args, **kwargs)
 
-    monkeypatch.setattr(torch.optim.AdamW, "step", every_third_sleeps)
+    monkeypatch.setattr(torch.optim.AdamW, "step", sleepy)
     doc = step_time.main(["--device", "cpu", "--sets", "many_small", "--limit", "3", "--warmup", "0", "--steps", "3",
                           "--rounds", "2", "--contenders", "torch fused AdamW", "--quiet", "--no-files"])  # fmt: skip
     (row,) = doc["results"][0]["rows"].values()
+    return row
+
+
+def test_a_contender_whose_rounds_vary_is_flagged_and_a_quiet_one_is_not(capsys, monkeypatch):
+    row = _fused_adamw_row(monkeypatch, lambda i: i % 3 == 2)  # a busy machine, for one step in three
     assert row["noisy"] and row["max_ms"] > step_time.NOISY_MAX_OVER_MIN * row["min_ms"]
     out = capsys.readouterr().out
     assert "torch fused AdamW ~" in out and "~: noisy, its rounds disagree" in out
+    monkeypatch.undo()
+    row = _fused_adamw_row(monkeypatch, lambda i: True)  # every step alike: the sleep outweighs the machine's noise
+    assert not row["noisy"] and row["max_ms"] < step_time.NOISY_MAX_OVER_MIN * row["min_ms"]
+    out = capsys.readouterr().out
+    assert "torch fused AdamW " in out and "~" not in out
     quiet = dict(median_ms=1.1, min_ms=1.0, max_ms=1.9)  # within both bounds
     assert not step_time.noisy(quiet)
     assert step_time.noisy(dict(quiet, median_ms=1.3)) and step_time.noisy(dict(quiet, max_ms=2.1))
