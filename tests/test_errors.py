@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from largedet_kernels import LAMB, PMDLAMB, BackendUnavailableError
+from largedet_kernels import LAMB, PMDLAMB, BackendUnavailableError, dispatch
 
 
 def _p():
@@ -143,8 +143,11 @@ def test_torch_optims_implementation_keywords_say_what_to_use(cls, key, instead)
 
 
 def test_auto_on_cpu_never_takes_the_triton_interpreter(monkeypatch):
-    from largedet_kernels import dispatch
-
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton backend can run here, but only to be tested
     expected = "cpu" if dispatch.unavailable_reason("cpu", torch.device("cpu")) is None else "torch"
     assert dispatch.resolve("auto", torch.device("cpu")) == expected
+
+
+@pytest.mark.parametrize("name", dispatch.BACKEND_NAMES)
+def test_each_backend_module_names_itself_as_the_dispatcher_does(name):
+    assert dispatch.backend_module(name).NAME == name
