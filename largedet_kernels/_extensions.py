@@ -56,7 +56,10 @@ _CAPABILITY_ISA = {"AVX2": "avx2", "AVX512": "avx512"}  # torch's names, of thos
 CPU_SOURCES = ("cpu/pmd_lamb_cpu.cpp", "cpu/module.cpp")
 STEP_CACHE_SOURCES = ("step_cache/step_cache.cpp",)
 AOT_STEP_CACHE_MODULE = "largedet_kernels._C_step_cache"
-CPU_CFLAGS = ["-O3"]
+# -ffp-contract=off: a*b + c rounds as written, not fused into an FMA wherever the compiler's inlining happens to
+# allow; otherwise one ISA's kernels step to other bits built ahead of time (setuptools adds Python's CFLAGS,
+# -fwrapv among them) than built on first use.
+CPU_CFLAGS = ["-O3", "-ffp-contract=off"]
 CUDA_CFLAGS = ["-O3"]
 # NDEBUG in both builds (setuptools' has it from Python's CFLAGS, torch's load not): without it pybind11 asks
 # whether the GIL is held at each reference count change, which costs the check 2-3x.

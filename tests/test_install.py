@@ -2,7 +2,8 @@
 (largedet_kernels/_extensions.py) against the torch running, into a cache keyed by what their ABI depends on;
 ranks that start together build once; the JIT can be switched off, says why when it cannot build, and leaves the
 CUDA build to machines with a GPU. The acceptance test installs a copy of the checkout into a fresh venv, with no
-flags, where two ranks starting together take the first step (one build for both tests)."""
+flags, where two ranks starting together take the first step (one build for the tests that read it), and step to
+the bits of the kernels built ahead of time."""
 
 import json
 import os
@@ -28,12 +29,14 @@ _NOT_SOURCES = shutil.ignore_patterns(".git", ".venv", "build", "*.so", "*.egg-i
 
 # One step of a small model on the cpu backend and on the torch backend, from the same values: the
 # cpu step must come from the kernels built on first use and agree with the torch one within float32
-# rounding (FP32_MATH_RTOL of tests/harness.py of the update, and one ulp of x).
+# rounding (FP32_MATH_RTOL of tests/harness.py of the update, and one ulp of x). Then "bits": a digest of
+# what a few steps of both optimizers, fp32 and bf16, odd sizes, leave in the parameters on the cpu backend,
+# for the comparison with the kernels built ahead of time.
 _FIRST_STEP = r"""
-import copy, json, sys
+import copy, hashlib, json, sys
 import torch
 import largedet_kernels
-from largedet_kernels import PMDLAMB, _extensions, step_cache
+from largedet_kernels import LAMB, PMDLAMB, _extensions, step_cache
 
 torch.manual_seed(int(sys.argv[1]))
 model = torch.nn.Sequential(torch.nn.Linear(37, 19), torch.nn.ReLU(), torch.nn.Linear(19, 5))
@@ -47,9 +50,23 @@ worst = 0.0
 for a, b, x0 in zip(model.parameters(), twin.parameters(), before):
     bound = 1e-6 * (b - x0).abs().max() + torch.finfo(torch.float32).eps * x0.abs().max()
     worst = max(worst, float((a - b).abs().max() / bound))
+bits = hashlib.sha256()
+for cls, options in ((PMDLAMB, dict(lr=0.05, weight_decay=0.01, alpha=0.3, cycle_length=3, max_grad_norm=1.0)),
+                     (LAMB, dict(lr=0.01, weight_decay=0.01, max_grad_norm=1.0))):
+    for dtype in (torch.float32, torch.bfloat16):
+        params = [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in ((70001,), (3, 3, 17, 19), (31,), (5,))]
+        opt = cls(params, backend="cpu", **options)
+        for _ in range(4):
+            for p in params:
+                p.grad = torch.randn_like(p)
+            opt.step()
+        for p in params:
+            bits.update(str(p.detach().view(torch.int16 if dtype == torch.bfloat16 else torch.int32).flatten().tolist())
+                        .encode())  # fmt: skip
 print(json.dumps(dict(package=largedet_kernels.__file__, kernels=_extensions.CPU.module().__file__,
                       step_cache=step_cache._native(build=False).__file__, worst=worst,
-                      changed=float(max((b - x0).abs().max() for b, x0 in zip(twin.parameters(), before))))))
+                      changed=float(max((b - x0).abs().max() for b, x0 in zip(twin.parameters(), before))),
+                      bits=bits.hexdigest())))
 """
 
 
@@ -131,6 +148,15 @@ def test_ranks_starting_together_build_once(fresh_install):
         (directory,) = f.cache.glob(pattern)
         compiled = [line.split("\t")[3] for line in (directory / ".ninja_log").read_text().splitlines()[1:]]
         assert sorted(compiled) == objects, compiled
+
+
+def test_the_build_on_first_use_steps_to_the_bits_of_the_one_ahead_of_time(fresh_install):
+    f = fresh_install
+    (first, _), _ = f.ranks
+    ((here, _),) = _first_steps(sys.executable, f.work, _clean_env(), f.seed)  # this checkout's installation
+    if not here["kernels"].startswith(str(ROOT / "largedet_kernels")):
+        pytest.skip("needs the CPU kernels built ahead of time (pip install --no-build-isolation -e .)")
+    assert here["bits"] == first["bits"], (f.seed, here["kernels"], first["kernels"])
 
 
 def _package_copy(tmp_path: Path) -> Path:
