@@ -12,7 +12,8 @@ bench: $(VENV)/.bench
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -n auto --dist loadfile tests $(ARGS)
 
-SOURCES := setup.py $(wildcard csrc/*.h csrc/*.cuh csrc/*.cu csrc/*.cpp csrc/cpu/*.cpp csrc/step_cache/*.cpp)
+SOURCES := setup.py largedet_kernels/_extensions.py \
+	$(wildcard csrc/*.h csrc/*.cuh csrc/*.cu csrc/*.cpp csrc/cpu/*.cpp csrc/step_cache/*.cpp)
 
 # The main job's setup: what it runs, the CPU kernels of this machine's ISA, the CUDA kernels where a GPU is.
 $(VENV)/.bench: requirements-bench.txt $(SOURCES)

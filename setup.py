@@ -154,7 +154,7 @@ def cuda_extension():
     flags = build_flags()
     return [
         CUDAExtension(
-            "largedet_kernels._C",
+            flags.AOT_CUDA_MODULE,
             sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/*.cu")),
             include_dirs=flags.cuda_include_dirs(),
             extra_compile_args={"cxx": flags.CPU_CFLAGS, "nvcc": [*flags.CUDA_CFLAGS, "-Xptxas=-v"]},

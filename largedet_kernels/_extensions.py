@@ -56,9 +56,10 @@ _CAPABILITY_ISA = {"AVX2": "avx2", "AVX512": "avx512"}  # torch's names, of thos
 CPU_SOURCES = ("cpu/pmd_lamb_cpu.cpp", "cpu/module.cpp")
 STEP_CACHE_SOURCES = ("step_cache/step_cache.cpp",)
 AOT_STEP_CACHE_MODULE = "largedet_kernels._C_step_cache"
-# -ffp-contract=off: a*b + c rounds as written, not fused into an FMA wherever the compiler's inlining happens to
-# allow; otherwise one ISA's kernels step to other bits built ahead of time (setuptools adds Python's CFLAGS,
-# -fwrapv among them) than built on first use.
+AOT_CUDA_MODULE = "largedet_kernels._C"
+# The C++ flags of the CPU kernels and of the CUDA extension's host code. -ffp-contract=off: a*b + c rounds as
+# written, not fused into an FMA wherever the compiler's inlining happens to allow; otherwise one ISA's CPU kernels
+# step to other bits built ahead of time (setuptools adds Python's CFLAGS, -fwrapv among them) than on first use.
 CPU_CFLAGS = ["-O3", "-ffp-contract=off"]
 CUDA_CFLAGS = ["-O3"]
 # NDEBUG in both builds (setuptools' has it from Python's CFLAGS, torch's load not): without it pybind11 asks
@@ -385,7 +386,7 @@ def cuda_include_dirs() -> List[str]:
 class _CudaExtension(_Extension):
     CACHE_WITHOUT_BUILD = False
     def aot_name(self) -> str:
-        return "largedet_kernels._C"
+        return AOT_CUDA_MODULE
 
     def jit_name(self) -> str:
         return "largedet_kernels_cuda"

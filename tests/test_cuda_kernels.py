@@ -17,6 +17,7 @@ import pytest
 import triton
 
 from benchmarks.gpu_check import ptxas_report
+from largedet_kernels import _extensions
 
 ROOT = Path(__file__).resolve().parent.parent
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -71,24 +72,23 @@ STREAMING = _streaming_kernels()
 ENTRIES_PER_ARCH = len(STREAMING) + 2
 
 
-# setup.py with its CUDA extension alone: the step cache's check, which it builds beside it (half the build's time),
-# is not this module's.
-_CUDA_ALONE = """
+# setup.py with one extension alone, the one argv[1] names: the CUDA extension here, not the step cache's check
+# that CI builds beside it (half the build's time), which is not this module's.
+_ONE_EXTENSION = """
 import runpy, sys, setuptools
-setup = setuptools.setup
+setup, name = setuptools.setup, sys.argv.pop(1)
 
-def cuda_alone(**kwargs):
-    kwargs["ext_modules"] = [e for e in kwargs["ext_modules"] if e.name == "largedet_kernels._C"]
-    return setup(**kwargs)
+def one_extension(**kwargs):
+    return setup(**dict(kwargs, ext_modules=[e for e in kwargs.get("ext_modules", []) if e.name == name]))
 
-setuptools.setup, sys.argv[0] = cuda_alone, "setup.py"
+setuptools.setup, sys.argv[0] = one_extension, "setup.py"
 runpy.run_path("setup.py", run_name="__main__")
 """
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """The CUDA extension, built as CI builds it: LARGEDET_CUDA_BUILD=1 for sm_80 and sm_90, ptxas -v."""
+    """The CUDA extension, built with CI's flags: LARGEDET_CUDA_BUILD=1 for sm_80 and sm_90, ptxas -v."""
     if shutil.which("nvcc") is None and not os.environ.get("CUDA_HOME"):
         pytest.skip("needs nvcc")
     out = tmp_path_factory.mktemp("build")
@@ -96,8 +96,8 @@ def built(tmp_path_factory):
         os.environ, LARGEDET_CUDA_BUILD="1", LARGEDET_CPU_BUILD="0", TORCH_CUDA_ARCH_LIST="8.0;9.0", MAX_JOBS="2"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", _CUDA_ALONE, "build_ext", "--build-lib", str(out / "lib"), "--build-temp",
-         str(out / "tmp")], cwd=ROOT, env=env, capture_output=True, text=True,
+        [sys.executable, "-c", _ONE_EXTENSION, _extensions.AOT_CUDA_MODULE, "build_ext", "--build-lib",
+         str(out / "lib"), "--build-temp", str(out / "tmp")], cwd=ROOT, env=env, capture_output=True, text=True,
     )  # fmt: skip
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-5000:]
