@@ -353,10 +353,10 @@ def print_table(result: Dict, meta: Dict, out=None) -> None:
               file=out)  # fmt: skip
     for name, r in result["rows"].items():
         cells = ["-" if r[key] is None else format(r[key], spec) for _, key, spec in cols]
-        print(f"{name + (' ~' if r.get('noisy') else ''):<21}" + "".join(f"{c:>11}" for c in cells), file=out)
+        print(f"{name + (' ~' if noisy(r) else ''):<21}" + "".join(f"{c:>11}" for c in cells), file=out)
     for line in legend(result, meta):
         print(f"  {line}", file=out)
-    if any(r.get("noisy") for r in result["rows"].values()):
+    if any(noisy(r) for r in result["rows"].values()):
         print(f"  ~: noisy, its rounds disagree (median/min above {NOISY_MEDIAN_OVER_MIN} or max/min above "
               f"{NOISY_MAX_OVER_MIN}): the machine was busy while it ran", file=out)  # fmt: skip
     for name, reason in result["skipped"].items():
@@ -378,7 +378,7 @@ def plot(results: List[Dict], meta: Dict, path: Path) -> None:
         colors = ["tab:green" if n.startswith("pmdlamb") else "tab:gray" for n in names]
         spread = [[m - res["rows"][n]["min_ms"] for n, m in zip(names, ms)],
                   [res["rows"][n]["max_ms"] - m for n, m in zip(names, ms)]]  # fmt: skip
-        labels = [n + (" ~" if res["rows"][n].get("noisy") else "") for n in names]
+        labels = [n + (" ~" if noisy(res["rows"][n]) else "") for n in names]
         bars = ax_t.barh(labels, ms, color=colors, xerr=spread, error_kw=dict(ecolor="k", lw=0.8, capsize=2))
         ax_t.bar_label(bars, fmt="%.1f", padding=3, fontsize=8)
         ax_t.set_xlabel("median step time, ms, whiskers min to max (lower is better; ~: noisy)")
@@ -389,7 +389,8 @@ def plot(results: List[Dict], meta: Dict, path: Path) -> None:
         # Each bar and line says what it is: no legend to look up.
         roofline = [res["rows"][n]["two_pass_roofline"] for n in names]
         bars = ax_b.barh(labels, bpe, color=colors)
-        ax_b.bar_label(bars, labels=[f"{b:.1f} ({r:.0%})" for b, r in zip(bpe, roofline)], padding=3, fontsize=8)
+        ax_b.bar_label(bars, labels=[f"{b:.1f} ({r:.0%})" for b, r in zip(bpe, roofline)], padding=3, fontsize=8,
+                       bbox=dict(facecolor="white", edgecolor="none", pad=0.5))  # over the lines, not struck through
         for at, style, what, side in ((floor_bytes, ":", "one-pass floor ", "right"),
                                       (two_pass_bytes, "--", " two-pass design", "left")):  # fmt: skip
             ax_b.axvline(at, ls=style, color="k", lw=1)

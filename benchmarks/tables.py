@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-from benchmarks import convergence_summary, lr_sweep, mixed_precision
+from benchmarks import convergence_summary, lr_sweep, mixed_precision, step_time
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = "benchmarks/results"
@@ -54,8 +54,15 @@ def step_time_table(docs: List[Dict]) -> str:
         cells = []
         for r in results:
             row = r["rows"].get(name)
-            cells += ["—", "—"] if row is None else [f"{row['median_ms']:.1f}", f"{row['bytes_per_elem']:.1f}"]
+            if row is None:
+                cells += ["—", "—"]
+            else:
+                flag = " ~" if step_time.noisy(row) else ""
+                cells += [f"{row['median_ms']:.1f}{flag}", f"{row['bytes_per_elem']:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if any(step_time.noisy(row) for r in results for row in r["rows"].values()):
+        lines += ["", f"~: noisy, its rounds disagree (median/min above {step_time.NOISY_MEDIAN_OVER_MIN} or max/min "
+                      f"above {step_time.NOISY_MAX_OVER_MIN}): the machine was busy while it ran"]  # fmt: skip
     return "\n".join(lines)
 
 

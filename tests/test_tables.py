@@ -85,3 +85,16 @@ def test_the_lr_sweep_shows_that_lr_1e_3_barely_trains():
     assert all(len(run["loss"]) == 31 and run["loss"][0] == doc["runs"][0]["loss"][0] for run in doc["runs"])
     assert sorted(final) == [1e-3, 1e-2, 0.1, 0.5]
     assert final[1e-3] > 1.9 and final[0.1] < 0.01 and final[1e-3] > final[1e-2] > final[0.1] > final[0.5]
+
+
+def test_the_step_time_table_marks_a_noisy_median():
+    meta = dict(command="python -m benchmarks.step_time", date="2026-12-01", device_name="cpu", threads=2,
+                torch="2.14.1", copy_bandwidth_GBps=20.0)  # fmt: skip
+    quiet, spread = dict(median_ms=10.0, min_ms=9.0, max_ms=12.0), dict(median_ms=10.0, min_ms=4.0, max_ms=12.0)
+    rows = {"a": dict(quiet, bytes_per_elem=30.0), "b": dict(spread, bytes_per_elem=30.0)}
+    result = dict(set="s", dtype="float32", tensors=2, params=8, rows=rows)
+    text = tables.step_time_table([dict(meta=meta, results=[result])])
+    assert "| a | 10.0 | 30.0 |" in text and "| b | 10.0 ~ | 30.0 |" in text
+    assert "~: noisy, its rounds disagree" in text
+    rows["b"] = dict(quiet, bytes_per_elem=30.0)
+    assert "~" not in tables.step_time_table([dict(meta=meta, results=[result])])
