@@ -158,6 +158,11 @@ NOISY_MEDIAN_OVER_MIN, NOISY_MAX_OVER_MIN = 1.25, 2.0
 BUSY_BANDWIDTH_CHANGE = 0.2
 
 
+# The legend of the ~ mark, under every table that shows it (here and benchmarks/tables.py).
+NOISY_LEGEND = (f"~: noisy, its rounds disagree (median/min above {NOISY_MEDIAN_OVER_MIN} or max/min above "
+                f"{NOISY_MAX_OVER_MIN}): the machine was busy while it ran")
+
+
 def noisy(row: Dict) -> bool:
     """Whether a row's step times spread beyond NOISY_MEDIAN_OVER_MIN (median/min) or NOISY_MAX_OVER_MIN (max/min)."""
     low = row["min_ms"]
@@ -357,8 +362,7 @@ def print_table(result: Dict, meta: Dict, out=None) -> None:
     for line in legend(result, meta):
         print(f"  {line}", file=out)
     if any(noisy(r) for r in result["rows"].values()):
-        print(f"  ~: noisy, its rounds disagree (median/min above {NOISY_MEDIAN_OVER_MIN} or max/min above "
-              f"{NOISY_MAX_OVER_MIN}): the machine was busy while it ran", file=out)  # fmt: skip
+        print(f"  {NOISY_LEGEND}", file=out)
     for name, reason in result["skipped"].items():
         print(f"{name:<21}skipped: {reason}", file=out)
 

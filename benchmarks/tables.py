@@ -61,8 +61,7 @@ def step_time_table(docs: List[Dict]) -> str:
                 cells += [f"{row['median_ms']:.1f}{flag}", f"{row['bytes_per_elem']:.1f}"]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     if any(step_time.noisy(row) for r in results for row in r["rows"].values()):
-        lines += ["", f"~: noisy, its rounds disagree (median/min above {step_time.NOISY_MEDIAN_OVER_MIN} or max/min "
-                      f"above {step_time.NOISY_MAX_OVER_MIN}): the machine was busy while it ran"]  # fmt: skip
+        lines += ["", step_time.NOISY_LEGEND]
     return "\n".join(lines)
 
 
