@@ -92,23 +92,61 @@ def _build_lines(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.startswith("largedet-kernels: building")]
 
 
+def _link_distributions(names, site: Path) -> None:
+    """The distributions ``names`` and all they require, as this environment has them, linked into ``site``: what
+    ``pip install`` would lay there, without copying torch's 5.5 GB (more disk than a CI machine may spare). Each
+    is linked at the shallowest folder no other distribution has files in (nvidia/cublas/, not nvidia/)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    closure, wanted = {}, [Requirement(name) for name in names]
+    while wanted:
+        req = wanted.pop()
+        name = canonicalize_name(req.name)
+        if name in closure and req.extras <= closure[name][1]:
+            continue
+        dist = metadata.distribution(name)
+        extras = closure.get(name, (dist, set()))[1] | req.extras
+        closure[name] = dist, extras
+        wanted += [r for r in map(Requirement, dist.requires or [])
+                   if not r.marker or any(r.marker.evaluate({"extra": e}) for e in extras | {""})]  # fmt: skip
+    shared = {path.parts[:i] for dist in metadata.distributions()
+              if canonicalize_name(dist.metadata["Name"]) not in closure
+              for path in dist.files or [] for i in range(1, len(path.parts))}  # fmt: skip
+    linked = set()
+    for dist, _ in closure.values():
+        for path in dist.files or []:
+            if path.parts[0] == "..":  # a script in bin/: the test runs none
+                continue
+            top = next(path.parts[:i] for i in range(1, len(path.parts) + 1) if path.parts[:i] not in shared)
+            if top not in linked:
+                linked.add(top)
+                (site / Path(*top)).parent.mkdir(parents=True, exist_ok=True)
+                (site / Path(*top)).symlink_to(dist.locate_file(Path(*top)))
+
+
 @pytest.fixture(scope="module")
 def fresh_install(tmp_path_factory):
-    """A copy of the checkout pip-installed with no build flags into a fresh venv, and its first step run by two
-    ranks starting together on an empty cache: the install test and the ranks test read one build."""
+    """A copy of the checkout pip-installed with no build flags into a fresh venv that has torch (and pip), and its
+    first step run by two ranks starting together on an empty cache: the install test and the ranks test read one
+    build."""
     started = time.monotonic()
     tmp = tmp_path_factory.mktemp("fresh")
     src, venv, work, cache = (tmp / d for d in ("src", "venv", "work", "cache"))
     shutil.copytree(ROOT, src, ignore=_NOT_SOURCES)
     work.mkdir()
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
+                          capture_output=True, text=True).stdout.strip()  # fmt: skip
+    _link_distributions(["torch", "pip"], Path(site))
     env = _clean_env(LARGEDET_KERNELS_CACHE=str(cache))
-    for what in (f"torch=={torch.__version__.split('+')[0]}", str(src)):  # the checkout with no build flags
-        # --no-compile: torch's modules are byte-compiled on import instead, of which the test imports few.
-        proc = subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-compile", what], env=env,
-                              capture_output=True, text=True, timeout=1200)  # fmt: skip
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The checkout with no build flags; torch, already there, satisfies its requirement.
+    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", str(src)], env=env, capture_output=True,
+                          text=True, timeout=1200)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     installed = time.monotonic()
     seed = random.SystemRandom().randrange(2**31)
     ranks = _first_steps(python, work, env, seed, ranks=2)
