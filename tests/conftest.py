@@ -13,6 +13,7 @@ if not torch.cuda.is_available():
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
+import ranks  # noqa: E402
 from largedet_kernels import dispatch  # noqa: E402  (after TRITON_INTERPRET)
 from triton_interpreter import interpreted, patch_the_language_once_per_launch  # noqa: E402
 
@@ -33,6 +34,13 @@ TRITON_TEST_CHUNK, TRITON_TEST_BLOCK = 256, 64
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _ranks_end_with_their_module():
+    """The gloo ranks a module's tests ran on (tests/ranks.py) end with the module."""
+    yield
+    ranks.close_all()
 
 
 def _small_triton_chunks(monkeypatch):

@@ -7,6 +7,7 @@ whole tensors to the optimizer: N ranks equal one process with N× the batch.
 """
 
 import copy
+import os
 
 import pytest
 import torch
@@ -291,3 +292,20 @@ def _mismatch_worker(rank, world):
     except RuntimeError as err:
         return "must be a DTensor" in str(err) and not opt.state[p]
     return False
+
+
+def _pid_worker(rank, world, fail_on=None):
+    if rank == fail_on:
+        raise ValueError(f"rank {rank} fails as asked")
+    if fail_on is not None:
+        dist.barrier()  # on the failed rank, for good
+    return os.getpid()
+
+
+def test_the_ranks_take_one_call_after_another_and_a_failure_starts_new_ones():
+    # tests/ranks.py: a second call runs on the same processes; after one fails, on new ones.
+    first = run_ranks(_pid_worker, 2)
+    assert len(set(first)) == 2 and run_ranks(_pid_worker, 2) == first
+    with pytest.raises(AssertionError, match="rank 1 fails as asked"):
+        run_ranks(_pid_worker, 2, 1)
+    assert not set(run_ranks(_pid_worker, 2)) & set(first)
