@@ -89,7 +89,9 @@ _ranks: Dict[int, _Ranks] = {}
 
 def run_ranks(fn: Callable, world: int, *args: Any) -> List[Any]:
     """fn(rank, world, *args) on ``world`` CPU ranks of one gloo process group; its return values by rank."""
-    ranks = _ranks.get(world) or _ranks.setdefault(world, _Ranks(world))
+    if world not in _ranks:
+        _ranks[world] = _Ranks(world)
+    ranks = _ranks[world]
     try:
         return ranks.run(fn, args)
     except BaseException:
