@@ -3,9 +3,11 @@
 The ranks of a world size are spawned once and take one function after another in one process group: a spawned
 rank imports torch and the test module again, seconds that each of the tests would otherwise pay. A rank that
 fails or dies, or a call that outlives DEADLINE_S (a rank waiting on a collective the others never join), ends
-those ranks: the call fails with what went wrong, and the next call spawns new ones."""
+those ranks: the call fails with what went wrong, and the next call spawns new ones. The ranks keep the
+environment they started with."""
 
 import os
+import pickle
 import queue
 import socket
 import time
@@ -30,9 +32,15 @@ def _serve(rank: int, world: int, port: int, tasks, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     patch_the_language_once_per_launch()  # in every rank, whether its test module imports conftest.py or not
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    for fn, args in iter(tasks.get, None):
+    while True:
         try:
-            results.put((rank, "ok", fn(rank, world, *args)))
+            task = tasks.get()
+            if task is None:
+                break
+            fn, args = task
+            value = fn(rank, world, *args)
+            pickle.dumps(value)  # put() pickles in a thread of its own, which would drop what fails with a print
+            results.put((rank, "ok", value))
         except BaseException:
             results.put((rank, "error", traceback.format_exc()))
             return  # the others may wait on this rank in a collective: the caller ends them
@@ -51,6 +59,7 @@ class _Ranks:
             proc.start()
 
     def run(self, fn: Callable, args: tuple) -> List[Any]:
+        pickle.dumps((fn, args))  # here, not in put()'s thread (see _serve)
         for tasks in self.tasks:
             tasks.put((fn, args))
         out, errors, deadline = {}, [], time.monotonic() + DEADLINE_S

@@ -8,6 +8,7 @@ whole tensors to the optimizer: N ranks equal one process with N× the batch.
 
 import copy
 import os
+import threading
 
 import pytest
 import torch
@@ -298,14 +299,21 @@ def _pid_worker(rank, world, fail_on=None):
     if rank == fail_on:
         raise ValueError(f"rank {rank} fails as asked")
     if fail_on is not None:
-        dist.barrier()  # on the failed rank, for good
+        threading.Event().wait()  # for good, as a rank may wait on a failed one
     return os.getpid()
 
 
 def test_the_ranks_take_one_call_after_another_and_a_failure_starts_new_ones():
-    # tests/ranks.py: a second call runs on the same processes; after one fails, on new ones.
+    # tests/ranks.py: a second call runs on the same processes; after one fails, on new ones, the old ones ended.
     first = run_ranks(_pid_worker, 2)
     assert len(set(first)) == 2 and run_ranks(_pid_worker, 2) == first
     with pytest.raises(AssertionError, match="rank 1 fails as asked"):
         run_ranks(_pid_worker, 2, 1)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in first)
     assert not set(run_ranks(_pid_worker, 2)) & set(first)
+    with pytest.raises(AssertionError, match="Can't pickle"):  # said at once, not at the deadline
+        run_ranks(_unpicklable_worker, 2)
+
+
+def _unpicklable_worker(rank, world):
+    return lambda: rank

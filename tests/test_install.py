@@ -14,10 +14,13 @@ import sys
 import textwrap
 import time
 import types
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from largedet_kernels import _extensions
 from largedet_kernels.backends import cpu, cuda
@@ -92,16 +95,11 @@ def _build_lines(stderr: str) -> list:
     return [line for line in stderr.splitlines() if line.startswith("largedet-kernels: building")]
 
 
-def _link_distributions(names, site: Path) -> None:
-    """The distributions ``names`` and all they require, as this environment has them, linked into ``site``: what
-    ``pip install`` would lay there, without copying torch's 5.5 GB (more disk than a CI machine may spare). Each
-    is linked at the shallowest folder no other distribution has files in (nvidia/cublas/, not nvidia/)."""
-    from importlib import metadata
-
-    from packaging.requirements import Requirement
-    from packaging.utils import canonicalize_name
-
-    closure, wanted = {}, [Requirement(name) for name in names]
+def _link_distributions(requirements, site: Path) -> None:
+    """The distributions of ``requirements`` and all they require, as this environment has them, linked into ``site``:
+    what ``pip install`` would lay there, without copying torch's 5.5 GB (more disk than a CI machine may spare).
+    Each is linked at the shallowest folder no other distribution has files in (nvidia/cublas/, not nvidia/)."""
+    closure, wanted = {}, [Requirement(r) for r in requirements]
     while wanted:
         req = wanted.pop()
         name = canonicalize_name(req.name)
@@ -129,7 +127,7 @@ def _link_distributions(names, site: Path) -> None:
 
 @pytest.fixture(scope="module")
 def fresh_install(tmp_path_factory):
-    """A copy of the checkout pip-installed with no build flags into a fresh venv that has torch (and pip), and its
+    """A copy of the checkout pip-installed with no build flags into a fresh venv that has its requirements, and its
     first step run by two ranks starting together on an empty cache: the install test and the ranks test read one
     build."""
     started = time.monotonic()
@@ -141,12 +139,15 @@ def fresh_install(tmp_path_factory):
     python = venv / "bin" / "python"
     site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], check=True,
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    _link_distributions(["torch", "pip"], Path(site))
+    # What the checkout requires (as this environment's install of it recorded), and pip.
+    _link_distributions([*metadata.requires("largedet-kernels"), "pip"], Path(site))
     env = _clean_env(LARGEDET_KERNELS_CACHE=str(cache))
-    # The checkout with no build flags; torch, already there, satisfies its requirement.
-    proc = subprocess.run([str(python), "-m", "pip", "install", "-q", str(src)], env=env, capture_output=True,
-                          text=True, timeout=1200)  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # The checkout with no build flags. --no-deps: pip writes no linked distribution again (through the links, into
+    # this environment); pip check then holds the requirements the copy declares to those there.
+    for args in (["install", "-q", "--no-deps", str(src)], ["check"]):
+        proc = subprocess.run([str(python), "-m", "pip", *args], env=env, capture_output=True, text=True,
+                              timeout=1200)  # fmt: skip
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     installed = time.monotonic()
     seed = random.SystemRandom().randrange(2**31)
     ranks = _first_steps(python, work, env, seed, ranks=2)
