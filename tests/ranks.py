@@ -37,10 +37,9 @@ def _serve(rank: int, world: int, port: int, tasks, results) -> None:
             task = tasks.get()
             if task is None:
                 break
-            fn, args = task
-            value = fn(rank, world, *args)
-            pickle.dumps(value)  # put() pickles in a thread of its own, which would drop what fails with a print
-            results.put((rank, "ok", value))
+            fn, args = pickle.loads(task)
+            # Pickled here: put() pickles in a thread of its own, which drops what fails with only a print.
+            results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
         except BaseException:
             results.put((rank, "error", traceback.format_exc()))
             return  # the others may wait on this rank in a collective: the caller ends them
@@ -59,9 +58,9 @@ class _Ranks:
             proc.start()
 
     def run(self, fn: Callable, args: tuple) -> List[Any]:
-        pickle.dumps((fn, args))  # here, not in put()'s thread (see _serve)
+        task = pickle.dumps((fn, args))  # here, not in put()'s thread (see _serve)
         for tasks in self.tasks:
-            tasks.put((fn, args))
+            tasks.put(task)
         out, errors, deadline = {}, [], time.monotonic() + DEADLINE_S
         while len(out) + len(errors) < len(self.procs):
             try:
@@ -75,7 +74,7 @@ class _Ranks:
                     raise AssertionError("\n".join(dead) or f"the ranks did not finish in {DEADLINE_S} s") from None
                 continue
             if status == "ok":
-                out[rank] = value
+                out[rank] = pickle.loads(value)
             else:
                 errors.append(value)
         if errors:
